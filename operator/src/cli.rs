@@ -1,0 +1,177 @@
+//! The `chimera` command line: `crd`, `validate`, `operator`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::api::SecretKeyRef;
+use crate::api::crd::chimera_module_crd_yaml;
+use crate::api::validation::{DocumentReport, validate_yaml};
+use crate::controller::{OperatorConfig, Scope};
+use crate::workloads::WorkloadSettings;
+
+/// Chimera: event-driven domain modules on Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "chimera", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CHIMERA_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How logs are written.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// What `chimera` does.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the ChimeraModule CustomResourceDefinition (YAML).
+    Crd,
+    /// Check ChimeraModule YAML offline with the API server's rules; exit 1 on any problem.
+    Validate {
+        /// Files or directories (every *.yaml / *.yml inside) to check.
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        paths: Vec<PathBuf>,
+    },
+    /// Run the operator against the cluster of the current kubeconfig.
+    Operator {
+        /// Watch one namespace only (default: all namespaces).
+        #[arg(long, env = "CHIMERA_WATCH_NAMESPACE")]
+        namespace: Option<String>,
+        /// Secret (`name` or `name/key`, key defaults to `url`) in each module's namespace that
+        /// holds the AMQP URL of modules without spec.broker.
+        #[arg(long, default_value = "chimera-broker/url", env = "CHIMERA_DEFAULT_BROKER_SECRET")]
+        default_broker_secret: String,
+    },
+}
+
+/// Parses `name` or `name/key`.
+pub fn parse_secret_key_ref(s: &str) -> anyhow::Result<SecretKeyRef> {
+    let (name, key) = s.split_once('/').unwrap_or((s, "url"));
+    anyhow::ensure!(!name.is_empty() && !key.is_empty(), "expected NAME or NAME/KEY, got {s:?}");
+    Ok(SecretKeyRef { name: name.to_owned(), key: key.to_owned() })
+}
+
+/// Installs the tracing subscriber (RUST_LOG filters; default `info`).
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Crd => {
+            print!("{}", chimera_module_crd_yaml().context("rendering the CRD")?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { paths } => validate(&paths),
+        Command::Operator { namespace, default_broker_secret } => {
+            init_tracing(cli.log_format);
+            let config = OperatorConfig {
+                scope: namespace.map(Scope::Namespace).unwrap_or_default(),
+                workloads: WorkloadSettings {
+                    default_broker: parse_secret_key_ref(&default_broker_secret)
+                        .context("--default-broker-secret")?,
+                },
+            };
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to Kubernetes (is KUBECONFIG set? `scripts/dev-env up` prints it)")?;
+            crate::controller::run(client, config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Expands directories into the YAML files they hold, sorted for stable output.
+pub fn yaml_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            let mut inside: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("reading directory {}", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+                .collect();
+            inside.sort();
+            files.extend(inside);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    Ok(files)
+}
+
+fn validate(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let mut problems = 0usize;
+    let mut modules = 0usize;
+    for file in yaml_files(paths)? {
+        let source = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        for report in validate_yaml(&source) {
+            modules += usize::from(report.checked);
+            problems += report.errors.len();
+            print_report(&file, &report);
+        }
+    }
+    if problems > 0 {
+        println!("{problems} problem(s) found");
+        return Ok(ExitCode::FAILURE);
+    }
+    if modules == 0 {
+        println!("no ChimeraModule found in the given paths");
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("{modules} ChimeraModule(s) valid");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_report(file: &Path, report: &DocumentReport) {
+    let what = report.object.clone().unwrap_or_else(|| format!("document {}", report.index));
+    if !report.checked {
+        return;
+    }
+    if report.errors.is_empty() {
+        println!("{}: {what}: valid", file.display());
+    }
+    for error in &report.errors {
+        println!("{}: {what}: {error}", file.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_refs_parse_with_a_default_key() {
+        let r = parse_secret_key_ref("mq").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.name.as_str(), r.key.as_str()), ("mq", "url"));
+        let r = parse_secret_key_ref("mq/amqp").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.name.as_str(), r.key.as_str()), ("mq", "amqp"));
+        assert!(parse_secret_key_ref("/x").is_err());
+        assert!(parse_secret_key_ref("x/").is_err());
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

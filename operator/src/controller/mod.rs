@@ -1,0 +1,107 @@
+//! The kube-runtime controller: glue between the ChimeraModule API, the pure builders and the
+//! API server. Desired state comes from `workloads` and `status`; this module only does I/O.
+
+mod reconcile;
+pub mod status;
+
+pub use reconcile::{Context, FIELD_MANAGER, REPLICAS_MANAGER, STATUS_MANAGER, reconcile};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::ListParams;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use tracing::{info, warn};
+
+use crate::api::ChimeraModule;
+use crate::workloads::WorkloadSettings;
+use crate::Error;
+
+/// Where the operator looks for modules.
+#[derive(Clone, Debug, Default)]
+pub enum Scope {
+    /// Every namespace (the default; needs cluster-wide RBAC).
+    #[default]
+    Cluster,
+    /// One namespace only.
+    Namespace(String),
+}
+
+impl Scope {
+    fn api<K>(&self, client: Client) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match self {
+            Scope::Cluster => Api::all(client),
+            Scope::Namespace(ns) => Api::namespaced(client, ns),
+        }
+    }
+}
+
+/// Operator settings from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct OperatorConfig {
+    /// Namespaces to watch.
+    pub scope: Scope,
+    /// Settings for the workload builders.
+    pub workloads: WorkloadSettings,
+}
+
+fn error_policy(module: Arc<ChimeraModule>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(
+        module = module.metadata.name.as_deref().unwrap_or_default(),
+        namespace = module.metadata.namespace.as_deref().unwrap_or_default(),
+        category = error.metric_label(),
+        %error,
+        "reconcile failed; retrying"
+    );
+    Action::requeue(Duration::from_secs(error.retry_after_seconds()))
+}
+
+/// Fails with instructions when the ChimeraModule CRD is not installed.
+async fn check_crd_installed(api: &Api<ChimeraModule>) -> Result<(), Error> {
+    api.list(&ListParams::default().limit(1))
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::CrdNotInstalled { source })
+}
+
+/// Runs the controller until SIGTERM/Ctrl-C.
+pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
+    let modules: Api<ChimeraModule> = config.scope.api(client.clone());
+    check_crd_installed(&modules).await?;
+    let reporter = Reporter {
+        controller: "chimera-operator".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        settings: config.workloads.clone(),
+    });
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=chimera-operator");
+    info!(scope = ?config.scope, "chimera operator started");
+    Controller::new(modules, watcher::Config::default())
+        .owns(config.scope.api::<Deployment>(client.clone()), owned.clone())
+        .owns(config.scope.api::<Service>(client.clone()), owned.clone())
+        .owns(config.scope.api::<PodDisruptionBudget>(client.clone()), owned)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => tracing::debug!(module = %obj.name, namespace = ?obj.namespace, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile loop error"),
+            }
+        })
+        .await;
+    info!("chimera operator stopped");
+    Ok(())
+}

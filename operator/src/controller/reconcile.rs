@@ -1,0 +1,210 @@
+//! One reconcile of one module: apply the desired objects, trim what left the spec, hold the
+//! replicas within bounds, and write the status when it changed.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tracing::{info, instrument};
+
+use super::status::{self, ObservedHeads};
+use crate::Error;
+use crate::api::ChimeraModule;
+use crate::workloads::{self, Head, WorkloadSettings};
+
+/// Field manager of the objects' templates (everything but `spec.replicas`).
+pub const FIELD_MANAGER: &str = "chimera-operator";
+/// Field manager of each Deployment's `spec.replicas`: the one owner the autoscaler shares.
+pub const REPLICAS_MANAGER: &str = "chimera-operator/replicas";
+/// Field manager of the ChimeraModule status.
+pub const STATUS_MANAGER: &str = "chimera-operator/status";
+
+/// How often a module is reconciled when nothing changes (drift repair).
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// What every reconcile needs.
+pub struct Context {
+    /// API server client.
+    pub client: Client,
+    /// Publishes Kubernetes Events on modules.
+    pub recorder: Recorder,
+    /// Builder settings.
+    pub settings: WorkloadSettings,
+}
+
+async fn apply<K>(api: &Api<K>, manager: &str, object: &K) -> Result<K, Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    api.patch(&name, &PatchParams::apply(manager).force(), &Patch::Apply(object))
+        .await
+        .map_err(|source| Error::Apply { kind: K::kind(&K::DynamicType::default()).into_owned(), name, source })
+}
+
+/// Deletes the module's objects of one kind whose names are not in `keep`.
+async fn delete_orphans<K>(
+    api: &Api<K>,
+    module: &str,
+    keep: &BTreeSet<String>,
+) -> Result<Vec<String>, Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let existing = api
+        .list(&ListParams::default().labels(&workloads::module_selector(module)))
+        .await
+        .map_err(|source| Error::Kube { action: format!("list {kind}s"), source })?;
+    let mut deleted = Vec::new();
+    for object in existing {
+        let name = object.name_any();
+        if keep.contains(&name) {
+            continue;
+        }
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => deleted.push(format!("{kind}/{name}")),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(source) => return Err(Error::Kube { action: format!("delete {kind} {name}"), source }),
+        }
+    }
+    Ok(deleted)
+}
+
+fn names<K: Resource>(objects: &[K]) -> BTreeSet<String> {
+    objects.iter().filter_map(|o| o.meta().name.clone()).collect()
+}
+
+/// Holds a head's replicas within its bounds, as the single owner of `spec.replicas`.
+async fn hold_replicas(
+    api: &Api<Deployment>,
+    deployment: Deployment,
+    (min, max): (i32, i32),
+) -> Result<Deployment, Error> {
+    let current = deployment.spec.as_ref().and_then(|s| s.replicas);
+    let wanted = workloads::initial_replicas(current, min, max);
+    let owned = deployment
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .any(|m| m.manager.as_deref() == Some(REPLICAS_MANAGER));
+    if current == Some(wanted) && owned {
+        return Ok(deployment);
+    }
+    let name = deployment.name_any();
+    let patch = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": wanted}
+    });
+    api.patch(&name, &PatchParams::apply(REPLICAS_MANAGER).force(), &Patch::Apply(&patch))
+        .await
+        .map_err(|source| Error::Apply { kind: "Deployment".into(), name, source })
+}
+
+fn now() -> Time {
+    // Whole seconds: the API server stores condition times at that precision, so the next
+    // reconcile compares equal and writes nothing.
+    let now = Timestamp::now();
+    Time(Timestamp::from_second(now.as_second()).unwrap_or(now))
+}
+
+/// Reconciles one ChimeraModule.
+#[instrument(skip_all, fields(module = %module.name_any(), namespace = module.namespace().unwrap_or_default()))]
+pub async fn reconcile(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if module.metadata.deletion_timestamp.is_some() {
+        // Owner references make the garbage collector remove the heads.
+        return Ok(Action::await_change());
+    }
+    let namespace = module.namespace().ok_or(Error::NotNamespaced)?;
+    let name = module.name_any();
+    let desired = workloads::desired_workloads(&module, &ctx.settings)?;
+
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &namespace);
+
+    let mut observed = ObservedHeads::default();
+    for deployment in &desired.deployments {
+        let applied = apply(&deployments, FIELD_MANAGER, deployment).await?;
+        let (head, bounds) = head_bounds(&module, &applied)?;
+        let held = hold_replicas(&deployments, applied, bounds).await?;
+        match head {
+            Head::Query => observed.query = Some(held),
+            Head::Worker => observed.worker = Some(held),
+        }
+    }
+    for service in &desired.services {
+        apply(&services, FIELD_MANAGER, service).await?;
+    }
+    for pdb in &desired.pod_disruption_budgets {
+        apply(&pdbs, FIELD_MANAGER, pdb).await?;
+    }
+
+    let mut removed = delete_orphans(&deployments, &name, &names(&desired.deployments)).await?;
+    removed.extend(delete_orphans(&services, &name, &names(&desired.services)).await?);
+    removed.extend(delete_orphans(&pdbs, &name, &names(&desired.pod_disruption_budgets)).await?);
+    for object in &removed {
+        info!(%object, "removed an object whose head left the spec");
+        publish(&ctx.recorder, &module, EventType::Normal, "HeadRemoved", format!("deleted {object}: its head is no longer in the spec")).await;
+    }
+
+    let next = status::desired_status(&module, &observed, module.status.as_ref(), &now());
+    if module.status.as_ref() != Some(&next) {
+        let modules: Api<ChimeraModule> = Api::namespaced(ctx.client.clone(), &namespace);
+        let patch = json!({
+            "apiVersion": "chimera.dev/v1alpha1",
+            "kind": "ChimeraModule",
+            "status": next,
+        });
+        modules
+            .patch_status(&name, &PatchParams::apply(STATUS_MANAGER).force(), &Patch::Apply(&patch))
+            .await
+            .map_err(|source| Error::Kube { action: "write status".into(), source })?;
+        for t in status::transitions(module.status.as_ref(), &next) {
+            let kind = if t.status { EventType::Normal } else { EventType::Warning };
+            publish(&ctx.recorder, &module, kind, &t.reason, format!("{} is {}: {}", t.type_, t.status, t.message)).await;
+        }
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Which head a Deployment runs, and that head's replica bounds.
+fn head_bounds(module: &ChimeraModule, deployment: &Deployment) -> Result<(Head, (i32, i32)), Error> {
+    let head = deployment.labels().get("chimera.dev/head").map(String::as_str);
+    match (head, &module.spec.query, &module.spec.worker) {
+        (Some("query"), Some(q), _) => Ok((Head::Query, (q.replicas.min, q.replicas.max))),
+        (Some("worker"), _, Some(w)) => Ok((Head::Worker, (w.replicas.min, w.replicas.max))),
+        _ => Err(Error::UnexpectedObject(deployment.name_any())),
+    }
+}
+
+/// Publishes an Event on the module; a failure to publish is logged, never fatal.
+async fn publish(recorder: &Recorder, module: &ChimeraModule, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, &module.object_ref(&())).await {
+        tracing::warn!(%error, reason, "could not publish an Event");
+    }
+}

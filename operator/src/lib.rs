@@ -1,0 +1,70 @@
+//! Chimera control plane: the ChimeraModule API, pure builders of the objects that run a
+//! module's heads, and the operator that applies them.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
+pub mod controller;
+pub mod topology;
+pub mod workloads;
+
+/// Errors of the operator, each with a stable label for logs and metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The ChimeraModule CRD is not served by the API server.
+    #[error("ChimeraModule CRD is not installed or not readable ({source}); install it with `kubectl apply -f crds/` (or `chimera crd | kubectl apply -f -`)")]
+    CrdNotInstalled {
+        /// What the API server said.
+        source: kube::Error,
+    },
+    /// Desired objects could not be built.
+    #[error(transparent)]
+    Build(#[from] workloads::BuildError),
+    /// A server-side apply was refused.
+    #[error("applying {kind} {name} failed: {source}")]
+    Apply {
+        /// Kind of the object.
+        kind: String,
+        /// Name of the object.
+        name: String,
+        /// What the API server said.
+        source: kube::Error,
+    },
+    /// Another API call failed.
+    #[error("could not {action}: {source}")]
+    Kube {
+        /// What the operator was doing.
+        action: String,
+        /// What the API server said.
+        source: kube::Error,
+    },
+    /// A ChimeraModule without a namespace (the CRD is namespaced, so the cache is corrupt).
+    #[error("ChimeraModule has no namespace")]
+    NotNamespaced,
+    /// An applied object came back without the labels the builders put on it.
+    #[error("object {0} does not carry the chimera.dev/head label of a declared head")]
+    UnexpectedObject(String),
+}
+
+impl Error {
+    /// A stable, low-cardinality name for logs and metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::CrdNotInstalled { .. } => "crd_not_installed",
+            Error::Build(_) => "build",
+            Error::Apply { .. } => "apply",
+            Error::Kube { .. } => "kube_api",
+            Error::NotNamespaced => "not_namespaced",
+            Error::UnexpectedObject(_) => "unexpected_object",
+        }
+    }
+
+    /// Seconds before a failed reconcile is retried: conflicts and server errors are
+    /// transient, a refused object needs a spec change (which triggers a reconcile anyway).
+    pub fn retry_after_seconds(&self) -> u64 {
+        match self {
+            Error::Apply { source: kube::Error::Api(e), .. } if e.code == 422 || e.code == 400 => 60,
+            _ => 5,
+        }
+    }
+}

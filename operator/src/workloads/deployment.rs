@@ -1,0 +1,306 @@
+//! The Deployment of one head.
+//!
+//! `spec.replicas` is deliberately left out: a separate field manager owns it (see
+//! `controller::replicas` and docs/adr/0003-replicas-ownership.md), so the autoscaler and this
+//! template never fight over it.
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{Head, Owner, WorkloadSettings, contract_env, head_labels, selector_labels};
+use crate::api::{HeadProbes, QueryHeadSpec, WorkerHeadSpec};
+
+/// Name of the container port every head serves HTTP on.
+pub const HTTP_PORT_NAME: &str = "http";
+
+/// What differs between the two heads' Deployments.
+struct HeadTemplate<'a> {
+    head: Head,
+    args: &'a [String],
+    port: i32,
+    resources: Option<&'a ResourceRequirements>,
+    probes: Option<&'a HeadProbes>,
+    termination_grace_period_seconds: i64,
+}
+
+pub(crate) fn query_deployment(
+    owner: &Owner<'_>,
+    query: &QueryHeadSpec,
+    settings: &WorkloadSettings,
+) -> Deployment {
+    head_deployment(
+        owner,
+        settings,
+        HeadTemplate {
+            head: Head::Query,
+            args: &query.args,
+            port: query.port,
+            resources: query.resources.as_ref(),
+            probes: query.probes.as_ref(),
+            termination_grace_period_seconds: query.termination_grace_period_seconds.unwrap_or(30),
+        },
+    )
+}
+
+pub(crate) fn worker_deployment(
+    owner: &Owner<'_>,
+    worker: &WorkerHeadSpec,
+    settings: &WorkloadSettings,
+) -> Deployment {
+    head_deployment(
+        owner,
+        settings,
+        HeadTemplate {
+            head: Head::Worker,
+            args: &worker.args,
+            port: worker.port,
+            resources: worker.resources.as_ref(),
+            probes: worker.probes.as_ref(),
+            termination_grace_period_seconds: worker.termination_grace_period_seconds,
+        },
+    )
+}
+
+/// Public entry for one head's Deployment (used by tests and the local runtime).
+pub fn deployment(
+    module: &crate::api::ChimeraModule,
+    head: Head,
+    settings: &WorkloadSettings,
+) -> Result<Option<Deployment>, super::BuildError> {
+    let owner = Owner::of(module)?;
+    Ok(match head {
+        Head::Query => module.spec.query.as_ref().map(|q| query_deployment(&owner, q, settings)),
+        Head::Worker => module.spec.worker.as_ref().map(|w| worker_deployment(&owner, w, settings)),
+    })
+}
+
+/// Replicas a head should run when nothing better is known: the current count (the
+/// Deployment's, or Kubernetes' default of 1 for a new one) kept within the spec's bounds.
+pub fn initial_replicas(current: Option<i32>, min: i32, max: i32) -> i32 {
+    current.unwrap_or(1).clamp(min, max.max(min))
+}
+
+fn http_get(path: &str) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String(HTTP_PORT_NAME.to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        ..Probe::default()
+    }
+}
+
+fn default_liveness() -> Probe {
+    Probe { period_seconds: Some(10), failure_threshold: Some(3), ..http_get("/healthz") }
+}
+
+fn default_readiness() -> Probe {
+    Probe { period_seconds: Some(5), failure_threshold: Some(2), ..http_get("/readyz") }
+}
+
+fn restricted_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+fn head_deployment(
+    owner: &Owner<'_>,
+    settings: &WorkloadSettings,
+    t: HeadTemplate<'_>,
+) -> Deployment {
+    let module = owner.module;
+    let spec = &module.spec;
+    let labels = head_labels(owner.name, module.domain(), t.head);
+    let args = if t.args.is_empty() { vec![t.head.as_str().to_owned()] } else { t.args.to_vec() };
+    // User env first, then the contract: the CRD forbids CHIMERA_* names in spec.env, so the two
+    // never collide.
+    let mut env = spec.env.clone();
+    env.extend(contract_env(module, t.head, t.port, &settings.default_broker).0);
+    let probes = t.probes.cloned().unwrap_or_default();
+
+    let container = Container {
+        name: t.head.as_str().to_owned(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_owned()),
+        args: Some(args),
+        env: Some(env),
+        env_from: (!spec.env_from.is_empty()).then(|| spec.env_from.clone()),
+        ports: Some(vec![ContainerPort {
+            name: Some(HTTP_PORT_NAME.to_owned()),
+            container_port: t.port,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        liveness_probe: Some(probes.liveness.unwrap_or_else(default_liveness)),
+        readiness_probe: Some(probes.readiness.unwrap_or_else(default_readiness)),
+        startup_probe: probes.startup,
+        resources: t.resources.cloned(),
+        security_context: Some(restricted_security_context()),
+        ..Container::default()
+    };
+
+    Deployment {
+        metadata: ObjectMeta {
+            name: Some(owner.object_name(t.head)),
+            namespace: Some(owner.namespace.to_owned()),
+            labels: Some(labels.clone()),
+            owner_references: Some(vec![owner.reference.clone()]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(DeploymentSpec {
+            replicas: None,
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(owner.name, t.head)),
+                match_expressions: None,
+            },
+            revision_history_limit: Some(5),
+            // Never drop below the current capacity during a rollout: a new pod must be ready
+            // before an old one goes.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::String("25%".to_owned())),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    service_account_name: spec.service_account_name.clone(),
+                    termination_grace_period_seconds: Some(t.termination_grace_period_seconds),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workloads::fixtures::{module, worker};
+    use crate::workloads::{WorkloadSettings, desired_workloads};
+
+    fn built(m: &crate::api::ChimeraModule, head: Head) -> Deployment {
+        deployment(m, head, &WorkloadSettings::default())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("head {head:?} present"))
+    }
+
+    fn container(d: &Deployment) -> &Container {
+        &d.spec.as_ref().unwrap_or_else(|| panic!("spec")).template.spec.as_ref()
+            .unwrap_or_else(|| panic!("pod spec")).containers[0]
+    }
+
+    #[test]
+    fn replicas_are_never_in_the_template() {
+        let d = desired_workloads(&module("orders"), &WorkloadSettings::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        for dep in d.deployments {
+            assert_eq!(dep.spec.and_then(|s| s.replicas), None);
+        }
+    }
+
+    #[test]
+    fn default_args_name_the_head() {
+        let m = module("orders");
+        assert_eq!(container(&built(&m, Head::Query)).args, Some(vec!["query".to_owned()]));
+        assert_eq!(container(&built(&m, Head::Worker)).args, Some(vec!["worker".to_owned()]));
+    }
+
+    #[test]
+    fn explicit_args_win() {
+        let mut m = module("orders");
+        if let Some(w) = m.spec.worker.as_mut() {
+            w.args = vec!["run".into(), "--worker".into()];
+        }
+        assert_eq!(
+            container(&built(&m, Head::Worker)).args,
+            Some(vec!["run".to_owned(), "--worker".to_owned()])
+        );
+    }
+
+    #[test]
+    fn shared_env_comes_before_the_contract() {
+        let mut m = module("orders");
+        m.spec.env = vec![k8s_openapi::api::core::v1::EnvVar {
+            name: "RUST_LOG".into(),
+            value: Some("debug".into()),
+            value_from: None,
+        }];
+        let env = container(&built(&m, Head::Query)).env.clone().unwrap_or_default();
+        assert_eq!(env[0].name, "RUST_LOG");
+        assert!(env.iter().any(|e| e.name == "CHIMERA_DOMAIN"));
+    }
+
+    #[test]
+    fn probes_default_to_the_contract_endpoints_and_can_be_overridden() {
+        let mut m = module("orders");
+        let c = container(&built(&m, Head::Worker)).clone();
+        let path = |p: Option<Probe>| p.and_then(|p| p.http_get).and_then(|h| h.path);
+        assert_eq!(path(c.liveness_probe), Some("/healthz".to_owned()));
+        assert_eq!(path(c.readiness_probe), Some("/readyz".to_owned()));
+        if let Some(w) = m.spec.worker.as_mut() {
+            w.probes = Some(HeadProbes { readiness: Some(http_get("/ready")), ..Default::default() });
+        }
+        let c = container(&built(&m, Head::Worker)).clone();
+        assert_eq!(path(c.readiness_probe), Some("/ready".to_owned()));
+        assert_eq!(path(c.liveness_probe), Some("/healthz".to_owned()));
+    }
+
+    #[test]
+    fn worker_grace_period_comes_from_the_spec() {
+        let m = module("orders");
+        let d = built(&m, Head::Worker);
+        let grace = d.spec.and_then(|s| s.template.spec).and_then(|p| p.termination_grace_period_seconds);
+        assert_eq!(grace, Some(worker(&m).termination_grace_period_seconds));
+    }
+
+    #[test]
+    fn port_is_named_http() {
+        let m = module("orders");
+        let ports = container(&built(&m, Head::Query)).ports.clone().unwrap_or_default();
+        assert_eq!(ports[0].name.as_deref(), Some(HTTP_PORT_NAME));
+        assert_eq!(ports[0].container_port, 8080);
+    }
+
+    #[test]
+    fn initial_replicas_stay_in_bounds() {
+        assert_eq!(initial_replicas(None, 0, 10), 1);
+        assert_eq!(initial_replicas(None, 3, 10), 3);
+        assert_eq!(initial_replicas(Some(0), 0, 10), 0);
+        assert_eq!(initial_replicas(Some(50), 1, 10), 10);
+        assert_eq!(initial_replicas(Some(5), 1, 10), 5);
+    }
+
+    #[test]
+    fn initial_replicas_is_within_bounds_for_any_input() {
+        for current in [None, Some(-3), Some(0), Some(1), Some(7), Some(10_000)] {
+            for min in 0..4 {
+                for max in min.max(1)..6 {
+                    let r = initial_replicas(current, min, max);
+                    assert!((min..=max).contains(&r), "{current:?} {min} {max} -> {r}");
+                }
+            }
+        }
+    }
+}

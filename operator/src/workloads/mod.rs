@@ -1,0 +1,200 @@
+//! Pure builders of the Kubernetes objects that run a module's heads.
+//!
+//! `desired_workloads` turns a ChimeraModule into the Deployments, Service and
+//! PodDisruptionBudget it should own. No I/O here: the controller applies what this returns.
+
+mod contract;
+mod deployment;
+mod labels;
+mod pdb;
+mod service;
+
+pub use contract::{ContractEnv, contract_env};
+pub use deployment::{deployment, initial_replicas};
+pub use labels::{Head, MANAGED_BY, head_labels, module_selector, selector_labels};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Resource;
+
+use crate::api::{ChimeraModule, SecretKeyRef};
+
+/// Operator-wide settings the builders need.
+#[derive(Clone, Debug)]
+pub struct WorkloadSettings {
+    /// Secret key (in the module's namespace) with the AMQP URL, for modules without
+    /// `spec.broker`.
+    pub default_broker: SecretKeyRef,
+}
+
+impl Default for WorkloadSettings {
+    fn default() -> Self {
+        Self {
+            default_broker: SecretKeyRef { name: "chimera-broker".into(), key: "url".into() },
+        }
+    }
+}
+
+/// Why desired objects cannot be built (the module lacks server-assigned metadata).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BuildError {
+    /// The module has no name, namespace or uid yet (it was not read from the API server).
+    #[error("ChimeraModule is missing metadata.{0}; builders need an object read from the API server")]
+    MissingMetadata(&'static str),
+}
+
+/// Everything a module should own, per head.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DesiredWorkloads {
+    /// One Deployment per head present in the spec.
+    pub deployments: Vec<Deployment>,
+    /// The query head's Service (absent without a query head).
+    pub services: Vec<Service>,
+    /// The query head's PodDisruptionBudget (absent without a query head).
+    pub pod_disruption_budgets: Vec<PodDisruptionBudget>,
+}
+
+/// Identity of the module the objects are built for.
+pub(crate) struct Owner<'a> {
+    pub module: &'a ChimeraModule,
+    pub name: &'a str,
+    pub namespace: &'a str,
+    pub reference: OwnerReference,
+}
+
+impl<'a> Owner<'a> {
+    fn of(module: &'a ChimeraModule) -> Result<Self, BuildError> {
+        let name = module.metadata.name.as_deref().ok_or(BuildError::MissingMetadata("name"))?;
+        let namespace =
+            module.metadata.namespace.as_deref().ok_or(BuildError::MissingMetadata("namespace"))?;
+        let reference =
+            module.controller_owner_ref(&()).ok_or(BuildError::MissingMetadata("uid"))?;
+        Ok(Self { module, name, namespace, reference })
+    }
+
+    /// Name of an object owned for a head: `<module>-<head>`.
+    pub fn object_name(&self, head: Head) -> String {
+        object_name(self.name, head)
+    }
+}
+
+/// Name of the objects a module owns for a head: `<module>-<head>`.
+pub fn object_name(module: &str, head: Head) -> String {
+    format!("{module}-{}", head.as_str())
+}
+
+/// Builds every object the module should own, given the operator's settings.
+pub fn desired_workloads(
+    module: &ChimeraModule,
+    settings: &WorkloadSettings,
+) -> Result<DesiredWorkloads, BuildError> {
+    let owner = Owner::of(module)?;
+    let mut desired = DesiredWorkloads::default();
+    if let Some(query) = &module.spec.query {
+        desired.deployments.push(deployment::query_deployment(&owner, query, settings));
+        desired.services.push(service::service(&owner, query));
+        desired.pod_disruption_budgets.push(pdb::pod_disruption_budget(&owner, Head::Query));
+    }
+    if let Some(worker) = &module.spec.worker {
+        desired.deployments.push(deployment::worker_deployment(&owner, worker, settings));
+    }
+    Ok(desired)
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures {
+    //! Test fixtures: modules as they come back from the API server.
+
+    use crate::api::{ChimeraModule, ChimeraModuleSpec, QueryHeadSpec, WorkerHeadSpec};
+
+    /// A module with both heads and server-assigned metadata, from YAML defaults.
+    pub fn module(name: &str) -> ChimeraModule {
+        let spec: ChimeraModuleSpec = serde_json::from_value(serde_json::json!({
+            "image": "registry.local/chimera/orders:1.0",
+            "commands": ["order.place"],
+            "events": {"publishes": ["order.placed"],
+                       "subscribes": [{"from": "users", "events": ["user.*"]}]},
+            "query": {},
+            "worker": {}
+        }))
+        .unwrap_or_else(|e| panic!("fixture spec: {e}"));
+        let mut m = ChimeraModule::new(name, spec);
+        m.metadata.namespace = Some("shop".into());
+        m.metadata.uid = Some("0b6f-uid".into());
+        m.metadata.generation = Some(1);
+        m
+    }
+
+    /// The same module without a query head.
+    pub fn worker_only(name: &str) -> ChimeraModule {
+        let mut m = module(name);
+        m.spec.query = None;
+        m
+    }
+
+    pub fn query(m: &ChimeraModule) -> &QueryHeadSpec {
+        m.spec.query.as_ref().unwrap_or_else(|| panic!("fixture has a query head"))
+    }
+
+    pub fn worker(m: &ChimeraModule) -> &WorkerHeadSpec {
+        m.spec.worker.as_ref().unwrap_or_else(|| panic!("fixture has a worker head"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::*;
+    use super::*;
+
+    #[test]
+    fn both_heads_give_two_deployments_a_service_and_a_pdb() {
+        let d = desired_workloads(&module("orders"), &WorkloadSettings::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let names: Vec<_> =
+            d.deployments.iter().filter_map(|d| d.metadata.name.clone()).collect();
+        assert_eq!(names, ["orders-query", "orders-worker"]);
+        assert_eq!(d.services.len(), 1);
+        assert_eq!(d.services[0].metadata.name.as_deref(), Some("orders-query"));
+        assert_eq!(d.pod_disruption_budgets.len(), 1);
+    }
+
+    #[test]
+    fn a_worker_only_module_has_no_service_or_pdb() {
+        let d = desired_workloads(&worker_only("orders"), &WorkloadSettings::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d.deployments.len(), 1);
+        assert!(d.services.is_empty());
+        assert!(d.pod_disruption_budgets.is_empty());
+    }
+
+    #[test]
+    fn every_object_is_controlled_by_the_module() {
+        let d = desired_workloads(&module("orders"), &WorkloadSettings::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let metas = d
+            .deployments
+            .iter()
+            .map(|o| &o.metadata)
+            .chain(d.services.iter().map(|o| &o.metadata))
+            .chain(d.pod_disruption_budgets.iter().map(|o| &o.metadata));
+        for meta in metas {
+            let owners = meta.owner_references.as_deref().unwrap_or_default();
+            assert_eq!(owners.len(), 1);
+            assert_eq!(owners[0].uid, "0b6f-uid");
+            assert_eq!(owners[0].controller, Some(true));
+            assert_eq!(meta.namespace.as_deref(), Some("shop"));
+        }
+    }
+
+    #[test]
+    fn a_module_not_from_the_api_server_is_refused() {
+        let mut m = module("orders");
+        m.metadata.uid = None;
+        assert_eq!(
+            desired_workloads(&m, &WorkloadSettings::default()),
+            Err(BuildError::MissingMetadata("uid"))
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! Real servers for integration tests, one isolated slice each.
+//!
+//! Tests reach the servers `scripts/dev-env up` starts (the test command starts it for them).
+//! When one is missing the helpers panic with what is missing and how to start it: a test that
+//! needs a server fails, it never skips.
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test support: a failure here is a test failure
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
+
+const HOW_TO_START: &str = "start the test environment with `eval \"$(scripts/dev-env up)\"` \
+     (or run the whole suite with `scripts/test`)";
+
+fn required_env(name: &str) -> String {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => v,
+        _ => panic!("{name} is not set: the integration tests need the real servers; {HOW_TO_START}"),
+    }
+}
+
+/// A name unique across parallel tests and test processes.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{:x}{:x}-{n}", std::process::id() % 0xffff, nanos % 0xfffff)
+}
+
+/// A client for the test kube-apiserver (from KUBECONFIG), checked to answer.
+pub async fn kube_client() -> Client {
+    let kubeconfig = required_env("KUBECONFIG");
+    let client = Client::try_default()
+        .await
+        .unwrap_or_else(|e| panic!("cannot build a client from KUBECONFIG={kubeconfig}: {e}; {HOW_TO_START}"));
+    client
+        .apiserver_version()
+        .await
+        .unwrap_or_else(|e| panic!("kube-apiserver from KUBECONFIG={kubeconfig} does not answer: {e}; {HOW_TO_START}"));
+    client
+}
+
+/// A namespace of its own for one test, deleted when dropped.
+pub struct TestNamespace {
+    /// The namespace's name.
+    pub name: String,
+    client: Client,
+}
+
+impl TestNamespace {
+    /// Creates a fresh namespace named after `prefix`.
+    pub async fn create(client: &Client, prefix: &str) -> Self {
+        let name = unique_name(prefix);
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"chimera.dev/test": "true"}}
+        }))
+        .expect("namespace literal");
+        api.create(&PostParams::default(), &ns).await.unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+        Self { name, client: client.clone() }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let (client, name) = (self.client.clone(), self.name.clone());
+        // Drop cannot await; delete from a thread with its own runtime so it also runs when the
+        // test panicked.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let api: Api<Namespace> = Api::all(client);
+                let _ = api.delete(&name, &DeleteParams::background()).await;
+            });
+            Ok::<_, std::io::Error>(())
+        })
+        .join();
+    }
+}
+
+/// The RabbitMQ the dev environment runs, with a vhost of its own for one test.
+pub struct TestVhost {
+    /// The vhost's name.
+    pub name: String,
+    /// AMQP URL pointing at the vhost.
+    pub amqp_url: String,
+    management: String,
+}
+
+fn management_agent() -> ureq::Agent {
+    ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(10))).http_status_as_error(false).build().into()
+}
+
+fn split_credentials(url: &str) -> (String, String, String) {
+    // http://user:pass@host:port -> (http://host:port, user, pass)
+    let (scheme, rest) = url.split_once("://").unwrap_or(("http", url));
+    match rest.split_once('@') {
+        Some((creds, host)) => {
+            let (user, pass) = creds.split_once(':').unwrap_or((creds, ""));
+            (format!("{scheme}://{host}"), user.to_owned(), pass.to_owned())
+        }
+        None => (format!("{scheme}://{rest}"), "guest".to_owned(), "guest".to_owned()),
+    }
+}
+
+fn basic_auth(user: &str, pass: &str) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let input = format!("{user}:{pass}").into_bytes();
+    let mut out = String::new();
+    for chunk in input.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    format!("Basic {out}")
+}
+
+impl TestVhost {
+    /// Creates a fresh vhost (and grants the management user on it).
+    pub fn create(prefix: &str) -> Self {
+        let amqp = required_env("CHIMERA_AMQP_URL");
+        let management = required_env("CHIMERA_RABBITMQ_MANAGEMENT_URL");
+        let name = unique_name(prefix);
+        let (base, user, pass) = split_credentials(&management);
+        let auth = basic_auth(&user, &pass);
+        let agent = management_agent();
+        let put = |path: String, body: serde_json::Value| {
+            let resp = agent
+                .put(&format!("{base}{path}"))
+                .header("Authorization", &auth)
+                .send_json(body)
+                .unwrap_or_else(|e| panic!("RabbitMQ management API at {base} does not answer: {e}; {HOW_TO_START}"));
+            assert!(resp.status().is_success(), "PUT {path} on RabbitMQ management API: {}", resp.status());
+        };
+        put(format!("/api/vhosts/{name}"), serde_json::json!({}));
+        put(
+            format!("/api/permissions/{name}/{user}"),
+            serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}),
+        );
+        let server = amqp.rsplit_once('/').map(|(s, _)| s).unwrap_or(&amqp).to_owned();
+        Self { amqp_url: format!("{server}/{name}"), name, management }
+    }
+
+    /// Opens a TCP connection to the broker and checks it speaks AMQP 0-9-1: it must answer
+    /// the protocol header with a `connection.start` method frame.
+    pub fn assert_amqp_answers(&self) {
+        let hostport = self
+            .amqp_url
+            .split_once("://")
+            .map(|(_, r)| r.rsplit_once('@').map(|(_, h)| h).unwrap_or(r))
+            .and_then(|r| r.split('/').next())
+            .expect("host:port in CHIMERA_AMQP_URL")
+            .to_owned();
+        let addr = hostport.to_socket_addrs().ok().and_then(|mut a| a.next())
+            .unwrap_or_else(|| panic!("cannot resolve {hostport}; {HOW_TO_START}"));
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("RabbitMQ at {hostport} refuses connections: {e}; {HOW_TO_START}"));
+        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        stream.write_all(b"AMQP\x00\x00\x09\x01").expect("send protocol header");
+        let mut frame = [0u8; 11];
+        stream.read_exact(&mut frame).unwrap_or_else(|e| panic!("no AMQP answer from {hostport}: {e}"));
+        // Method frame (type 1) on channel 0, class 10 (connection) method 10 (start).
+        assert_eq!(frame[0], 1, "expected an AMQP method frame, got {frame:?}");
+        assert_eq!(&frame[7..11], &[0, 10, 0, 10], "expected connection.start, got {frame:?}");
+    }
+}
+
+impl Drop for TestVhost {
+    fn drop(&mut self) {
+        let (base, user, pass) = split_credentials(&self.management);
+        let _ = management_agent()
+            .delete(&format!("{base}/api/vhosts/{}", self.name))
+            .header("Authorization", &basic_auth(&user, &pass))
+            .call();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_auth_encodes_like_rfc_7617() {
+        assert_eq!(basic_auth("guest", "guest"), "Basic Z3Vlc3Q6Z3Vlc3Q=");
+        assert_eq!(basic_auth("a", "b"), "Basic YTpi");
+    }
+
+    #[test]
+    fn management_url_credentials_are_split() {
+        assert_eq!(
+            split_credentials("http://u:p@127.0.0.1:15673"),
+            ("http://127.0.0.1:15673".into(), "u".into(), "p".into())
+        );
+    }
+}
