@@ -49,7 +49,6 @@ pub async fn kube_client() -> Client {
 pub struct TestNamespace {
     /// The namespace's name.
     pub name: String,
-    client: Client,
 }
 
 impl TestNamespace {
@@ -62,20 +61,24 @@ impl TestNamespace {
         }))
         .expect("namespace literal");
         api.create(&PostParams::default(), &ns).await.unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
-        Self { name, client: client.clone() }
+        Self { name }
     }
 }
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
-        let (client, name) = (self.client.clone(), self.name.clone());
-        // Drop cannot await; delete from a thread with its own runtime so it also runs when the
+        let name = self.name.clone();
+        // Drop cannot await, and the test's client cannot be used from another runtime (its
+        // connection task lives on the test's runtime, which this drop blocks). So the delete
+        // runs on a thread with its own runtime and its own client, and also runs when the
         // test panicked.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async move {
-                let api: Api<Namespace> = Api::all(client);
-                let _ = api.delete(&name, &DeleteParams::background()).await;
+                if let Ok(client) = Client::try_default().await {
+                    let api: Api<Namespace> = Api::all(client);
+                    let _ = api.delete(&name, &DeleteParams::background()).await;
+                }
             });
             Ok::<_, std::io::Error>(())
         })

@@ -51,10 +51,10 @@ use super::status::ChimeraModuleStatus;
     ).message("spec.domain is immutable (it defaults to metadata.name): create a new module to move a domain").field_path(".spec.domain"),
     validation = Rule::new(
         "has(self.spec.domain) || (size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$'))"
-    ).message("metadata.name is not a valid domain name (a DNS label starting with a letter): set spec.domain").field_path(".metadata.name"),
+    ).message("metadata.name is not a valid domain name (a DNS label starting with a letter): set spec.domain"),
     validation = Rule::new(
         "!has(self.spec.query) || (size(self.metadata.name) <= 57 && self.metadata.name.matches('^[a-z]'))"
-    ).message("metadata.name must start with a letter and be at most 57 characters so that the query head's Service '<name>-query' is a valid DNS label").field_path(".metadata.name")
+    ).message("metadata.name must start with a letter and be at most 57 characters so that the query head's Service '<name>-query' is a valid DNS label")
 )]
 #[x_kube(
     validation = Rule::new("has(self.query) || has(self.worker)")

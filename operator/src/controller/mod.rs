@@ -55,15 +55,29 @@ pub struct OperatorConfig {
     pub workloads: WorkloadSettings,
 }
 
-fn error_policy(module: Arc<ChimeraModule>, error: &Error, _ctx: Arc<Context>) -> Action {
+/// Longest wait between retries of a failing module.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+
+/// Delay before retry number `attempt` (from 1): the error's base delay doubled per
+/// consecutive failure, capped, so a broken module does not hammer the API server.
+pub fn retry_delay(base_seconds: u64, attempt: u32) -> Duration {
+    let factor = 2u64.saturating_pow(attempt.saturating_sub(1).min(16));
+    Duration::from_secs(base_seconds.saturating_mul(factor)).min(MAX_RETRY_DELAY)
+}
+
+fn error_policy(module: Arc<ChimeraModule>, error: &Error, ctx: Arc<Context>) -> Action {
+    let attempt = ctx.record_failure(&module);
+    let delay = retry_delay(error.retry_after_seconds(), attempt);
     warn!(
         module = module.metadata.name.as_deref().unwrap_or_default(),
         namespace = module.metadata.namespace.as_deref().unwrap_or_default(),
         category = error.metric_label(),
         %error,
+        attempt,
+        retry_in_s = delay.as_secs(),
         "reconcile failed; retrying"
     );
-    Action::requeue(Duration::from_secs(error.retry_after_seconds()))
+    Action::requeue(delay)
 }
 
 /// Fails with instructions when the ChimeraModule CRD is not installed.
@@ -86,6 +100,7 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         settings: config.workloads.clone(),
+        failures: Default::default(),
     });
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=chimera-operator");
     info!(scope = ?config.scope, "chimera operator started");
@@ -104,4 +119,18 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
         .await;
     info!("chimera operator stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_a_cap() {
+        assert_eq!(retry_delay(5, 1), Duration::from_secs(5));
+        assert_eq!(retry_delay(5, 2), Duration::from_secs(10));
+        assert_eq!(retry_delay(5, 4), Duration::from_secs(40));
+        assert_eq!(retry_delay(5, 30), MAX_RETRY_DELAY);
+        assert_eq!(retry_delay(60, u32::MAX), MAX_RETRY_DELAY);
+    }
 }

@@ -1,8 +1,8 @@
 //! One reconcile of one module: apply the desired objects, trim what left the spec, hold the
 //! replicas within bounds, and write the status when it changed.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -42,6 +42,26 @@ pub struct Context {
     pub recorder: Recorder,
     /// Builder settings.
     pub settings: WorkloadSettings,
+    /// Consecutive failed reconciles per module (namespace/name), for retry backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    fn key(module: &ChimeraModule) -> String {
+        format!("{}/{}", module.namespace().unwrap_or_default(), module.name_any())
+    }
+
+    /// Counts a failed reconcile of `module`; returns how many failed in a row.
+    pub fn record_failure(&self, module: &ChimeraModule) -> u32 {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(Self::key(module)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn record_success(&self, module: &ChimeraModule) {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&Self::key(module));
+    }
 }
 
 async fn apply<K>(api: &Api<K>, manager: &str, object: &K) -> Result<K, Error>
@@ -178,10 +198,11 @@ pub async fn reconcile(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<
             .await
             .map_err(|source| Error::Kube { action: "write status".into(), source })?;
         for t in status::transitions(module.status.as_ref(), &next) {
-            let kind = if t.status { EventType::Normal } else { EventType::Warning };
+            let kind = if t.is_degradation() { EventType::Warning } else { EventType::Normal };
             publish(&ctx.recorder, &module, kind, &t.reason, format!("{} is {}: {}", t.type_, t.status, t.message)).await;
         }
     }
+    ctx.record_success(&module);
     Ok(Action::requeue(RESYNC))
 }
 

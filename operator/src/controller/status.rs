@@ -179,14 +179,28 @@ pub struct Transition {
     pub reason: String,
     /// New message.
     pub message: String,
+    /// Whether the condition was True before (None when it is new).
+    pub was: Option<bool>,
+}
+
+impl Transition {
+    /// Worth a Warning: something that worked stopped working. A head that is not available
+    /// yet right after creation is normal.
+    pub fn is_degradation(&self) -> bool {
+        !self.status && self.was == Some(true)
+    }
 }
 
 /// Conditions whose status differs from (or did not exist in) the previous status.
 pub fn transitions(previous: Option<&ChimeraModuleStatus>, next: &ChimeraModuleStatus) -> Vec<Transition> {
     next.conditions
         .iter()
-        .filter(|c| previous.and_then(|p| p.condition(&c.type_)).map(|p| p.status != c.status).unwrap_or(true))
-        .map(|c| Transition {
+        .filter_map(|c| {
+            let was = previous.and_then(|p| p.condition(&c.type_)).map(|p| p.status == "True");
+            (was != Some(c.status == "True")).then_some((c, was))
+        })
+        .map(|(c, was)| Transition {
+            was,
             type_: c.type_.clone(),
             status: c.status == "True",
             reason: c.reason.clone(),
@@ -305,7 +319,11 @@ mod tests {
         let t = transitions(Some(&second), &third);
         let types: Vec<_> = t.iter().map(|t| t.type_.as_str()).collect();
         assert_eq!(types, ["QueryAvailable", "Ready"]);
-        assert!(t.iter().all(|t| !t.status));
+        assert!(t.iter().all(|t| !t.status && t.is_degradation()));
+        // A new module's first verdicts are transitions, but not degradations.
+        let fresh = transitions(None, &third);
+        assert_eq!(fresh.len(), 3);
+        assert!(fresh.iter().all(|t| !t.is_degradation()));
     }
 
     #[test]
