@@ -50,7 +50,11 @@ pub enum Command {
         namespace: Option<String>,
         /// Secret (`name` or `name/key`, key defaults to `url`) in each module's namespace that
         /// holds the AMQP URL of modules without spec.broker.
-        #[arg(long, default_value = "chimera-broker/url", env = "CHIMERA_DEFAULT_BROKER_SECRET")]
+        #[arg(
+            long,
+            default_value = "chimera-broker/url",
+            env = "CHIMERA_DEFAULT_BROKER_SECRET"
+        )]
         default_broker_secret: String,
     },
 }
@@ -58,15 +62,23 @@ pub enum Command {
 /// Parses `name` or `name/key`.
 pub fn parse_secret_key_ref(s: &str) -> anyhow::Result<SecretKeyRef> {
     let (name, key) = s.split_once('/').unwrap_or((s, "url"));
-    anyhow::ensure!(!name.is_empty() && !key.is_empty(), "expected NAME or NAME/KEY, got {s:?}");
-    Ok(SecretKeyRef { name: name.to_owned(), key: key.to_owned() })
+    anyhow::ensure!(
+        !name.is_empty() && !key.is_empty(),
+        "expected NAME or NAME/KEY, got {s:?}"
+    );
+    Ok(SecretKeyRef {
+        name: name.to_owned(),
+        key: key.to_owned(),
+    })
 }
 
 /// Installs the tracing subscriber (RUST_LOG filters; default `info`).
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -77,11 +89,17 @@ pub fn init_tracing(format: LogFormat) {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Crd => {
-            print!("{}", chimera_module_crd_yaml().context("rendering the CRD")?);
+            print!(
+                "{}",
+                chimera_module_crd_yaml().context("rendering the CRD")?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { paths } => validate(&paths),
-        Command::Operator { namespace, default_broker_secret } => {
+        Command::Operator {
+            namespace,
+            default_broker_secret,
+        } => {
             init_tracing(cli.log_format);
             let config = OperatorConfig {
                 scope: namespace.map(Scope::Namespace).unwrap_or_default(),
@@ -90,9 +108,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .context("--default-broker-secret")?,
                 },
             };
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to Kubernetes (is KUBECONFIG set? `scripts/dev-env up` prints it)")?;
+            let client = kube::Client::try_default().await.context(
+                "connecting to Kubernetes (is KUBECONFIG set? `scripts/dev-env up` prints it)",
+            )?;
             crate::controller::run(client, config).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -143,7 +161,10 @@ fn validate(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
 }
 
 fn print_report(file: &Path, report: &DocumentReport) {
-    let what = report.object.clone().unwrap_or_else(|| format!("document {}", report.index));
+    let what = report
+        .object
+        .clone()
+        .unwrap_or_else(|| format!("document {}", report.index));
     if !report.checked {
         return;
     }

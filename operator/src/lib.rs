@@ -12,7 +12,9 @@ pub mod workloads;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The ChimeraModule CRD is not served by the API server.
-    #[error("ChimeraModule CRD is not installed or not readable ({source}); install it with `kubectl apply -f crds/` (or `chimera crd | kubectl apply -f -`)")]
+    #[error(
+        "ChimeraModule CRD is not installed or not readable ({source}); install it with `kubectl apply -f crds/` (or `chimera crd | kubectl apply -f -`)"
+    )]
     CrdNotInstalled {
         /// What the API server said.
         source: kube::Error,
@@ -63,7 +65,10 @@ impl Error {
     /// transient, a refused object needs a spec change (which triggers a reconcile anyway).
     pub fn retry_after_seconds(&self) -> u64 {
         match self {
-            Error::Apply { source: kube::Error::Api(e), .. } if e.code == 422 || e.code == 400 => 60,
+            Error::Apply {
+                source: kube::Error::Api(e),
+                ..
+            } if e.code == 422 || e.code == 400 => 60,
             _ => 5,
         }
     }

@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use chimera_operator::cli::{Cli, run};
+use clap::Parser;
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use chimera_operator::api::ChimeraModule;
-use chimera_operator::controller::{REPLICAS_MANAGER, FIELD_MANAGER};
+use chimera_operator::controller::{FIELD_MANAGER, REPLICAS_MANAGER};
 use common::{Harness, eventually, example};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -30,28 +30,40 @@ fn env_value(d: &Deployment, name: &str) -> Option<String> {
         .and_then(|e| e.value.clone())
 }
 
-async fn module_status(h: &Harness, name: &str) -> Option<chimera_operator::api::ChimeraModuleStatus> {
+async fn module_status(
+    h: &Harness,
+    name: &str,
+) -> Option<chimera_operator::api::ChimeraModuleStatus> {
     h.api::<ChimeraModule>().get(name).await.ok()?.status
 }
 
 async fn condition(h: &Harness, name: &str, type_: &str) -> Option<(String, String)> {
     let status = module_status(h, name).await?;
-    status.condition(type_).map(|c| (c.status.clone(), c.reason.clone()))
+    status
+        .condition(type_)
+        .map(|c| (c.status.clone(), c.reason.clone()))
 }
 
 /// Marks every pod of a head Ready, as a kubelet would once its readiness probe passes.
 async fn make_pods_ready(h: &Harness, module: &str, head: &str) -> usize {
     let pods: Api<Pod> = h.api();
     let selector = format!("chimera.dev/module={module},chimera.dev/head={head}");
-    let list = pods.list(&ListParams::default().labels(&selector)).await.expect("list pods");
+    let list = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("list pods");
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
     for pod in &list {
         let patch = json!({"status": {"phase": "Running", "conditions": [
             {"type": "Ready", "status": "True", "lastTransitionTime": now}
         ]}});
-        pods.patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .expect("mark pod ready");
+        pods.patch_status(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .expect("mark pod ready");
     }
     list.items.len()
 }
@@ -62,45 +74,96 @@ async fn a_module_gets_both_heads_and_a_status() {
     h.apply_module(&example("orders")).await;
     let deployments: Api<Deployment> = h.api();
 
-    let query = eventually("orders-query Deployment", WAIT, || async { deployments.get("orders-query").await.ok() }).await;
-    let worker = eventually("orders-worker Deployment", WAIT, || async { deployments.get("orders-worker").await.ok() }).await;
-    let service = eventually("orders-query Service", WAIT, || async { h.api::<Service>().get("orders-query").await.ok() }).await;
-    let pdb = eventually("orders-query PDB", WAIT, || async { h.api::<PodDisruptionBudget>().get("orders-query").await.ok() }).await;
+    let query = eventually("orders-query Deployment", WAIT, || async {
+        deployments.get("orders-query").await.ok()
+    })
+    .await;
+    let worker = eventually("orders-worker Deployment", WAIT, || async {
+        deployments.get("orders-worker").await.ok()
+    })
+    .await;
+    let service = eventually("orders-query Service", WAIT, || async {
+        h.api::<Service>().get("orders-query").await.ok()
+    })
+    .await;
+    let pdb = eventually("orders-query PDB", WAIT, || async {
+        h.api::<PodDisruptionBudget>()
+            .get("orders-query")
+            .await
+            .ok()
+    })
+    .await;
 
     // Same image, own args, head contract env, labels and owner.
     for (d, head) in [(&query, "query"), (&worker, "worker")] {
         let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
-        assert_eq!(pod.containers[0].image.as_deref(), Some("chimera/orders:dev"));
+        assert_eq!(
+            pod.containers[0].image.as_deref(),
+            Some("chimera/orders:dev")
+        );
         assert_eq!(pod.containers[0].args, Some(vec![head.to_owned()]));
         assert_eq!(env_value(d, "CHIMERA_HEAD").as_deref(), Some(head));
         assert_eq!(env_value(d, "CHIMERA_DOMAIN").as_deref(), Some("orders"));
-        assert_eq!(d.labels().get("chimera.dev/head").map(String::as_str), Some(head));
-        assert_eq!(d.labels().get("app.kubernetes.io/managed-by").map(String::as_str), Some("chimera-operator"));
+        assert_eq!(
+            d.labels().get("chimera.dev/head").map(String::as_str),
+            Some(head)
+        );
+        assert_eq!(
+            d.labels()
+                .get("app.kubernetes.io/managed-by")
+                .map(String::as_str),
+            Some("chimera-operator")
+        );
         let owner = &d.owner_references()[0];
-        assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("ChimeraModule", "orders", Some(true)));
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+            ("ChimeraModule", "orders", Some(true))
+        );
     }
-    assert_eq!(env_value(&worker, "CHIMERA_WORKER_QUEUE").as_deref(), Some("chimera.orders.worker"));
-    assert_eq!(env_value(&worker, "CHIMERA_PREFETCH").as_deref(), Some("200"));
+    assert_eq!(
+        env_value(&worker, "CHIMERA_WORKER_QUEUE").as_deref(),
+        Some("chimera.orders.worker")
+    );
+    assert_eq!(
+        env_value(&worker, "CHIMERA_PREFETCH").as_deref(),
+        Some("200")
+    );
     assert_eq!(service.spec.unwrap().ports.unwrap()[0].port, 8080);
     assert!(pdb.spec.unwrap().max_unavailable.is_some());
 
     // No kubelet: the heads are not available yet, and the status says so.
-    let (status, reason) = eventually("QueryAvailable=False", WAIT, || condition(&h, "orders", "QueryAvailable")).await;
-    assert_eq!((status.as_str(), reason.as_str()), ("False", "NoReplicasAvailable"));
+    let (status, reason) = eventually("QueryAvailable=False", WAIT, || {
+        condition(&h, "orders", "QueryAvailable")
+    })
+    .await;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "NoReplicasAvailable")
+    );
     let s = module_status(&h, "orders").await.unwrap();
     assert_eq!(s.observed_generation, Some(1));
     assert_eq!(s.domain.as_deref(), Some("orders"));
 
     // Pods turn ready: the module becomes Ready and the counts follow.
-    eventually("query pods exist", WAIT, || async { (make_pods_ready(&h, "orders", "query").await > 0).then_some(()) }).await;
-    eventually("worker pods exist", WAIT, || async { (make_pods_ready(&h, "orders", "worker").await > 0).then_some(()) }).await;
+    eventually("query pods exist", WAIT, || async {
+        (make_pods_ready(&h, "orders", "query").await > 0).then_some(())
+    })
+    .await;
+    eventually("worker pods exist", WAIT, || async {
+        (make_pods_ready(&h, "orders", "worker").await > 0).then_some(())
+    })
+    .await;
     eventually("Ready=True", WAIT, || async {
-        (condition(&h, "orders", "Ready").await? == ("True".into(), "AllHeadsAvailable".into())).then_some(())
+        (condition(&h, "orders", "Ready").await? == ("True".into(), "AllHeadsAvailable".into()))
+            .then_some(())
     })
     .await;
     let s = module_status(&h, "orders").await.unwrap();
     assert_eq!(s.query.map(|q| q.summary), Some("1/1".to_owned()));
-    assert_eq!(s.worker.map(|w| (w.ready_replicas, w.desired_replicas)), Some((1, 1)));
+    assert_eq!(
+        s.worker.map(|w| (w.ready_replicas, w.desired_replicas)),
+        Some((1, 1))
+    );
 }
 
 #[tokio::test]
@@ -118,11 +181,18 @@ async fn a_changed_field_reaches_the_deployment() {
     changed["spec"]["worker"]["prefetch"] = json!(50);
     changed["spec"]["image"] = json!("chimera/orders:v2");
     h.apply_module(&changed).await;
-    eventually("worker with prefetch 50 and the new image", WAIT, || async {
-        let d = deployments.get("orders-worker").await.ok()?;
-        let image = d.spec.as_ref()?.template.spec.as_ref()?.containers[0].image.clone()?;
-        (env_value(&d, "CHIMERA_PREFETCH")? == "50" && image == "chimera/orders:v2").then_some(())
-    })
+    eventually(
+        "worker with prefetch 50 and the new image",
+        WAIT,
+        || async {
+            let d = deployments.get("orders-worker").await.ok()?;
+            let image = d.spec.as_ref()?.template.spec.as_ref()?.containers[0]
+                .image
+                .clone()?;
+            (env_value(&d, "CHIMERA_PREFETCH")? == "50" && image == "chimera/orders:v2")
+                .then_some(())
+        },
+    )
     .await;
     eventually("status observes generation 2", WAIT, || async {
         (module_status(&h, "orders").await?.observed_generation == Some(2)).then_some(())
@@ -143,7 +213,10 @@ async fn removing_a_head_removes_its_objects_and_deleting_the_module_removes_eve
         pdbs.get("orders-query").await.ok()
     })
     .await;
-    eventually("QueryAvailable condition", WAIT, || condition(&h, "orders", "QueryAvailable")).await;
+    eventually("QueryAvailable condition", WAIT, || {
+        condition(&h, "orders", "QueryAvailable")
+    })
+    .await;
 
     let mut worker_only = example("orders");
     worker_only["spec"].as_object_mut().unwrap().remove("query");
@@ -155,23 +228,42 @@ async fn removing_a_head_removes_its_objects_and_deleting_the_module_removes_eve
         gone.then_some(())
     })
     .await;
-    assert!(deployments.get_opt("orders-worker").await.unwrap().is_some(), "the worker head stays");
+    assert!(
+        deployments
+            .get_opt("orders-worker")
+            .await
+            .unwrap()
+            .is_some(),
+        "the worker head stays"
+    );
     eventually("status without the query head", WAIT, || async {
         let s = module_status(&h, "orders").await?;
-        (s.query.is_none() && s.condition("QueryAvailable").is_none() && s.worker.is_some()).then_some(())
+        (s.query.is_none() && s.condition("QueryAvailable").is_none() && s.worker.is_some())
+            .then_some(())
     })
     .await;
     let events: Api<Event> = h.api();
     eventually("a HeadRemoved event", WAIT, || async {
         let list = events.list(&ListParams::default()).await.ok()?;
-        list.items.iter().any(|e| e.reason.as_deref() == Some("HeadRemoved")).then_some(())
+        list.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("HeadRemoved"))
+            .then_some(())
     })
     .await;
 
     // Deleting the module: the garbage collector follows the owner references.
-    h.api::<ChimeraModule>().delete("orders", &DeleteParams::foreground()).await.unwrap();
+    h.api::<ChimeraModule>()
+        .delete("orders", &DeleteParams::foreground())
+        .await
+        .unwrap();
     eventually("worker Deployment garbage-collected", WAIT, || async {
-        deployments.get_opt("orders-worker").await.ok()?.is_none().then_some(())
+        deployments
+            .get_opt("orders-worker")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
     })
     .await;
 }
@@ -192,7 +284,11 @@ async fn replicas_have_a_single_owner_that_holds_them_within_bounds() {
 
     // Someone scales by hand beyond max: the operator brings it back within bounds.
     deployments
-        .patch_scale("orders-query", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"replicas": 9}})))
+        .patch_scale(
+            "orders-query",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"replicas": 9}})),
+        )
         .await
         .unwrap();
     // Any change to the module (here a label) triggers a reconcile.
@@ -214,7 +310,11 @@ async fn replicas_have_a_single_owner_that_holds_them_within_bounds() {
         .managed_fields
         .unwrap_or_default()
         .into_iter()
-        .filter(|m| m.fields_v1.as_ref().is_some_and(|f| f.0.pointer("/f:spec/f:replicas").is_some()))
+        .filter(|m| {
+            m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.pointer("/f:spec/f:replicas").is_some())
+        })
         .filter_map(|m| m.manager)
         .collect();
     assert_eq!(owners_of_replicas, vec![REPLICAS_MANAGER.to_owned()]);
@@ -226,7 +326,13 @@ async fn a_settled_module_is_not_rewritten() {
     let h = Harness::with_operator("ctl-steady").await;
     h.apply_module(&example("users")).await;
     let modules: Api<ChimeraModule> = h.api();
-    eventually("status written", WAIT, || async { module_status(&h, "users").await?.condition("Ready").map(|_| ()) }).await;
+    eventually("status written", WAIT, || async {
+        module_status(&h, "users")
+            .await?
+            .condition("Ready")
+            .map(|_| ())
+    })
+    .await;
     // Let the first rounds (ReplicaSets appearing, status counts) settle.
     let settled = eventually("resourceVersion stable for 3s", WAIT, || async {
         let before = modules.get("users").await.ok()?.resource_version()?;
@@ -241,10 +347,25 @@ async fn a_settled_module_is_not_rewritten() {
     let deployments: Api<Deployment> = h.api();
     for i in 0..3 {
         let patch = json!({"metadata": {"annotations": {"test/poke": i.to_string()}}});
-        deployments.patch("users-query", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+        deployments
+            .patch(
+                "users-query",
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = modules.get("users").await.unwrap().resource_version().unwrap();
-    assert_eq!(settled, after, "reconciles of an unchanged module must not write its status");
+    let after = modules
+        .get("users")
+        .await
+        .unwrap()
+        .resource_version()
+        .unwrap();
+    assert_eq!(
+        settled, after,
+        "reconciles of an unchanged module must not write its status"
+    );
 }

@@ -20,28 +20,36 @@ const HOW_TO_START: &str = "start the test environment with `eval \"$(scripts/de
 fn required_env(name: &str) -> String {
     match std::env::var(name) {
         Ok(v) if !v.is_empty() => v,
-        _ => panic!("{name} is not set: the integration tests need the real servers; {HOW_TO_START}"),
+        _ => {
+            panic!("{name} is not set: the integration tests need the real servers; {HOW_TO_START}")
+        }
     }
 }
 
 /// A name unique across parallel tests and test processes.
 pub fn unique_name(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}-{:x}{:x}-{n}", std::process::id() % 0xffff, nanos % 0xfffff)
+    format!(
+        "{prefix}-{:x}{:x}-{n}",
+        std::process::id() % 0xffff,
+        nanos % 0xfffff
+    )
 }
 
 /// A client for the test kube-apiserver (from KUBECONFIG), checked to answer.
 pub async fn kube_client() -> Client {
     let kubeconfig = required_env("KUBECONFIG");
-    let client = Client::try_default()
-        .await
-        .unwrap_or_else(|e| panic!("cannot build a client from KUBECONFIG={kubeconfig}: {e}; {HOW_TO_START}"));
-    client
-        .apiserver_version()
-        .await
-        .unwrap_or_else(|e| panic!("kube-apiserver from KUBECONFIG={kubeconfig} does not answer: {e}; {HOW_TO_START}"));
+    let client = Client::try_default().await.unwrap_or_else(|e| {
+        panic!("cannot build a client from KUBECONFIG={kubeconfig}: {e}; {HOW_TO_START}")
+    });
+    client.apiserver_version().await.unwrap_or_else(|e| {
+        panic!("kube-apiserver from KUBECONFIG={kubeconfig} does not answer: {e}; {HOW_TO_START}")
+    });
     client
 }
 
@@ -60,7 +68,9 @@ impl TestNamespace {
             "metadata": {"name": name, "labels": {"chimera.dev/test": "true"}}
         }))
         .expect("namespace literal");
-        api.create(&PostParams::default(), &ns).await.unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+        api.create(&PostParams::default(), &ns)
+            .await
+            .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
         Self { name }
     }
 }
@@ -73,7 +83,9 @@ impl Drop for TestNamespace {
         // runs on a thread with its own runtime and its own client, and also runs when the
         // test panicked.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async move {
                 if let Ok(client) = Client::try_default().await {
                     let api: Api<Namespace> = Api::all(client);
@@ -96,7 +108,11 @@ pub struct TestVhost {
 }
 
 fn management_agent() -> ureq::Agent {
-    ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(10))).http_status_as_error(false).build().into()
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into()
 }
 
 fn split_credentials(url: &str) -> (String, String, String) {
@@ -105,9 +121,17 @@ fn split_credentials(url: &str) -> (String, String, String) {
     match rest.split_once('@') {
         Some((creds, host)) => {
             let (user, pass) = creds.split_once(':').unwrap_or((creds, ""));
-            (format!("{scheme}://{host}"), user.to_owned(), pass.to_owned())
+            (
+                format!("{scheme}://{host}"),
+                user.to_owned(),
+                pass.to_owned(),
+            )
         }
-        None => (format!("{scheme}://{rest}"), "guest".to_owned(), "guest".to_owned()),
+        None => (
+            format!("{scheme}://{rest}"),
+            "guest".to_owned(),
+            "guest".to_owned(),
+        ),
     }
 }
 
@@ -116,7 +140,11 @@ fn basic_auth(user: &str, pass: &str) -> String {
     let input = format!("{user}:{pass}").into_bytes();
     let mut out = String::new();
     for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -143,16 +171,30 @@ impl TestVhost {
                 .put(&format!("{base}{path}"))
                 .header("Authorization", &auth)
                 .send_json(body)
-                .unwrap_or_else(|e| panic!("RabbitMQ management API at {base} does not answer: {e}; {HOW_TO_START}"));
-            assert!(resp.status().is_success(), "PUT {path} on RabbitMQ management API: {}", resp.status());
+                .unwrap_or_else(|e| {
+                    panic!("RabbitMQ management API at {base} does not answer: {e}; {HOW_TO_START}")
+                });
+            assert!(
+                resp.status().is_success(),
+                "PUT {path} on RabbitMQ management API: {}",
+                resp.status()
+            );
         };
         put(format!("/api/vhosts/{name}"), serde_json::json!({}));
         put(
             format!("/api/permissions/{name}/{user}"),
             serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}),
         );
-        let server = amqp.rsplit_once('/').map(|(s, _)| s).unwrap_or(&amqp).to_owned();
-        Self { amqp_url: format!("{server}/{name}"), name, management }
+        let server = amqp
+            .rsplit_once('/')
+            .map(|(s, _)| s)
+            .unwrap_or(&amqp)
+            .to_owned();
+        Self {
+            amqp_url: format!("{server}/{name}"),
+            name,
+            management,
+        }
     }
 
     /// Opens a TCP connection to the broker and checks it speaks AMQP 0-9-1: it must answer
@@ -165,17 +207,32 @@ impl TestVhost {
             .and_then(|r| r.split('/').next())
             .expect("host:port in CHIMERA_AMQP_URL")
             .to_owned();
-        let addr = hostport.to_socket_addrs().ok().and_then(|mut a| a.next())
+        let addr = hostport
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
             .unwrap_or_else(|| panic!("cannot resolve {hostport}; {HOW_TO_START}"));
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .unwrap_or_else(|e| panic!("RabbitMQ at {hostport} refuses connections: {e}; {HOW_TO_START}"));
-        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        stream.write_all(b"AMQP\x00\x00\x09\x01").expect("send protocol header");
+        let mut stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap_or_else(|e| {
+                panic!("RabbitMQ at {hostport} refuses connections: {e}; {HOW_TO_START}")
+            });
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        stream
+            .write_all(b"AMQP\x00\x00\x09\x01")
+            .expect("send protocol header");
         let mut frame = [0u8; 11];
-        stream.read_exact(&mut frame).unwrap_or_else(|e| panic!("no AMQP answer from {hostport}: {e}"));
+        stream
+            .read_exact(&mut frame)
+            .unwrap_or_else(|e| panic!("no AMQP answer from {hostport}: {e}"));
         // Method frame (type 1) on channel 0, class 10 (connection) method 10 (start).
         assert_eq!(frame[0], 1, "expected an AMQP method frame, got {frame:?}");
-        assert_eq!(&frame[7..11], &[0, 10, 0, 10], "expected connection.start, got {frame:?}");
+        assert_eq!(
+            &frame[7..11],
+            &[0, 10, 0, 10],
+            "expected connection.start, got {frame:?}"
+        );
     }
 }
 

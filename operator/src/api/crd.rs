@@ -1,7 +1,7 @@
 //! The generated CustomResourceDefinition (what `chimera crd` prints and `crds/` holds).
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 
 use super::ChimeraModule;
 
@@ -28,4 +28,41 @@ pub fn chimera_module_schema() -> serde_json::Value {
         .and_then(|s| s.open_api_v3_schema.as_ref())
         .and_then(|s| serde_json::to_value(s).ok())
         .unwrap_or(serde_json::Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn checked_in(relative: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(relative);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+    }
+
+    #[test]
+    fn checked_in_crds_match_the_generated_one() {
+        let generated = chimera_module_crd_yaml().unwrap_or_else(|e| panic!("{e}"));
+        for copy in [
+            "crds/chimeramodule.yaml",
+            "charts/chimera-operator/crds/chimeramodule.yaml",
+        ] {
+            assert!(
+                checked_in(copy) == generated,
+                "{copy} is out of date: regenerate it with `cargo run -q -- crd > {copy}`"
+            );
+        }
+    }
+
+    #[test]
+    fn schema_is_found() {
+        let schema = chimera_module_schema();
+        assert!(
+            schema
+                .pointer("/properties/spec/properties/worker")
+                .is_some()
+        );
+    }
 }

@@ -33,11 +33,24 @@ mod tests {
 
     #[test]
     fn event_names() {
-        for ok in ["order.placed", "user", "gig.price_changed", "v2.order-placed"] {
+        for ok in [
+            "order.placed",
+            "user",
+            "gig.price_changed",
+            "v2.order-placed",
+        ] {
             assert!(matches(EVENT_NAME_PATTERN, ok), "{ok}");
         }
-        for bad in ["", "Order.placed", "order..placed", ".order", "order.", "order.*", "#", "a b"]
-        {
+        for bad in [
+            "",
+            "Order.placed",
+            "order..placed",
+            ".order",
+            "order.",
+            "order.*",
+            "#",
+            "a b",
+        ] {
             assert!(!matches(EVENT_NAME_PATTERN, bad), "{bad}");
         }
     }
@@ -47,7 +60,9 @@ mod tests {
         for ok in ["order.placed", "order.*", "#", "*.placed", "order.#", "*"] {
             assert!(matches(EVENT_PATTERN_PATTERN, ok), "{ok}");
         }
-        for bad in ["", "order.*x", "order.**", "Order.*", "order..*", "order.#."] {
+        for bad in [
+            "", "order.*x", "order.**", "Order.*", "order..*", "order.#.",
+        ] {
             assert!(!matches(EVENT_PATTERN_PATTERN, bad), "{bad}");
         }
     }

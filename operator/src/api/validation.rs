@@ -87,8 +87,17 @@ pub fn validate_yaml(source: &str) -> Vec<DocumentReport> {
         let name = json.pointer("/metadata/name").and_then(Value::as_str);
         let object = kind.map(|k| format!("{k}/{}", name.unwrap_or("<unnamed>")));
         let checked = kind == Some(KIND);
-        let errors = if checked { validate_object(&json) } else { Vec::new() };
-        reports.push(DocumentReport { index, object, checked, errors });
+        let errors = if checked {
+            validate_object(&json)
+        } else {
+            Vec::new()
+        };
+        reports.push(DocumentReport {
+            index,
+            object,
+            checked,
+            errors,
+        });
     }
     reports
 }
@@ -100,7 +109,10 @@ pub fn validate_object(object: &Value) -> Vec<FieldError> {
         Some(API_VERSION) => {}
         other => errors.push(field_error(
             "apiVersion",
-            format!("Unsupported value: {}: supported values: \"{API_VERSION}\"", quoted(other)),
+            format!(
+                "Unsupported value: {}: supported values: \"{API_VERSION}\"",
+                quoted(other)
+            ),
         )),
     }
     check_metadata(object.get("metadata"), &mut errors);
@@ -163,22 +175,32 @@ fn is_dns_subdomain(name: &str) -> bool {
         && name.len() <= 253
         && name.split('.').all(|label| {
             !label.is_empty()
-                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
 }
 
 fn field_error(path: impl Into<String>, message: impl Into<String>) -> FieldError {
-    FieldError { path: path.into(), message: message.into() }
+    FieldError {
+        path: path.into(),
+        message: message.into(),
+    }
 }
 
 fn quoted(v: Option<&str>) -> String {
-    v.map(|s| format!("\"{s}\"")).unwrap_or_else(|| "null".to_owned())
+    v.map(|s| format!("\"{s}\""))
+        .unwrap_or_else(|| "null".to_owned())
 }
 
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") }
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 fn display(value: &Value) -> String {
@@ -190,7 +212,9 @@ fn display(value: &Value) -> String {
 
 /// Checks `value` against the structural schema node `schema`, appending what is wrong.
 fn check(schema: &Value, value: &Value, path: &str, out: &mut Vec<FieldError>) {
-    let Some(node) = schema.as_object() else { return };
+    let Some(node) = schema.as_object() else {
+        return;
+    };
     if value.is_null() {
         if !flag(node, "nullable") {
             out.push(field_error(path, "Invalid value: null: must not be null"));
@@ -201,12 +225,17 @@ fn check(schema: &Value, value: &Value, path: &str, out: &mut Vec<FieldError>) {
         if !(value.is_i64() || value.is_u64() || value.is_string()) {
             out.push(field_error(
                 path,
-                format!("Invalid value: {}: must be an integer or a string", display(value)),
+                format!(
+                    "Invalid value: {}: must be an integer or a string",
+                    display(value)
+                ),
             ));
         }
         return;
     }
-    let Some(ty) = node.get("type").and_then(Value::as_str) else { return };
+    let Some(ty) = node.get("type").and_then(Value::as_str) else {
+        return;
+    };
     match ty {
         "object" => check_object(node, value, path, out),
         "array" => check_array(node, value, path, out),
@@ -222,9 +251,20 @@ fn flag(node: &Map<String, Value>, key: &str) -> bool {
 }
 
 fn type_error(path: &str, value: &Value, expected: &str) -> FieldError {
+    let got = match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    };
     field_error(
         path,
-        format!("Invalid value: {}: {path} in body must be of type {expected}", display(value)),
+        format!(
+            "Invalid value: {}: {path} in body must be of type {expected}, got {got}",
+            display(value)
+        ),
     )
 }
 
@@ -264,7 +304,10 @@ fn check_array(node: &Map<String, Value>, value: &Value, path: &str, out: &mut V
     {
         out.push(field_error(
             path,
-            format!("Invalid value: {}: {path} in body should have at least {min} items", items.len()),
+            format!(
+                "Invalid value: {}: {path} in body should have at least {min} items",
+                items.len()
+            ),
         ));
     }
     if let Some(max) = node.get("maxItems").and_then(Value::as_u64)
@@ -322,7 +365,10 @@ fn check_string(node: &Map<String, Value>, value: &Value, path: &str, out: &mut 
                 format!("Invalid value: \"{s}\": {path} in body should match '{pattern}'"),
             )),
             Ok(_) => {}
-            Err(e) => out.push(field_error(path, format!("schema pattern does not compile: {e}"))),
+            Err(e) => out.push(field_error(
+                path,
+                format!("schema pattern does not compile: {e}"),
+            )),
         }
     }
     if let Some(allowed) = node.get("enum").and_then(Value::as_array)
@@ -331,7 +377,10 @@ fn check_string(node: &Map<String, Value>, value: &Value, path: &str, out: &mut 
         let list: Vec<String> = allowed.iter().map(display).collect();
         out.push(field_error(
             path,
-            format!("Unsupported value: \"{s}\": supported values: {}", list.join(", ")),
+            format!(
+                "Unsupported value: \"{s}\": supported values: {}",
+                list.join(", ")
+            ),
         ));
     }
 }
@@ -343,7 +392,11 @@ fn check_number(
     path: &str,
     out: &mut Vec<FieldError>,
 ) {
-    let is_type = if ty == "integer" { value.is_i64() || value.is_u64() } else { value.is_number() };
+    let is_type = if ty == "integer" {
+        value.is_i64() || value.is_u64()
+    } else {
+        value.is_number()
+    };
     let Some(n) = value.as_f64().filter(|_| is_type) else {
         out.push(type_error(path, value, ty));
         return;
@@ -353,7 +406,9 @@ fn check_number(
     {
         out.push(field_error(
             path,
-            format!("Invalid value: {value}: {path} in body should be greater than or equal to {min}"),
+            format!(
+                "Invalid value: {value}: {path} in body should be greater than or equal to {min}"
+            ),
         ));
     }
     if let Some(max) = node.get("maximum").and_then(Value::as_f64)
@@ -397,7 +452,9 @@ mod tests {
 
     fn assert_rejected(errors: &[FieldError], path: &str, fragment: &str) {
         assert!(
-            errors.iter().any(|e| e.path == path && e.message.contains(fragment)),
+            errors
+                .iter()
+                .any(|e| e.path == path && e.message.contains(fragment)),
             "expected an error at {path} containing {fragment:?}, got {errors:?}"
         );
     }
@@ -430,15 +487,27 @@ mod tests {
     #[test]
     fn cel_rules_are_evaluated() {
         let e = errors_with(|m| m["spec"]["worker"]["replicas"] = json!({"min": 9, "max": 2}));
-        assert!(e.iter().any(|e| e.message.contains("replicas.min must be less")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|e| e.message.contains("replicas.min must be less")),
+            "{e:?}"
+        );
         let e = errors_with(|m| {
             let spec = m["spec"].as_object_mut().expect("spec");
             spec.remove("query");
             spec.remove("worker");
         });
-        assert!(e.iter().any(|e| e.message.contains("at least one head")), "{e:?}");
-        let e = errors_with(|m| m["spec"]["env"] = json!([{"name": "CHIMERA_DOMAIN", "value": "x"}]));
-        assert!(e.iter().any(|e| e.message.contains("reserved for the head contract")), "{e:?}");
+        assert!(
+            e.iter().any(|e| e.message.contains("at least one head")),
+            "{e:?}"
+        );
+        let e =
+            errors_with(|m| m["spec"]["env"] = json!([{"name": "CHIMERA_DOMAIN", "value": "x"}]));
+        assert!(
+            e.iter()
+                .any(|e| e.message.contains("reserved for the head contract")),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -456,13 +525,20 @@ mod tests {
         assert_eq!(reports.len(), 2, "{reports:?}");
         assert!(!reports[0].checked);
         assert_eq!(reports[1].object.as_deref(), Some("ChimeraModule/users"));
-        assert_rejected(&reports[1].errors, "spec.worker.prefetch", "greater than or equal");
+        assert_rejected(
+            &reports[1].errors,
+            "spec.worker.prefetch",
+            "greater than or equal",
+        );
     }
 
     #[test]
     fn broken_yaml_is_one_clear_error() {
         let reports = validate_yaml("kind: ChimeraModule\nspec: [unclosed\n");
         assert_eq!(reports.len(), 1);
-        assert!(reports[0].errors[0].message.starts_with("not valid YAML"), "{reports:?}");
+        assert!(
+            reports[0].errors[0].message.starts_with("not valid YAML"),
+            "{reports:?}"
+        );
     }
 }

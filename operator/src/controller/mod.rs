@@ -20,9 +20,9 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 use tracing::{info, warn};
 
+use crate::Error;
 use crate::api::ChimeraModule;
 use crate::workloads::WorkloadSettings;
-use crate::Error;
 
 /// Where the operator looks for modules.
 #[derive(Clone, Debug, Default)]
@@ -105,14 +105,22 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=chimera-operator");
     info!(scope = ?config.scope, "chimera operator started");
     Controller::new(modules, watcher::Config::default())
-        .owns(config.scope.api::<Deployment>(client.clone()), owned.clone())
+        .owns(
+            config.scope.api::<Deployment>(client.clone()),
+            owned.clone(),
+        )
         .owns(config.scope.api::<Service>(client.clone()), owned.clone())
-        .owns(config.scope.api::<PodDisruptionBudget>(client.clone()), owned)
+        .owns(
+            config.scope.api::<PodDisruptionBudget>(client.clone()),
+            owned,
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             match result {
-                Ok((obj, _)) => tracing::debug!(module = %obj.name, namespace = ?obj.namespace, "reconciled"),
+                Ok((obj, _)) => {
+                    tracing::debug!(module = %obj.name, namespace = ?obj.namespace, "reconciled")
+                }
                 Err(e) => tracing::debug!(error = %e, "reconcile loop error"),
             }
         })

@@ -48,7 +48,11 @@ pub struct Context {
 
 impl Context {
     fn key(module: &ChimeraModule) -> String {
-        format!("{}/{}", module.namespace().unwrap_or_default(), module.name_any())
+        format!(
+            "{}/{}",
+            module.namespace().unwrap_or_default(),
+            module.name_any()
+        )
     }
 
     /// Counts a failed reconcile of `module`; returns how many failed in a row.
@@ -60,7 +64,10 @@ impl Context {
     }
 
     fn record_success(&self, module: &ChimeraModule) {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&Self::key(module));
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&Self::key(module));
     }
 }
 
@@ -70,9 +77,17 @@ where
     K::DynamicType: Default,
 {
     let name = object.meta().name.clone().unwrap_or_default();
-    api.patch(&name, &PatchParams::apply(manager).force(), &Patch::Apply(object))
-        .await
-        .map_err(|source| Error::Apply { kind: K::kind(&K::DynamicType::default()).into_owned(), name, source })
+    api.patch(
+        &name,
+        &PatchParams::apply(manager).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map_err(|source| Error::Apply {
+        kind: K::kind(&K::DynamicType::default()).into_owned(),
+        name,
+        source,
+    })
 }
 
 /// Deletes the module's objects of one kind whose names are not in `keep`.
@@ -89,7 +104,10 @@ where
     let existing = api
         .list(&ListParams::default().labels(&workloads::module_selector(module)))
         .await
-        .map_err(|source| Error::Kube { action: format!("list {kind}s"), source })?;
+        .map_err(|source| Error::Kube {
+            action: format!("list {kind}s"),
+            source,
+        })?;
     let mut deleted = Vec::new();
     for object in existing {
         let name = object.name_any();
@@ -99,14 +117,22 @@ where
         match api.delete(&name, &DeleteParams::background()).await {
             Ok(_) => deleted.push(format!("{kind}/{name}")),
             Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(source) => return Err(Error::Kube { action: format!("delete {kind} {name}"), source }),
+            Err(source) => {
+                return Err(Error::Kube {
+                    action: format!("delete {kind} {name}"),
+                    source,
+                });
+            }
         }
     }
     Ok(deleted)
 }
 
 fn names<K: Resource>(objects: &[K]) -> BTreeSet<String> {
-    objects.iter().filter_map(|o| o.meta().name.clone()).collect()
+    objects
+        .iter()
+        .filter_map(|o| o.meta().name.clone())
+        .collect()
 }
 
 /// Holds a head's replicas within its bounds, as the single owner of `spec.replicas`.
@@ -133,9 +159,17 @@ async fn hold_replicas(
         "metadata": {"name": name},
         "spec": {"replicas": wanted}
     });
-    api.patch(&name, &PatchParams::apply(REPLICAS_MANAGER).force(), &Patch::Apply(&patch))
-        .await
-        .map_err(|source| Error::Apply { kind: "Deployment".into(), name, source })
+    api.patch(
+        &name,
+        &PatchParams::apply(REPLICAS_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| Error::Apply {
+        kind: "Deployment".into(),
+        name,
+        source,
+    })
 }
 
 fn now() -> Time {
@@ -182,7 +216,14 @@ pub async fn reconcile(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<
     removed.extend(delete_orphans(&pdbs, &name, &names(&desired.pod_disruption_budgets)).await?);
     for object in &removed {
         info!(%object, "removed an object whose head left the spec");
-        publish(&ctx.recorder, &module, EventType::Normal, "HeadRemoved", format!("deleted {object}: its head is no longer in the spec")).await;
+        publish(
+            &ctx.recorder,
+            &module,
+            EventType::Normal,
+            "HeadRemoved",
+            format!("deleted {object}: its head is no longer in the spec"),
+        )
+        .await;
     }
 
     let next = status::desired_status(&module, &observed, module.status.as_ref(), &now());
@@ -194,12 +235,30 @@ pub async fn reconcile(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<
             "status": next,
         });
         modules
-            .patch_status(&name, &PatchParams::apply(STATUS_MANAGER).force(), &Patch::Apply(&patch))
+            .patch_status(
+                &name,
+                &PatchParams::apply(STATUS_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
             .await
-            .map_err(|source| Error::Kube { action: "write status".into(), source })?;
+            .map_err(|source| Error::Kube {
+                action: "write status".into(),
+                source,
+            })?;
         for t in status::transitions(module.status.as_ref(), &next) {
-            let kind = if t.is_degradation() { EventType::Warning } else { EventType::Normal };
-            publish(&ctx.recorder, &module, kind, &t.reason, format!("{} is {}: {}", t.type_, t.status, t.message)).await;
+            let kind = if t.is_degradation() {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            publish(
+                &ctx.recorder,
+                &module,
+                kind,
+                &t.reason,
+                format!("{} is {}: {}", t.type_, t.status, t.message),
+            )
+            .await;
         }
     }
     ctx.record_success(&module);
@@ -207,8 +266,14 @@ pub async fn reconcile(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<
 }
 
 /// Which head a Deployment runs, and that head's replica bounds.
-fn head_bounds(module: &ChimeraModule, deployment: &Deployment) -> Result<(Head, (i32, i32)), Error> {
-    let head = deployment.labels().get("chimera.dev/head").map(String::as_str);
+fn head_bounds(
+    module: &ChimeraModule,
+    deployment: &Deployment,
+) -> Result<(Head, (i32, i32)), Error> {
+    let head = deployment
+        .labels()
+        .get("chimera.dev/head")
+        .map(String::as_str);
     match (head, &module.spec.query, &module.spec.worker) {
         (Some("query"), Some(q), _) => Ok((Head::Query, (q.replicas.min, q.replicas.max))),
         (Some("worker"), _, Some(w)) => Ok((Head::Worker, (w.replicas.min, w.replicas.max))),
@@ -217,7 +282,13 @@ fn head_bounds(module: &ChimeraModule, deployment: &Deployment) -> Result<(Head,
 }
 
 /// Publishes an Event on the module; a failure to publish is logged, never fatal.
-async fn publish(recorder: &Recorder, module: &ChimeraModule, type_: EventType, reason: &str, note: String) {
+async fn publish(
+    recorder: &Recorder,
+    module: &ChimeraModule,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let event = Event {
         type_,
         reason: reason.to_owned(),

@@ -41,7 +41,11 @@ pub struct Verdict {
 
 impl Verdict {
     fn new(status: bool, reason: &str, message: String) -> Self {
-        Self { status, reason: reason.to_owned(), message }
+        Self {
+            status,
+            reason: reason.to_owned(),
+            message,
+        }
     }
 }
 
@@ -54,7 +58,11 @@ fn condition_type(head: Head) -> &'static str {
 
 /// Replica counts of a head's Deployment.
 pub fn head_status(deployment: &Deployment) -> HeadStatus {
-    let desired = deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let desired = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1);
     let status = deployment.status.clone().unwrap_or_default();
     let ready = status.ready_replicas.unwrap_or(0);
     HeadStatus {
@@ -68,23 +76,35 @@ pub fn head_status(deployment: &Deployment) -> HeadStatus {
 /// Whether a head is available, judged from its Deployment.
 pub fn head_verdict(head: Head, deployment: Option<&Deployment>) -> Verdict {
     let Some(deployment) = deployment else {
-        return Verdict::new(false, "DeploymentMissing", format!("the {} Deployment does not exist yet", head.as_str()));
+        return Verdict::new(
+            false,
+            "DeploymentMissing",
+            format!("the {} Deployment does not exist yet", head.as_str()),
+        );
     };
     let counts = head_status(deployment);
     let status = deployment.status.clone().unwrap_or_default();
     let available = status.available_replicas.unwrap_or(0);
     let stuck = status.conditions.unwrap_or_default().into_iter().find(|c| {
-        c.type_ == "Progressing" && c.status == "False" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+        c.type_ == "Progressing"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
     });
     if let Some(stuck) = stuck {
         return Verdict::new(
             false,
             "ProgressDeadlineExceeded",
-            stuck.message.unwrap_or_else(|| "the rollout stopped making progress".to_owned()),
+            stuck
+                .message
+                .unwrap_or_else(|| "the rollout stopped making progress".to_owned()),
         );
     }
     if counts.desired_replicas == 0 {
-        return Verdict::new(true, "ScaledToZero", "no replicas: scaled to zero while idle".to_owned());
+        return Verdict::new(
+            true,
+            "ScaledToZero",
+            "no replicas: scaled to zero while idle".to_owned(),
+        );
     }
     let message = format!("{available}/{} replicas available", counts.desired_replicas);
     if available > 0 {
@@ -127,7 +147,9 @@ pub fn desired_status(
     now: &Time,
 ) -> ChimeraModuleStatus {
     let generation = module.metadata.generation;
-    let previous_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
+    let previous_conditions = previous
+        .map(|p| p.conditions.as_slice())
+        .unwrap_or_default();
     let mut conditions = Vec::new();
     let mut unavailable = Vec::new();
     let mut status = ChimeraModuleStatus {
@@ -147,7 +169,14 @@ pub fn desired_status(
         if !verdict.status {
             unavailable.push(format!("{} head: {}", head.as_str(), verdict.message));
         }
-        upsert(&mut conditions, previous_conditions, condition_type(head), &verdict, generation, now);
+        upsert(
+            &mut conditions,
+            previous_conditions,
+            condition_type(head),
+            &verdict,
+            generation,
+            now,
+        );
         let counts = deployment.map(head_status);
         match head {
             Head::Query => status.query = counts,
@@ -155,14 +184,34 @@ pub fn desired_status(
         }
     }
     let ready = if unavailable.is_empty() {
-        Verdict::new(true, "AllHeadsAvailable", "every head of the module is available".to_owned())
+        Verdict::new(
+            true,
+            "AllHeadsAvailable",
+            "every head of the module is available".to_owned(),
+        )
     } else {
         Verdict::new(false, "HeadsUnavailable", unavailable.join("; "))
     };
-    upsert(&mut conditions, previous_conditions, condition::READY, &ready, generation, now);
+    upsert(
+        &mut conditions,
+        previous_conditions,
+        condition::READY,
+        &ready,
+        generation,
+        now,
+    );
     // Conditions owned by other parts of the operator (TopologyReady, ...) are kept as they are.
-    let ours = [condition::READY, condition::QUERY_AVAILABLE, condition::WORKER_AVAILABLE];
-    conditions.extend(previous_conditions.iter().filter(|c| !ours.contains(&c.type_.as_str())).cloned());
+    let ours = [
+        condition::READY,
+        condition::QUERY_AVAILABLE,
+        condition::WORKER_AVAILABLE,
+    ];
+    conditions.extend(
+        previous_conditions
+            .iter()
+            .filter(|c| !ours.contains(&c.type_.as_str()))
+            .cloned(),
+    );
     conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
     status.conditions = conditions;
     status
@@ -192,11 +241,16 @@ impl Transition {
 }
 
 /// Conditions whose status differs from (or did not exist in) the previous status.
-pub fn transitions(previous: Option<&ChimeraModuleStatus>, next: &ChimeraModuleStatus) -> Vec<Transition> {
+pub fn transitions(
+    previous: Option<&ChimeraModuleStatus>,
+    next: &ChimeraModuleStatus,
+) -> Vec<Transition> {
     next.conditions
         .iter()
         .filter_map(|c| {
-            let was = previous.and_then(|p| p.condition(&c.type_)).map(|p| p.status == "True");
+            let was = previous
+                .and_then(|p| p.condition(&c.type_))
+                .map(|p| p.status == "True");
             (was != Some(c.status == "True")).then_some((c, was))
         })
         .map(|(c, was)| Transition {
@@ -222,7 +276,10 @@ mod tests {
 
     fn dep(desired: i32, ready: i32) -> Deployment {
         Deployment {
-            spec: Some(DeploymentSpec { replicas: Some(desired), ..DeploymentSpec::default() }),
+            spec: Some(DeploymentSpec {
+                replicas: Some(desired),
+                ..DeploymentSpec::default()
+            }),
             status: Some(DeploymentStatus {
                 replicas: Some(desired),
                 ready_replicas: Some(ready),
@@ -234,12 +291,16 @@ mod tests {
     }
 
     fn cond<'a>(s: &'a ChimeraModuleStatus, t: &str) -> &'a Condition {
-        s.condition(t).unwrap_or_else(|| panic!("condition {t} in {s:?}"))
+        s.condition(t)
+            .unwrap_or_else(|| panic!("condition {t} in {s:?}"))
     }
 
     #[test]
     fn all_heads_available_makes_the_module_ready() {
-        let obs = ObservedHeads { query: Some(dep(2, 2)), worker: Some(dep(1, 1)) };
+        let obs = ObservedHeads {
+            query: Some(dep(2, 2)),
+            worker: Some(dep(1, 1)),
+        };
         let s = desired_status(&module("orders"), &obs, None, &at(100));
         assert_eq!(cond(&s, "Ready").status, "True");
         assert_eq!(cond(&s, "QueryAvailable").reason, "ReplicasAvailable");
@@ -250,11 +311,17 @@ mod tests {
 
     #[test]
     fn a_head_without_ready_replicas_makes_the_module_not_ready() {
-        let obs = ObservedHeads { query: Some(dep(2, 0)), worker: Some(dep(1, 1)) };
+        let obs = ObservedHeads {
+            query: Some(dep(2, 0)),
+            worker: Some(dep(1, 1)),
+        };
         let s = desired_status(&module("orders"), &obs, None, &at(100));
         assert_eq!(cond(&s, "Ready").status, "False");
         assert_eq!(cond(&s, "Ready").reason, "HeadsUnavailable");
-        assert!(cond(&s, "Ready").message.contains("query head: 0/2"), "{s:?}");
+        assert!(
+            cond(&s, "Ready").message.contains("query head: 0/2"),
+            "{s:?}"
+        );
         assert_eq!(cond(&s, "QueryAvailable").reason, "NoReplicasAvailable");
     }
 
@@ -266,7 +333,10 @@ mod tests {
 
     #[test]
     fn worker_scaled_to_zero_is_available() {
-        let obs = ObservedHeads { query: None, worker: Some(dep(0, 0)) };
+        let obs = ObservedHeads {
+            query: None,
+            worker: Some(dep(0, 0)),
+        };
         let s = desired_status(&worker_only("orders"), &obs, None, &at(1));
         assert_eq!(cond(&s, "WorkerAvailable").reason, "ScaledToZero");
         assert_eq!(cond(&s, "Ready").status, "True");
@@ -286,34 +356,61 @@ mod tests {
                 ..DeploymentCondition::default()
             }]);
         }
-        let obs = ObservedHeads { query: Some(d), worker: Some(dep(1, 1)) };
+        let obs = ObservedHeads {
+            query: Some(d),
+            worker: Some(dep(1, 1)),
+        };
         let s = desired_status(&module("orders"), &obs, None, &at(1));
-        assert_eq!(cond(&s, "QueryAvailable").reason, "ProgressDeadlineExceeded");
+        assert_eq!(
+            cond(&s, "QueryAvailable").reason,
+            "ProgressDeadlineExceeded"
+        );
         assert!(cond(&s, "QueryAvailable").message.contains("timed out"));
     }
 
     #[test]
     fn unchanged_world_gives_an_identical_status() {
-        let obs = ObservedHeads { query: Some(dep(2, 2)), worker: Some(dep(1, 1)) };
+        let obs = ObservedHeads {
+            query: Some(dep(2, 2)),
+            worker: Some(dep(1, 1)),
+        };
         let m = module("orders");
         let first = desired_status(&m, &obs, None, &at(100));
         let second = desired_status(&m, &obs, Some(&first), &at(500));
-        assert_eq!(first, second, "a later reconcile of the same world must not change status");
+        assert_eq!(
+            first, second,
+            "a later reconcile of the same world must not change status"
+        );
         assert!(transitions(Some(&first), &second).is_empty());
     }
 
     #[test]
     fn transition_time_moves_only_when_status_flips() {
         let m = module("orders");
-        let up = ObservedHeads { query: Some(dep(2, 2)), worker: Some(dep(1, 1)) };
+        let up = ObservedHeads {
+            query: Some(dep(2, 2)),
+            worker: Some(dep(1, 1)),
+        };
         let first = desired_status(&m, &up, None, &at(100));
         // Counts change but the head stays available: same transition time, new message.
-        let fewer = ObservedHeads { query: Some(dep(2, 1)), worker: Some(dep(1, 1)) };
+        let fewer = ObservedHeads {
+            query: Some(dep(2, 1)),
+            worker: Some(dep(1, 1)),
+        };
         let second = desired_status(&m, &fewer, Some(&first), &at(200));
-        assert_eq!(cond(&second, "QueryAvailable").last_transition_time, at(100));
-        assert_eq!(cond(&second, "QueryAvailable").message, "1/2 replicas available");
+        assert_eq!(
+            cond(&second, "QueryAvailable").last_transition_time,
+            at(100)
+        );
+        assert_eq!(
+            cond(&second, "QueryAvailable").message,
+            "1/2 replicas available"
+        );
         // The head goes down: the time moves and a transition is reported.
-        let down = ObservedHeads { query: Some(dep(2, 0)), worker: Some(dep(1, 1)) };
+        let down = ObservedHeads {
+            query: Some(dep(2, 0)),
+            worker: Some(dep(1, 1)),
+        };
         let third = desired_status(&m, &down, Some(&second), &at(300));
         assert_eq!(cond(&third, "QueryAvailable").last_transition_time, at(300));
         let t = transitions(Some(&second), &third);
@@ -329,7 +426,10 @@ mod tests {
     #[test]
     fn removed_head_loses_its_condition_and_foreign_conditions_stay() {
         let m = module("orders");
-        let obs = ObservedHeads { query: Some(dep(1, 1)), worker: Some(dep(1, 1)) };
+        let obs = ObservedHeads {
+            query: Some(dep(1, 1)),
+            worker: Some(dep(1, 1)),
+        };
         let mut first = desired_status(&m, &obs, None, &at(1));
         first.conditions.push(Condition {
             type_: "TopologyReady".into(),

@@ -1,9 +1,7 @@
 //! The head contract's environment (docs/contract.md): what every head of every language
 //! can rely on finding at start.
 
-use k8s_openapi::api::core::v1::{
-    EnvVar, EnvVarSource, ObjectFieldSelector, SecretKeySelector,
-};
+use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector, SecretKeySelector};
 
 use super::Head;
 use crate::api::{ChimeraModule, SecretKeyRef};
@@ -14,7 +12,11 @@ use crate::topology::names;
 pub struct ContractEnv(pub Vec<EnvVar>);
 
 fn plain(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar { name: name.to_owned(), value: Some(value.into()), value_from: None }
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.into()),
+        value_from: None,
+    }
 }
 
 fn from_secret(name: &str, secret: &SecretKeyRef) -> EnvVar {
@@ -59,7 +61,10 @@ pub fn contract_env(
     let domain = module.domain();
     let spec = &module.spec;
     let mut env = vec![
-        plain("CHIMERA_MODULE", module.metadata.name.clone().unwrap_or_default()),
+        plain(
+            "CHIMERA_MODULE",
+            module.metadata.name.clone().unwrap_or_default(),
+        ),
         plain("CHIMERA_DOMAIN", domain),
         plain("CHIMERA_HEAD", head.as_str()),
         from_field("CHIMERA_NAMESPACE", "metadata.namespace"),
@@ -67,23 +72,39 @@ pub fn contract_env(
         plain("CHIMERA_HTTP_ADDR", format!("0.0.0.0:{port}")),
         from_secret(
             "CHIMERA_AMQP_URL",
-            spec.broker.as_ref().map(|b| &b.secret_ref).unwrap_or(default_broker),
+            spec.broker
+                .as_ref()
+                .map(|b| &b.secret_ref)
+                .unwrap_or(default_broker),
         ),
     ];
     if let Some(db) = &spec.database {
         env.push(from_secret("CHIMERA_DATABASE_URL", &db.secret_ref));
     }
-    env.push(plain("CHIMERA_EVENTS_EXCHANGE", names::events_exchange(domain)));
-    env.push(plain("CHIMERA_COMMANDS_EXCHANGE", names::commands_exchange(domain)));
+    env.push(plain(
+        "CHIMERA_EVENTS_EXCHANGE",
+        names::events_exchange(domain),
+    ));
+    env.push(plain(
+        "CHIMERA_COMMANDS_EXCHANGE",
+        names::commands_exchange(domain),
+    ));
     env.push(plain("CHIMERA_PUBLISHES", spec.events.publishes.join(",")));
     if let (Head::Worker, Some(worker)) = (head, &spec.worker) {
         let delays = &worker.retry.delays_seconds;
         env.extend([
             plain("CHIMERA_WORKER_QUEUE", names::worker_queue(domain)),
-            plain("CHIMERA_DEAD_LETTER_QUEUE", names::dead_letter_queue(domain)),
+            plain(
+                "CHIMERA_DEAD_LETTER_QUEUE",
+                names::dead_letter_queue(domain),
+            ),
             plain(
                 "CHIMERA_RETRY_DELAYS_SECONDS",
-                delays.iter().map(i64::to_string).collect::<Vec<_>>().join(","),
+                delays
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
             ),
             plain("CHIMERA_MAX_ATTEMPTS", (delays.len() + 1).to_string()),
             plain("CHIMERA_PREFETCH", worker.prefetch.to_string()),
@@ -99,19 +120,31 @@ mod tests {
     use crate::workloads::fixtures::module;
 
     fn value<'a>(env: &'a ContractEnv, name: &str) -> Option<&'a str> {
-        env.0.iter().find(|e| e.name == name).and_then(|e| e.value.as_deref())
+        env.0
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.as_deref())
     }
 
     fn broker() -> SecretKeyRef {
-        SecretKeyRef { name: "chimera-broker".into(), key: "url".into() }
+        SecretKeyRef {
+            name: "chimera-broker".into(),
+            key: "url".into(),
+        }
     }
 
     #[test]
     fn worker_gets_queue_retry_and_prefetch() {
         let env = contract_env(&module("orders"), Head::Worker, 8080, &broker());
         assert_eq!(value(&env, "CHIMERA_HEAD"), Some("worker"));
-        assert_eq!(value(&env, "CHIMERA_WORKER_QUEUE"), Some("chimera.orders.worker"));
-        assert_eq!(value(&env, "CHIMERA_DEAD_LETTER_QUEUE"), Some("chimera.orders.worker.dlq"));
+        assert_eq!(
+            value(&env, "CHIMERA_WORKER_QUEUE"),
+            Some("chimera.orders.worker")
+        );
+        assert_eq!(
+            value(&env, "CHIMERA_DEAD_LETTER_QUEUE"),
+            Some("chimera.orders.worker.dlq")
+        );
         assert_eq!(value(&env, "CHIMERA_RETRY_DELAYS_SECONDS"), Some("1,10,60"));
         assert_eq!(value(&env, "CHIMERA_MAX_ATTEMPTS"), Some("4"));
         assert_eq!(value(&env, "CHIMERA_PREFETCH"), Some("100"));
@@ -139,9 +172,15 @@ mod tests {
         };
         let mut m = module("orders");
         let env = contract_env(&m, Head::Query, 8080, &broker());
-        assert_eq!(secret_of(&env), Some(("chimera-broker".into(), "url".into())));
+        assert_eq!(
+            secret_of(&env),
+            Some(("chimera-broker".into(), "url".into()))
+        );
         m.spec.broker = Some(crate::api::BrokerSpec {
-            secret_ref: SecretKeyRef { name: "own-mq".into(), key: "amqp".into() },
+            secret_ref: SecretKeyRef {
+                name: "own-mq".into(),
+                key: "amqp".into(),
+            },
         });
         let env = contract_env(&m, Head::Query, 8080, &broker());
         assert_eq!(secret_of(&env), Some(("own-mq".into(), "amqp".into())));
@@ -153,7 +192,10 @@ mod tests {
         let env = contract_env(&m, Head::Worker, 8080, &broker());
         assert!(env.0.iter().all(|e| e.name != "CHIMERA_DATABASE_URL"));
         m.spec.database = Some(crate::api::DatabaseSpec {
-            secret_ref: SecretKeyRef { name: "orders-db".into(), key: "url".into() },
+            secret_ref: SecretKeyRef {
+                name: "orders-db".into(),
+                key: "url".into(),
+            },
         });
         let env = contract_env(&m, Head::Worker, 8080, &broker());
         assert!(env.0.iter().any(|e| e.name == "CHIMERA_DATABASE_URL"));

@@ -76,8 +76,16 @@ pub fn deployment(
 ) -> Result<Option<Deployment>, super::BuildError> {
     let owner = Owner::of(module)?;
     Ok(match head {
-        Head::Query => module.spec.query.as_ref().map(|q| query_deployment(&owner, q, settings)),
-        Head::Worker => module.spec.worker.as_ref().map(|w| worker_deployment(&owner, w, settings)),
+        Head::Query => module
+            .spec
+            .query
+            .as_ref()
+            .map(|q| query_deployment(&owner, q, settings)),
+        Head::Worker => module
+            .spec
+            .worker
+            .as_ref()
+            .map(|w| worker_deployment(&owner, w, settings)),
     })
 }
 
@@ -99,18 +107,29 @@ fn http_get(path: &str) -> Probe {
 }
 
 fn default_liveness() -> Probe {
-    Probe { period_seconds: Some(10), failure_threshold: Some(3), ..http_get("/healthz") }
+    Probe {
+        period_seconds: Some(10),
+        failure_threshold: Some(3),
+        ..http_get("/healthz")
+    }
 }
 
 fn default_readiness() -> Probe {
-    Probe { period_seconds: Some(5), failure_threshold: Some(2), ..http_get("/readyz") }
+    Probe {
+        period_seconds: Some(5),
+        failure_threshold: Some(2),
+        ..http_get("/readyz")
+    }
 }
 
 fn restricted_security_context() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
         run_as_non_root: Some(true),
-        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
         seccomp_profile: Some(SeccompProfile {
             type_: "RuntimeDefault".into(),
             localhost_profile: None,
@@ -127,7 +146,11 @@ fn head_deployment(
     let module = owner.module;
     let spec = &module.spec;
     let labels = head_labels(owner.name, module.domain(), t.head);
-    let args = if t.args.is_empty() { vec![t.head.as_str().to_owned()] } else { t.args.to_vec() };
+    let args = if t.args.is_empty() {
+        vec![t.head.as_str().to_owned()]
+    } else {
+        t.args.to_vec()
+    };
     // User env first, then the contract: the CRD forbids CHIMERA_* names in spec.env, so the two
     // never collide.
     let mut env = spec.env.clone();
@@ -180,7 +203,10 @@ fn head_deployment(
                 }),
             }),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels), ..ObjectMeta::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
                 spec: Some(PodSpec {
                     containers: vec![container],
                     service_account_name: spec.service_account_name.clone(),
@@ -207,8 +233,14 @@ mod tests {
     }
 
     fn container(d: &Deployment) -> &Container {
-        &d.spec.as_ref().unwrap_or_else(|| panic!("spec")).template.spec.as_ref()
-            .unwrap_or_else(|| panic!("pod spec")).containers[0]
+        &d.spec
+            .as_ref()
+            .unwrap_or_else(|| panic!("spec"))
+            .template
+            .spec
+            .as_ref()
+            .unwrap_or_else(|| panic!("pod spec"))
+            .containers[0]
     }
 
     #[test]
@@ -223,8 +255,14 @@ mod tests {
     #[test]
     fn default_args_name_the_head() {
         let m = module("orders");
-        assert_eq!(container(&built(&m, Head::Query)).args, Some(vec!["query".to_owned()]));
-        assert_eq!(container(&built(&m, Head::Worker)).args, Some(vec!["worker".to_owned()]));
+        assert_eq!(
+            container(&built(&m, Head::Query)).args,
+            Some(vec!["query".to_owned()])
+        );
+        assert_eq!(
+            container(&built(&m, Head::Worker)).args,
+            Some(vec!["worker".to_owned()])
+        );
     }
 
     #[test]
@@ -247,7 +285,10 @@ mod tests {
             value: Some("debug".into()),
             value_from: None,
         }];
-        let env = container(&built(&m, Head::Query)).env.clone().unwrap_or_default();
+        let env = container(&built(&m, Head::Query))
+            .env
+            .clone()
+            .unwrap_or_default();
         assert_eq!(env[0].name, "RUST_LOG");
         assert!(env.iter().any(|e| e.name == "CHIMERA_DOMAIN"));
     }
@@ -260,7 +301,10 @@ mod tests {
         assert_eq!(path(c.liveness_probe), Some("/healthz".to_owned()));
         assert_eq!(path(c.readiness_probe), Some("/readyz".to_owned()));
         if let Some(w) = m.spec.worker.as_mut() {
-            w.probes = Some(HeadProbes { readiness: Some(http_get("/ready")), ..Default::default() });
+            w.probes = Some(HeadProbes {
+                readiness: Some(http_get("/ready")),
+                ..Default::default()
+            });
         }
         let c = container(&built(&m, Head::Worker)).clone();
         assert_eq!(path(c.readiness_probe), Some("/ready".to_owned()));
@@ -271,14 +315,20 @@ mod tests {
     fn worker_grace_period_comes_from_the_spec() {
         let m = module("orders");
         let d = built(&m, Head::Worker);
-        let grace = d.spec.and_then(|s| s.template.spec).and_then(|p| p.termination_grace_period_seconds);
+        let grace = d
+            .spec
+            .and_then(|s| s.template.spec)
+            .and_then(|p| p.termination_grace_period_seconds);
         assert_eq!(grace, Some(worker(&m).termination_grace_period_seconds));
     }
 
     #[test]
     fn port_is_named_http() {
         let m = module("orders");
-        let ports = container(&built(&m, Head::Query)).ports.clone().unwrap_or_default();
+        let ports = container(&built(&m, Head::Query))
+            .ports
+            .clone()
+            .unwrap_or_default();
         assert_eq!(ports[0].name.as_deref(), Some(HTTP_PORT_NAME));
         assert_eq!(ports[0].container_port, 8080);
     }

@@ -49,9 +49,15 @@ pub fn head_labels(module: &str, domain: &str, head: Head) -> BTreeMap<String, S
         (DOMAIN_LABEL.to_owned(), domain.to_owned()),
         ("app.kubernetes.io/name".to_owned(), domain.to_owned()),
         ("app.kubernetes.io/instance".to_owned(), module.to_owned()),
-        ("app.kubernetes.io/component".to_owned(), head.as_str().to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            head.as_str().to_owned(),
+        ),
         ("app.kubernetes.io/part-of".to_owned(), "chimera".to_owned()),
-        ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGED_BY.to_owned(),
+        ),
     ]);
     labels
 }

@@ -32,7 +32,10 @@ pub struct WorkloadSettings {
 impl Default for WorkloadSettings {
     fn default() -> Self {
         Self {
-            default_broker: SecretKeyRef { name: "chimera-broker".into(), key: "url".into() },
+            default_broker: SecretKeyRef {
+                name: "chimera-broker".into(),
+                key: "url".into(),
+            },
         }
     }
 }
@@ -41,7 +44,9 @@ impl Default for WorkloadSettings {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BuildError {
     /// The module has no name, namespace or uid yet (it was not read from the API server).
-    #[error("ChimeraModule is missing metadata.{0}; builders need an object read from the API server")]
+    #[error(
+        "ChimeraModule is missing metadata.{0}; builders need an object read from the API server"
+    )]
     MissingMetadata(&'static str),
 }
 
@@ -66,12 +71,25 @@ pub(crate) struct Owner<'a> {
 
 impl<'a> Owner<'a> {
     fn of(module: &'a ChimeraModule) -> Result<Self, BuildError> {
-        let name = module.metadata.name.as_deref().ok_or(BuildError::MissingMetadata("name"))?;
-        let namespace =
-            module.metadata.namespace.as_deref().ok_or(BuildError::MissingMetadata("namespace"))?;
-        let reference =
-            module.controller_owner_ref(&()).ok_or(BuildError::MissingMetadata("uid"))?;
-        Ok(Self { module, name, namespace, reference })
+        let name = module
+            .metadata
+            .name
+            .as_deref()
+            .ok_or(BuildError::MissingMetadata("name"))?;
+        let namespace = module
+            .metadata
+            .namespace
+            .as_deref()
+            .ok_or(BuildError::MissingMetadata("namespace"))?;
+        let reference = module
+            .controller_owner_ref(&())
+            .ok_or(BuildError::MissingMetadata("uid"))?;
+        Ok(Self {
+            module,
+            name,
+            namespace,
+            reference,
+        })
     }
 
     /// Name of an object owned for a head: `<module>-<head>`.
@@ -93,12 +111,18 @@ pub fn desired_workloads(
     let owner = Owner::of(module)?;
     let mut desired = DesiredWorkloads::default();
     if let Some(query) = &module.spec.query {
-        desired.deployments.push(deployment::query_deployment(&owner, query, settings));
+        desired
+            .deployments
+            .push(deployment::query_deployment(&owner, query, settings));
         desired.services.push(service::service(&owner, query));
-        desired.pod_disruption_budgets.push(pdb::pod_disruption_budget(&owner, Head::Query));
+        desired
+            .pod_disruption_budgets
+            .push(pdb::pod_disruption_budget(&owner, Head::Query));
     }
     if let Some(worker) = &module.spec.worker {
-        desired.deployments.push(deployment::worker_deployment(&owner, worker, settings));
+        desired
+            .deployments
+            .push(deployment::worker_deployment(&owner, worker, settings));
     }
     Ok(desired)
 }
@@ -135,11 +159,17 @@ pub(crate) mod fixtures {
     }
 
     pub fn query(m: &ChimeraModule) -> &QueryHeadSpec {
-        m.spec.query.as_ref().unwrap_or_else(|| panic!("fixture has a query head"))
+        m.spec
+            .query
+            .as_ref()
+            .unwrap_or_else(|| panic!("fixture has a query head"))
     }
 
     pub fn worker(m: &ChimeraModule) -> &WorkerHeadSpec {
-        m.spec.worker.as_ref().unwrap_or_else(|| panic!("fixture has a worker head"))
+        m.spec
+            .worker
+            .as_ref()
+            .unwrap_or_else(|| panic!("fixture has a worker head"))
     }
 }
 
@@ -152,8 +182,11 @@ mod tests {
     fn both_heads_give_two_deployments_a_service_and_a_pdb() {
         let d = desired_workloads(&module("orders"), &WorkloadSettings::default())
             .unwrap_or_else(|e| panic!("{e}"));
-        let names: Vec<_> =
-            d.deployments.iter().filter_map(|d| d.metadata.name.clone()).collect();
+        let names: Vec<_> = d
+            .deployments
+            .iter()
+            .filter_map(|d| d.metadata.name.clone())
+            .collect();
         assert_eq!(names, ["orders-query", "orders-worker"]);
         assert_eq!(d.services.len(), 1);
         assert_eq!(d.services[0].metadata.name.as_deref(), Some("orders-query"));

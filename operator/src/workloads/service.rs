@@ -36,12 +36,13 @@ pub(crate) fn service(owner: &Owner<'_>, query: &QueryHeadSpec) -> Service {
 #[cfg(test)]
 mod tests {
     use crate::workloads::fixtures::{module, query};
-    use crate::workloads::{WorkloadSettings, desired_workloads, selector_labels, Head};
+    use crate::workloads::{Head, WorkloadSettings, desired_workloads, selector_labels};
 
     #[test]
     fn service_selects_query_pods_on_the_query_port() {
         let m = module("orders");
-        let d = desired_workloads(&m, &WorkloadSettings::default()).unwrap_or_else(|e| panic!("{e}"));
+        let d =
+            desired_workloads(&m, &WorkloadSettings::default()).unwrap_or_else(|e| panic!("{e}"));
         let spec = d.services[0].spec.clone().unwrap_or_default();
         assert_eq!(spec.selector, Some(selector_labels("orders", Head::Query)));
         let ports = spec.ports.unwrap_or_default();

@@ -18,14 +18,26 @@ use tokio::task::JoinHandle;
 pub async fn install_crd(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = chimera_module_crd();
-    crds.patch("chimeramodules.chimera.dev", &PatchParams::apply("chimera-tests").force(), &Patch::Apply(&crd))
-        .await
-        .expect("apply the ChimeraModule CRD");
-    eventually("the CRD is established", Duration::from_secs(30), || async {
-        let crd = crds.get("chimeramodules.chimera.dev").await.ok()?;
-        let established = crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
-        established.then_some(())
-    })
+    crds.patch(
+        "chimeramodules.chimera.dev",
+        &PatchParams::apply("chimera-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("apply the ChimeraModule CRD");
+    eventually(
+        "the CRD is established",
+        Duration::from_secs(30),
+        || async {
+            let crd = crds.get("chimeramodules.chimera.dev").await.ok()?;
+            let established = crd
+                .status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            established.then_some(())
+        },
+    )
     .await;
 }
 
@@ -40,7 +52,10 @@ where
         if let Some(v) = probe().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -58,13 +73,20 @@ impl Harness {
         let client = chimera_testenv::kube_client().await;
         install_crd(&client).await;
         let ns = TestNamespace::create(&client, prefix).await;
-        Self { client, ns, operator: None }
+        Self {
+            client,
+            ns,
+            operator: None,
+        }
     }
 
     /// A namespace, the CRD and an operator (running as `operator_client`) watching it.
     pub async fn with_operator_as(prefix: &str, operator_client: Option<Client>) -> Self {
         let mut h = Self::new(prefix).await;
-        let config = OperatorConfig { scope: Scope::Namespace(h.ns.name.clone()), ..OperatorConfig::default() };
+        let config = OperatorConfig {
+            scope: Scope::Namespace(h.ns.name.clone()),
+            ..OperatorConfig::default()
+        };
         let client = operator_client.unwrap_or_else(|| h.client.clone());
         h.operator = Some(tokio::spawn(async move {
             if let Err(e) = controller::run(client, config).await {
@@ -90,7 +112,11 @@ impl Harness {
     pub async fn apply_module(&self, module: &serde_json::Value) -> ChimeraModule {
         let name = module["metadata"]["name"].as_str().expect("module name");
         self.api::<ChimeraModule>()
-            .patch(name, &PatchParams::apply("kubectl").force(), &Patch::Apply(module))
+            .patch(
+                name,
+                &PatchParams::apply("kubectl").force(),
+                &Patch::Apply(module),
+            )
             .await
             .unwrap_or_else(|e| panic!("apply module {name}: {e}"))
     }
@@ -111,7 +137,10 @@ pub fn repo_root() -> PathBuf {
 
 /// An example module from examples/marketplace, as JSON.
 pub fn example(name: &str) -> serde_json::Value {
-    let path = repo_root().join("examples/marketplace").join(format!("{name}.yaml"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let path = repo_root()
+        .join("examples/marketplace")
+        .join(format!("{name}.yaml"));
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
 }
