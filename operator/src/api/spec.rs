@@ -52,6 +52,8 @@ use super::status::ChimeraModuleStatus;
     validation = Rule::new(
         "has(self.spec.domain) || (size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$'))"
     ).message("metadata.name is not a valid domain name (a DNS label starting with a letter): set spec.domain"),
+    validation = Rule::new("size(self.metadata.name) <= 63")
+        .message("metadata.name must be at most 63 characters: it is a label value on every object the module owns"),
     validation = Rule::new(
         "!has(self.spec.query) || (size(self.metadata.name) <= 57 && self.metadata.name.matches('^[a-z]'))"
     ).message("metadata.name must start with a letter and be at most 57 characters so that the query head's Service '<name>-query' is a valid DNS label")
