@@ -40,6 +40,18 @@ pub enum Error {
         /// What the API server said.
         source: kube::Error,
     },
+    /// An object the module needs exists already and is not controlled by the module.
+    #[error(
+        "{kind} {name} already exists and is controlled by {owner}, not by this module: rename the module or remove that {kind}"
+    )]
+    NameTaken {
+        /// Kind of the object.
+        kind: String,
+        /// Name of the object.
+        name: String,
+        /// Its controller (`Kind name`), or `nobody`.
+        owner: String,
+    },
     /// A ChimeraModule without a namespace (the CRD is namespaced, so the cache is corrupt).
     #[error("ChimeraModule has no namespace")]
     NotNamespaced,
@@ -56,6 +68,7 @@ impl Error {
             Error::Build(_) => "build",
             Error::Apply { .. } => "apply",
             Error::Kube { .. } => "kube_api",
+            Error::NameTaken { .. } => "name_taken",
             Error::NotNamespaced => "not_namespaced",
             Error::UnexpectedObject(_) => "unexpected_object",
         }

@@ -369,3 +369,65 @@ async fn a_settled_module_is_not_rewritten() {
         "reconciles of an unchanged module must not write its status"
     );
 }
+
+#[tokio::test]
+async fn an_object_someone_else_owns_is_never_taken_over_and_the_module_says_why() {
+    let h = Harness::with_operator("ctl-foreign").await;
+    let services: Api<Service> = h.api();
+    let foreign: Service = serde_json::from_value(json!({
+        "metadata": {"name": "users-query", "labels": {"team": "billing"}},
+        "spec": {"ports": [{"port": 80}], "selector": {"app": "billing"}}
+    }))
+    .unwrap();
+    services
+        .create(&Default::default(), &foreign)
+        .await
+        .unwrap();
+
+    h.apply_module(&example("users")).await;
+    let message = eventually("Ready=False with ReconcileFailed", WAIT, || async {
+        let s = module_status(&h, "users").await?;
+        let ready = s.condition("Ready")?;
+        (ready.reason == "ReconcileFailed").then(|| ready.message.clone())
+    })
+    .await;
+    assert!(
+        message.contains("Service users-query already exists"),
+        "{message}"
+    );
+    let events: Api<Event> = h.api();
+    eventually("a ReconcileFailed event", WAIT, || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ReconcileFailed"))
+            .then_some(())
+    })
+    .await;
+    let untouched = services.get("users-query").await.unwrap();
+    assert_eq!(
+        untouched.labels().get("team").map(String::as_str),
+        Some("billing")
+    );
+    assert!(untouched.owner_references().is_empty());
+
+    // Once the name is free, the next retry makes the module whole.
+    services
+        .delete("users-query", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the module's own Service and a recovered status",
+        WAIT,
+        || async {
+            let svc = services.get("users-query").await.ok()?;
+            let ready = module_status(&h, "users")
+                .await?
+                .condition("Ready")?
+                .reason
+                .clone();
+            (!svc.owner_references().is_empty() && ready != "ReconcileFailed").then_some(())
+        },
+    )
+    .await;
+}

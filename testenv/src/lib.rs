@@ -18,8 +18,13 @@ const HOW_TO_START: &str = "start the test environment with `eval \"$(scripts/de
      (or run the whole suite with `scripts/test`)";
 
 fn required_env(name: &str) -> String {
-    match std::env::var(name) {
-        Ok(v) if !v.is_empty() => v,
+    required(name, std::env::var(name).ok())
+}
+
+/// The value of a variable the tests cannot run without; panics (fails the test) when unset.
+fn required(name: &str, value: Option<String>) -> String {
+    match value {
+        Some(v) if !v.is_empty() => v,
         _ => {
             panic!("{name} is not set: the integration tests need the real servers; {HOW_TO_START}")
         }
@@ -249,6 +254,18 @@ impl Drop for TestVhost {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[should_panic(expected = "KUBECONFIG is not set: the integration tests need the real servers")]
+    fn a_missing_server_fails_instead_of_skipping() {
+        required("KUBECONFIG", None);
+    }
+
+    #[test]
+    #[should_panic(expected = "CHIMERA_AMQP_URL is not set")]
+    fn an_empty_variable_counts_as_missing() {
+        required("CHIMERA_AMQP_URL", Some(String::new()));
+    }
 
     #[test]
     fn basic_auth_encodes_like_rfc_7617() {

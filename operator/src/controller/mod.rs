@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::ListParams;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use tracing::{info, warn};
@@ -77,6 +77,24 @@ fn error_policy(module: Arc<ChimeraModule>, error: &Error, ctx: Arc<Context>) ->
         retry_in_s = delay.as_secs(),
         "reconcile failed; retrying"
     );
+    // Make the failure visible on the module (`kubectl describe chm`), not only in our logs.
+    // The recorder folds repeats of the same event into one series.
+    let note = format!(
+        "{error} (attempt {attempt}, retrying in {}s)",
+        delay.as_secs()
+    );
+    let message = error.to_string();
+    tokio::spawn(async move {
+        reconcile::publish(
+            &ctx.recorder,
+            &module,
+            EventType::Warning,
+            "ReconcileFailed",
+            note,
+        )
+        .await;
+        reconcile::report_failure(&ctx, &module, &message).await;
+    });
     Action::requeue(delay)
 }
 

@@ -71,12 +71,39 @@ impl Context {
     }
 }
 
+/// Applies `object`, unless an object of that name exists that this module does not control:
+/// the operator never adopts or overwrites what someone else made.
 async fn apply<K>(api: &Api<K>, manager: &str, object: &K) -> Result<K, Error>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
     K::DynamicType: Default,
 {
     let name = object.meta().name.clone().unwrap_or_default();
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let existing = api.get_opt(&name).await.map_err(|source| Error::Kube {
+        action: format!("read {kind} {name}"),
+        source,
+    })?;
+    if let Some(existing) = existing {
+        let ours = object
+            .meta()
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true));
+        let theirs = existing
+            .meta()
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true));
+        if ours.map(|o| &o.uid) != theirs.map(|o| &o.uid) {
+            let owner = theirs
+                .map(|o| format!("{} {}", o.kind, o.name))
+                .unwrap_or_else(|| "nobody".to_owned());
+            return Err(Error::NameTaken { kind, name, owner });
+        }
+    }
     api.patch(
         &name,
         &PatchParams::apply(manager).force(),
@@ -228,23 +255,7 @@ pub async fn reconcile(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<
 
     let next = status::desired_status(&module, &observed, module.status.as_ref(), &now());
     if module.status.as_ref() != Some(&next) {
-        let modules: Api<ChimeraModule> = Api::namespaced(ctx.client.clone(), &namespace);
-        let patch = json!({
-            "apiVersion": "chimera.dev/v1alpha1",
-            "kind": "ChimeraModule",
-            "status": next,
-        });
-        modules
-            .patch_status(
-                &name,
-                &PatchParams::apply(STATUS_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-            .map_err(|source| Error::Kube {
-                action: "write status".into(),
-                source,
-            })?;
+        write_status(&ctx.client, &module, &next).await?;
         for t in status::transitions(module.status.as_ref(), &next) {
             let kind = if t.is_degradation() {
                 EventType::Warning
@@ -265,6 +276,43 @@ pub async fn reconcile(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<
     Ok(Action::requeue(RESYNC))
 }
 
+/// Writes Ready=False (reason ReconcileFailed) on the module; logs, never fails.
+pub(super) async fn report_failure(ctx: &Context, module: &ChimeraModule, error: &str) {
+    let next = status::failed_status(module, module.status.as_ref(), error, &now());
+    if module.status.as_ref() == Some(&next) {
+        return;
+    }
+    if let Err(error) = write_status(&ctx.client, module, &next).await {
+        tracing::warn!(%error, "could not report the failure in the module's status");
+    }
+}
+
+async fn write_status(
+    client: &Client,
+    module: &ChimeraModule,
+    status: &crate::api::ChimeraModuleStatus,
+) -> Result<(), Error> {
+    let namespace = module.namespace().ok_or(Error::NotNamespaced)?;
+    let modules: Api<ChimeraModule> = Api::namespaced(client.clone(), &namespace);
+    let patch = json!({
+        "apiVersion": "chimera.dev/v1alpha1",
+        "kind": "ChimeraModule",
+        "status": status,
+    });
+    modules
+        .patch_status(
+            &module.name_any(),
+            &PatchParams::apply(STATUS_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::Kube {
+            action: "write status".into(),
+            source,
+        })
+}
+
 /// Which head a Deployment runs, and that head's replica bounds.
 fn head_bounds(
     module: &ChimeraModule,
@@ -282,7 +330,7 @@ fn head_bounds(
 }
 
 /// Publishes an Event on the module; a failure to publish is logged, never fatal.
-async fn publish(
+pub(super) async fn publish(
     recorder: &Recorder,
     module: &ChimeraModule,
     type_: EventType,

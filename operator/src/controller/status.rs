@@ -217,6 +217,31 @@ pub fn desired_status(
     status
 }
 
+/// The status after a failed reconcile: everything as before, but `Ready` is False with the
+/// error, so `kubectl get chm` and `describe` show why the module is stuck.
+pub fn failed_status(
+    module: &ChimeraModule,
+    previous: Option<&ChimeraModuleStatus>,
+    error: &str,
+    now: &Time,
+) -> ChimeraModuleStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    status.domain = Some(module.domain().to_owned());
+    let previous_conditions = status.conditions.clone();
+    status.conditions.retain(|c| c.type_ != condition::READY);
+    let verdict = Verdict::new(false, "ReconcileFailed", error.to_owned());
+    upsert(
+        &mut status.conditions,
+        &previous_conditions,
+        condition::READY,
+        &verdict,
+        module.metadata.generation,
+        now,
+    );
+    status.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+    status
+}
+
 /// A condition that changed status between two statuses, for a Kubernetes Event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
@@ -421,6 +446,42 @@ mod tests {
         let fresh = transitions(None, &third);
         assert_eq!(fresh.len(), 3);
         assert!(fresh.iter().all(|t| !t.is_degradation()));
+    }
+
+    #[test]
+    fn a_failed_reconcile_marks_only_ready() {
+        let m = module("orders");
+        let obs = ObservedHeads {
+            query: Some(dep(1, 1)),
+            worker: Some(dep(1, 1)),
+        };
+        let good = desired_status(&m, &obs, None, &at(1));
+        let failed = failed_status(
+            &m,
+            Some(&good),
+            "Service orders-query belongs to someone else",
+            &at(9),
+        );
+        assert_eq!(cond(&failed, "Ready").status, "False");
+        assert_eq!(cond(&failed, "Ready").reason, "ReconcileFailed");
+        assert!(cond(&failed, "Ready").message.contains("someone else"));
+        assert_eq!(cond(&failed, "Ready").last_transition_time, at(9));
+        assert_eq!(
+            cond(&failed, "QueryAvailable"),
+            cond(&good, "QueryAvailable")
+        );
+        assert_eq!(failed.query, good.query);
+        // The same failure again changes nothing (no write storm while it persists).
+        let again = failed_status(
+            &m,
+            Some(&failed),
+            "Service orders-query belongs to someone else",
+            &at(20),
+        );
+        assert_eq!(again, failed);
+        // The next good reconcile clears it.
+        let healed = desired_status(&m, &obs, Some(&failed), &at(30));
+        assert_eq!(cond(&healed, "Ready").reason, "AllHeadsAvailable");
     }
 
     #[test]

@@ -1,0 +1,90 @@
+//! The `chimera` binary as a user runs it: `crd` and `validate`.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn chimera(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_chimera"))
+        .args(args)
+        .output()
+        .expect("run chimera");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn repo(path: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+#[test]
+fn crd_prints_the_checked_in_crd() {
+    let (code, out) = chimera(&["crd"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out,
+        std::fs::read_to_string(repo("crds/chimeramodule.yaml")).unwrap()
+    );
+}
+
+#[test]
+fn validate_accepts_the_examples() {
+    let (code, out) = chimera(&["validate", "-f", &repo("examples/marketplace")]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("3 ChimeraModule(s) valid"), "{out}");
+}
+
+#[test]
+fn validate_lists_every_problem_with_its_field_and_fails() {
+    let dir = std::env::temp_dir().join(chimera_testenv_free_name());
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: chimera.dev/v1alpha1\nkind: ChimeraModule\nmetadata: {name: shop}\n\
+         spec:\n  image: x\n  commands: [Order.Place]\n  worker: {prefetch: 0, queue: {type: lazy}}\n",
+    )
+    .unwrap();
+    let (code, out) = chimera(&["validate", "-f", file.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(code, 1, "{out}");
+    for field in [
+        "spec.commands[0]",
+        "spec.worker.prefetch",
+        "spec.worker.queue.type",
+    ] {
+        assert!(
+            out.contains(&format!("ChimeraModule/shop: {field}:")),
+            "{field} missing in:\n{out}"
+        );
+    }
+    assert!(out.contains("3 problem(s) found"), "{out}");
+}
+
+#[test]
+fn validate_fails_on_a_missing_file_and_on_no_module() {
+    let (code, out) = chimera(&["validate", "-f", "/nonexistent/chimera.yaml"]);
+    assert_eq!(code, 1);
+    assert!(out.contains("/nonexistent/chimera.yaml"), "{out}");
+    let (code, out) = chimera(&[
+        "validate",
+        "-f",
+        &repo("charts/chimera-operator/Chart.yaml"),
+    ]);
+    assert_eq!(code, 1);
+    assert!(out.contains("no ChimeraModule"), "{out}");
+}
+
+fn chimera_testenv_free_name() -> String {
+    format!(
+        "chimera-cli-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    )
+    .replace(['(', ')'], "")
+}
