@@ -56,6 +56,42 @@ mod tests {
         }
     }
 
+    /// Every field under `spec` and `status` has a description, so `kubectl explain` explains.
+    #[test]
+    fn every_field_is_described() {
+        fn walk(node: &serde_json::Value, path: &str, missing: &mut Vec<String>) {
+            let Some(props) = node.get("properties").and_then(|p| p.as_object()) else {
+                if let Some(items) = node.get("items") {
+                    walk(items, &format!("{path}[]"), missing);
+                }
+                return;
+            };
+            for (name, child) in props {
+                let child_path = format!("{path}.{name}");
+                let described = child
+                    .get("description")
+                    .and_then(|d| d.as_str())
+                    .is_some_and(|d| !d.trim().is_empty());
+                if !described {
+                    missing.push(child_path.clone());
+                }
+                walk(child, &child_path, missing);
+            }
+        }
+        let schema = chimera_module_schema();
+        let mut missing = Vec::new();
+        for root in ["spec", "status"] {
+            let node = schema
+                .pointer(&format!("/properties/{root}"))
+                .unwrap_or(&serde_json::Value::Null);
+            walk(node, root, &mut missing);
+        }
+        assert!(
+            missing.is_empty(),
+            "fields without a description: {missing:#?}"
+        );
+    }
+
     #[test]
     fn schema_is_found() {
         let schema = chimera_module_schema();

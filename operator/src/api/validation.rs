@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::LazyLock;
 
 use regex::Regex;
 use serde_json::{Map, Value};
@@ -102,6 +103,15 @@ pub fn validate_yaml(source: &str) -> Vec<DocumentReport> {
     reports
 }
 
+/// The CRD's schema, generated once per process.
+static SCHEMA: LazyLock<Value> = LazyLock::new(chimera_module_schema);
+
+thread_local! {
+    /// The schema's CEL rules, compiled once per thread (compiled programs are not shareable
+    /// across threads).
+    static COMPILED_RULES: kube_cel::CompiledSchema = kube_cel::compile_schema(&SCHEMA);
+}
+
 /// Validates one ChimeraModule object (as JSON) against the CRD: structure first, then CEL.
 pub fn validate_object(object: &Value) -> Vec<FieldError> {
     let mut errors = Vec::new();
@@ -117,7 +127,7 @@ pub fn validate_object(object: &Value) -> Vec<FieldError> {
     }
     check_metadata(object.get("metadata"), &mut errors);
 
-    let schema = chimera_module_schema();
+    let schema = &*SCHEMA;
     let mut structural = Vec::new();
     let spec_schema = schema.pointer("/properties/spec").unwrap_or(&Value::Null);
     match object.get("spec") {
@@ -141,7 +151,9 @@ pub fn validate_object(object: &Value) -> Vec<FieldError> {
         if let Some(map) = cel_object.as_object_mut() {
             map.remove("status");
         }
-        if let Err(failures) = kube_cel::Validator::new().validate(&schema, &cel_object, None) {
+        let outcome = COMPILED_RULES
+            .with(|rules| kube_cel::Validator::new().validate_compiled(rules, &cel_object, None));
+        if let Err(failures) = outcome {
             for failure in failures.iter() {
                 errors.push(field_error(
                     failure.field_path.trim_start_matches('.'),
@@ -540,5 +552,41 @@ mod tests {
             reports[0].errors[0].message.starts_with("not valid YAML"),
             "{reports:?}"
         );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn prefetch_is_accepted_exactly_in_its_range(p in -5i64..70_000) {
+                let errors = errors_with(|m| m["spec"]["worker"]["prefetch"] = json!(p));
+                prop_assert_eq!(errors.is_empty(), (1..=65_535).contains(&p), "{:?}", errors);
+            }
+
+            #[test]
+            fn worker_bounds_are_accepted_exactly_when_consistent(min in -2i64..15, max in -2i64..15) {
+                let errors = errors_with(|m| m["spec"]["worker"]["replicas"] = json!({"min": min, "max": max}));
+                let valid = min >= 0 && max >= 1 && min <= max;
+                prop_assert_eq!(errors.is_empty(), valid, "min {} max {}: {:?}", min, max, errors);
+            }
+
+            #[test]
+            fn names_from_the_grammar_are_accepted(segments in proptest::collection::vec("[a-z0-9][a-z0-9_-]{0,6}", 1..4)) {
+                let name = segments.join(".");
+                let errors = errors_with(|m| m["spec"]["commands"] = json!([name]));
+                prop_assert!(errors.is_empty(), "{:?}", errors);
+            }
+
+            #[test]
+            fn a_name_with_an_uppercase_letter_or_space_is_rejected(
+                prefix in "[a-z]{1,5}", bad in "[A-Z ]", suffix in "[a-z]{0,5}"
+            ) {
+                let name = format!("{prefix}{bad}{suffix}");
+                let errors = errors_with(|m| m["spec"]["events"]["publishes"] = json!([name]));
+                prop_assert!(errors.iter().any(|e| e.path == "spec.events.publishes[0]"), "{:?}", errors);
+            }
+        }
     }
 }

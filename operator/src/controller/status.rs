@@ -505,4 +505,34 @@ mod tests {
         assert!(next.query.is_none());
         assert!(next.condition("TopologyReady").is_some());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn a_status_is_a_fixed_point_of_the_same_world(
+                qd in 0i32..5, qr in 0i32..5, wd in 0i32..5, wr in 0i32..5,
+                t1 in 0i64..1_000_000, dt in 0i64..1_000_000
+            ) {
+                let m = module("orders");
+                let obs = ObservedHeads { query: Some(dep(qd, qr.min(qd))), worker: Some(dep(wd, wr.min(wd))) };
+                let first = desired_status(&m, &obs, None, &at(t1));
+                let second = desired_status(&m, &obs, Some(&first), &at(t1 + dt));
+                prop_assert_eq!(&first, &second);
+                prop_assert!(transitions(Some(&first), &second).is_empty());
+            }
+
+            #[test]
+            fn ready_exactly_when_every_head_is_available(qd in 1i32..5, qr in 0i32..5, wd in 0i32..5, wr in 0i32..5) {
+                let m = module("orders");
+                let (qr, wr) = (qr.min(qd), wr.min(wd));
+                let obs = ObservedHeads { query: Some(dep(qd, qr)), worker: Some(dep(wd, wr)) };
+                let s = desired_status(&m, &obs, None, &at(1));
+                let expected = qr > 0 && (wd == 0 || wr > 0);
+                prop_assert_eq!(cond(&s, "Ready").status == "True", expected);
+            }
+        }
+    }
 }

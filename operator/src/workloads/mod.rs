@@ -230,4 +230,32 @@ mod tests {
             Err(BuildError::MissingMetadata("uid"))
         );
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn every_pod_template_is_selected_by_its_deployment(
+                port in 1i32..65_535, with_query in any::<bool>(), args in proptest::collection::vec("[a-z-]{1,8}", 0..3)
+            ) {
+                let mut m = module("orders");
+                if let Some(w) = m.spec.worker.as_mut() { w.port = port; w.args = args.clone(); }
+                if !with_query { m.spec.query = None; }
+                let d = desired_workloads(&m, &WorkloadSettings::default()).unwrap_or_else(|e| panic!("{e}"));
+                prop_assert_eq!(d.deployments.len(), if with_query { 2 } else { 1 });
+                for dep in &d.deployments {
+                    let spec = dep.spec.clone().unwrap_or_default();
+                    let selector = spec.selector.match_labels.unwrap_or_default();
+                    let pod_labels = spec.template.metadata.and_then(|m| m.labels).unwrap_or_default();
+                    prop_assert!(!selector.is_empty());
+                    for (k, v) in &selector {
+                        prop_assert_eq!(pod_labels.get(k), Some(v));
+                    }
+                    prop_assert_eq!(dep.metadata.owner_references.as_ref().map(Vec::len), Some(1));
+                }
+            }
+        }
+    }
 }
