@@ -56,15 +56,16 @@ pub fn validate_yaml(source: &str) -> Vec<DocumentReport> {
     let mut reports = Vec::new();
     for (i, document) in serde_yaml::Deserializer::from_str(source).enumerate() {
         let index = i + 1;
+        let unreadable = |message: String| DocumentReport {
+            index,
+            object: None,
+            checked: true,
+            errors: vec![field_error("", message)],
+        };
         let value: serde_yaml::Value = match serde::Deserialize::deserialize(document) {
             Ok(v) => v,
             Err(e) => {
-                reports.push(DocumentReport {
-                    index,
-                    object: None,
-                    checked: true,
-                    errors: vec![field_error("", format!("not valid YAML: {e}"))],
-                });
+                reports.push(unreadable(format!("not valid YAML: {e}")));
                 // The YAML stream cannot be resumed after a syntax error.
                 break;
             }
@@ -75,12 +76,7 @@ pub fn validate_yaml(source: &str) -> Vec<DocumentReport> {
         let json = match serde_json::to_value(&value) {
             Ok(j) => j,
             Err(e) => {
-                reports.push(DocumentReport {
-                    index,
-                    object: None,
-                    checked: true,
-                    errors: vec![field_error("", format!("not representable as JSON: {e}"))],
-                });
+                reports.push(unreadable(format!("not representable as JSON: {e}")));
                 continue;
             }
         };
