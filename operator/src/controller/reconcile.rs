@@ -211,6 +211,7 @@ fn now() -> Time {
 pub async fn reconcile(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<Action, Error> {
     if module.metadata.deletion_timestamp.is_some() {
         // Owner references make the garbage collector remove the heads.
+        ctx.record_success(&module);
         return Ok(Action::await_change());
     }
     let namespace = module.namespace().ok_or(Error::NotNamespaced)?;
