@@ -1,6 +1,8 @@
 //! The topology manager: the RabbitMQ objects that carry a domain's commands and events.
 //!
-//! This issue only fixes the names (they are part of the head contract); the planner and the
-//! declarer build on them.
+//! `plan` computes the desired topology (pure); `render` shows it; the declarer makes a broker
+//! match it.
 
 pub mod names;
+pub mod pattern;
+pub mod plan;
