@@ -6,10 +6,12 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::api::SecretKeyRef;
 use crate::api::crd::chimera_module_crd_yaml;
+use crate::api::validation::modules_from_yaml;
 use crate::api::validation::{DocumentReport, validate_yaml};
+use crate::api::{ChimeraModule, SecretKeyRef};
 use crate::controller::{OperatorConfig, Scope};
+use crate::topology::render::{Format, render};
 use crate::workloads::WorkloadSettings;
 
 /// Chimera: event-driven domain modules on Kubernetes.
@@ -43,6 +45,9 @@ pub enum Command {
         #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
         paths: Vec<PathBuf>,
     },
+    /// Plan, diff and declare the RabbitMQ topology of ChimeraModules without Kubernetes.
+    #[command(subcommand)]
+    Topology(TopologyCommand),
     /// Run the operator against the cluster of the current kubeconfig.
     Operator {
         /// Watch one namespace only (default: all namespaces).
@@ -56,6 +61,20 @@ pub enum Command {
             env = "CHIMERA_DEFAULT_BROKER_SECRET"
         )]
         default_broker_secret: String,
+    },
+}
+
+/// `chimera topology ...`
+#[derive(Debug, Subcommand)]
+pub enum TopologyCommand {
+    /// Print the topology the modules need and what is wrong with it; exit 1 on errors.
+    Plan {
+        /// Files or directories of ChimeraModule YAML.
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        paths: Vec<PathBuf>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
     },
 }
 
@@ -96,6 +115,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { paths } => validate(&paths),
+        Command::Topology(TopologyCommand::Plan { paths, format }) => {
+            let Some(modules) = read_modules(&paths)? else {
+                return Ok(ExitCode::FAILURE);
+            };
+            let plan = crate::topology::plan::plan(&modules);
+            print!("{}", render(&plan, format));
+            Ok(if plan.has_errors() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Operator {
             namespace,
             default_broker_secret,
@@ -134,6 +165,32 @@ pub fn yaml_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
         }
     }
     Ok(files)
+}
+
+/// Reads every valid ChimeraModule in `paths`. Prints each problem to stderr and returns None
+/// when a manifest is invalid: planning half a set of modules would mislead.
+fn read_modules(paths: &[PathBuf]) -> anyhow::Result<Option<Vec<ChimeraModule>>> {
+    let mut modules = Vec::new();
+    let mut problems = 0;
+    for file in yaml_files(paths)? {
+        let source = std::fs::read_to_string(&file)
+            .with_context(|| format!("reading {}", file.display()))?;
+        let (found, bad) = modules_from_yaml(&source);
+        for problem in &bad {
+            eprintln!("{}: {problem}", file.display());
+        }
+        problems += bad.len();
+        modules.extend(found);
+    }
+    if problems > 0 {
+        eprintln!("{problems} problem(s) in the manifests; fix them first (`chimera validate`)");
+        return Ok(None);
+    }
+    if modules.is_empty() {
+        eprintln!("no ChimeraModule found in the given paths");
+        return Ok(None);
+    }
+    Ok(Some(modules))
 }
 
 fn validate(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {

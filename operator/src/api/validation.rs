@@ -108,6 +108,39 @@ thread_local! {
     static COMPILED_RULES: kube_cel::CompiledSchema = kube_cel::compile_schema(&SCHEMA);
 }
 
+/// The valid ChimeraModules of a YAML source, and a line per problem (`kind/name: path:
+/// message`) for those that are not. Other kinds are skipped.
+pub fn modules_from_yaml(source: &str) -> (Vec<super::ChimeraModule>, Vec<String>) {
+    let mut modules = Vec::new();
+    let mut problems = Vec::new();
+    let documents: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(source)
+        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
+        .collect();
+    for report in validate_yaml(source) {
+        let what = report
+            .object
+            .clone()
+            .unwrap_or_else(|| format!("document {}", report.index));
+        if !report.errors.is_empty() {
+            problems.extend(report.errors.iter().map(|e| format!("{what}: {e}")));
+            continue;
+        }
+        if !report.checked {
+            continue;
+        }
+        let parsed = documents
+            .get(report.index - 1)
+            .cloned()
+            .map(serde_yaml::from_value::<super::ChimeraModule>);
+        match parsed {
+            Some(Ok(module)) => modules.push(module),
+            Some(Err(e)) => problems.push(format!("{what}: {e}")),
+            None => problems.push(format!("{what}: document could not be read again")),
+        }
+    }
+    (modules, problems)
+}
+
 /// Validates one ChimeraModule object (as JSON) against the CRD: structure first, then CEL.
 pub fn validate_object(object: &Value) -> Vec<FieldError> {
     let mut errors = Vec::new();
@@ -537,6 +570,24 @@ mod tests {
             &reports[1].errors,
             "spec.worker.prefetch",
             "greater than or equal",
+        );
+    }
+
+    #[test]
+    fn modules_are_read_only_when_valid() {
+        let source = "apiVersion: chimera.dev/v1alpha1\nkind: ChimeraModule\nmetadata: {name: users}\nspec: {image: x, worker: {}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: s}\n---\napiVersion: chimera.dev/v1alpha1\nkind: ChimeraModule\nmetadata: {name: bad}\nspec: {image: x, worker: {prefetch: 0}}\n";
+        let (modules, problems) = modules_from_yaml(source);
+        assert_eq!(modules.len(), 1);
+        assert_eq!(modules[0].domain(), "users");
+        assert_eq!(
+            modules[0].spec.worker.as_ref().map(|w| w.prefetch),
+            Some(100),
+            "defaults applied"
+        );
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].starts_with("ChimeraModule/bad: spec.worker.prefetch:"),
+            "{problems:?}"
         );
     }
 

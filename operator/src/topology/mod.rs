@@ -6,3 +6,4 @@
 pub mod names;
 pub mod pattern;
 pub mod plan;
+pub mod render;

@@ -466,7 +466,7 @@ fn walk<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::api::ChimeraModuleSpec;
     use proptest::prelude::*;

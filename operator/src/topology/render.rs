@@ -1,0 +1,234 @@
+//! Ways to show a plan: text for people, JSON for tools, Mermaid and DOT for pictures of who
+//! talks to whom (domains as nodes, subscribed events on the edges).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use super::plan::{ArgValue, Severity, TopologyPlan};
+
+/// Output formats of `chimera topology plan`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Human-readable lists.
+    Text,
+    /// The plan as JSON (exchanges, queues with arguments, bindings, findings).
+    Json,
+    /// A Mermaid flowchart of domains and the events between them.
+    Mermaid,
+    /// A Graphviz DOT graph of the same.
+    Dot,
+}
+
+/// Renders `plan` in `format`.
+pub fn render(plan: &TopologyPlan, format: Format) -> String {
+    match format {
+        Format::Text => text(plan),
+        Format::Json => {
+            serde_json::to_string_pretty(plan).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+        }
+        Format::Mermaid => mermaid(plan),
+        Format::Dot => dot(plan),
+    }
+}
+
+fn arg(v: &ArgValue) -> String {
+    match v {
+        ArgValue::Str(s) => format!("{s:?}"),
+        ArgValue::Int(i) => i.to_string(),
+    }
+}
+
+fn text(plan: &TopologyPlan) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "exchanges ({}):", plan.exchanges.len());
+    for e in &plan.exchanges {
+        let _ = writeln!(out, "  {} ({})", e.name, e.kind.as_str());
+    }
+    let _ = writeln!(out, "queues ({}):", plan.queues.len());
+    for q in &plan.queues {
+        let args: Vec<String> = q
+            .arguments
+            .iter()
+            .map(|(k, v)| format!("{k}={}", arg(v)))
+            .collect();
+        let _ = writeln!(out, "  {} [{}]", q.name, args.join(" "));
+    }
+    let _ = writeln!(out, "bindings ({}):", plan.bindings.len());
+    for b in &plan.bindings {
+        let _ = writeln!(
+            out,
+            "  {} -> {} ({})",
+            b.source, b.destination, b.routing_key
+        );
+    }
+    let _ = writeln!(out, "findings ({}):", plan.findings.len());
+    for f in &plan.findings {
+        let severity = match f.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        let _ = writeln!(
+            out,
+            "  {severity}: {}: {:?}: {}",
+            f.module, f.code, f.message
+        );
+    }
+    out
+}
+
+/// Edges publisher -> subscriber with the patterns subscribed, from the event bindings.
+fn event_edges(plan: &TopologyPlan) -> BTreeMap<(String, String), Vec<String>> {
+    let mut edges: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for b in &plan.bindings {
+        let Some(publisher) = b
+            .source
+            .strip_prefix("chimera.")
+            .and_then(|s| s.strip_suffix(".events"))
+        else {
+            continue; // command bindings are not edges between domains
+        };
+        edges
+            .entry((publisher.to_owned(), b.domain.clone()))
+            .or_default()
+            .push(b.routing_key.clone());
+    }
+    edges
+}
+
+/// Node id safe for Mermaid and DOT (domains are DNS labels; `-` is not an identifier char).
+fn node_id(domain: &str) -> String {
+    format!("d_{}", domain.replace('-', "_"))
+}
+
+fn mermaid(plan: &TopologyPlan) -> String {
+    let mut out = String::from("flowchart LR\n");
+    let domains: std::collections::BTreeSet<&str> =
+        plan.exchanges.iter().map(|e| e.domain.as_str()).collect();
+    for d in &domains {
+        let commands: Vec<&str> = plan
+            .bindings
+            .iter()
+            .filter(|b| b.domain == *d && b.source.ends_with(".commands"))
+            .map(|b| b.routing_key.as_str())
+            .collect();
+        let _ = if commands.is_empty() {
+            writeln!(out, "  {}([{d}])", node_id(d))
+        } else {
+            writeln!(
+                out,
+                "  {}([\"{d}<br/><small>{}</small>\"])",
+                node_id(d),
+                commands.join(", ")
+            )
+        };
+    }
+    for ((from, to), events) in event_edges(plan) {
+        let _ = writeln!(
+            out,
+            "  {} -- \"{}\" --> {}",
+            node_id(&from),
+            events.join(", "),
+            node_id(&to)
+        );
+    }
+    out
+}
+
+fn dot(plan: &TopologyPlan) -> String {
+    let mut out =
+        String::from("digraph chimera {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
+    let domains: std::collections::BTreeSet<&str> =
+        plan.exchanges.iter().map(|e| e.domain.as_str()).collect();
+    for d in &domains {
+        let _ = writeln!(out, "  {} [label=\"{d}\"];", node_id(d));
+    }
+    for ((from, to), events) in event_edges(plan) {
+        let _ = writeln!(
+            out,
+            "  {} -> {} [label=\"{}\"];",
+            node_id(&from),
+            node_id(&to),
+            events.join("\\n")
+        );
+    }
+    out.push_str("}\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::plan::{plan, tests::module};
+
+    fn sample() -> TopologyPlan {
+        plan(&[
+            module(
+                "users",
+                serde_json::json!({"image": "u", "commands": ["user.register"],
+                "events": {"publishes": ["user.registered"]}, "worker": {}}),
+            ),
+            module(
+                "gig-store",
+                serde_json::json!({"image": "g",
+                "events": {"subscribes": [{"from": "users", "events": ["user.registered", "user.*"]}]}, "worker": {}}),
+            ),
+        ])
+    }
+
+    #[test]
+    fn mermaid_draws_domains_and_event_edges() {
+        let m = render(&sample(), Format::Mermaid);
+        assert!(m.starts_with("flowchart LR\n"));
+        assert!(
+            m.contains("d_users([\"users<br/><small>user.register</small>\"])"),
+            "{m}"
+        );
+        assert!(m.contains("d_gig_store([gig-store])"), "{m}");
+        assert!(
+            m.contains("d_users -- \"user.*, user.registered\" --> d_gig_store"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn dot_is_a_digraph_with_labelled_edges() {
+        let d = render(&sample(), Format::Dot);
+        assert!(d.starts_with("digraph chimera {"));
+        assert!(
+            d.contains("d_users -> d_gig_store [label=\"user.*\\nuser.registered\"];"),
+            "{d}"
+        );
+        assert!(d.trim_end().ends_with('}'));
+    }
+
+    #[test]
+    fn json_lists_queues_with_arguments_and_bindings() {
+        let j: serde_json::Value =
+            serde_json::from_str(&render(&sample(), Format::Json)).unwrap_or_default();
+        let queue = j["queues"]
+            .as_array()
+            .and_then(|q| q.iter().find(|q| q["name"] == "chimera.users.worker"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(queue["arguments"]["x-queue-type"], "quorum");
+        assert_eq!(queue["arguments"]["x-delivery-limit"], 20);
+        let b = &j["bindings"][0];
+        assert!(
+            b["source"].is_string() && b["destination"].is_string() && b["routing_key"].is_string(),
+            "{b}"
+        );
+    }
+
+    #[test]
+    fn text_has_every_section() {
+        let t = render(&sample(), Format::Text);
+        for section in [
+            "exchanges (4):",
+            "queues (10):",
+            "bindings (3):",
+            "findings (0):",
+        ] {
+            assert!(t.contains(section), "{section} in {t}");
+        }
+    }
+}
