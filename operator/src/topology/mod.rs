@@ -3,6 +3,8 @@
 //! `plan` computes the desired topology (pure); `render` shows it; the declarer makes a broker
 //! match it.
 
+pub mod broker;
+pub mod diff;
 pub mod names;
 pub mod pattern;
 pub mod plan;

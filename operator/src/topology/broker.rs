@@ -1,0 +1,329 @@
+//! What a RabbitMQ vhost holds, read through the management HTTP API (AMQP cannot list
+//! bindings or return a queue's arguments).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors talking to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// A URL could not be understood.
+    #[error("invalid {what} URL {url:?}: {reason}")]
+    BadUrl {
+        /// Which URL.
+        what: &'static str,
+        /// The URL, without credentials.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The management API did not answer.
+    #[error("RabbitMQ management API at {url} is unreachable: {source}")]
+    ManagementUnreachable {
+        /// Base URL, without credentials.
+        url: String,
+        /// What failed.
+        source: reqwest::Error,
+    },
+    /// The management API answered with an error status.
+    #[error("RabbitMQ management API {path} answered {status}: {body}")]
+    ManagementStatus {
+        /// Request path.
+        path: String,
+        /// HTTP status.
+        status: u16,
+        /// Response body (trimmed).
+        body: String,
+    },
+    /// AMQP connection or channel error.
+    #[error("AMQP {action} failed: {source}")]
+    Amqp {
+        /// What the declarer was doing.
+        action: String,
+        /// What lapin said.
+        source: lapin::Error,
+    },
+}
+
+/// An exchange as the broker has it.
+#[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ActualExchange {
+    /// Name (`""` is the default exchange).
+    pub name: String,
+    /// Type (`topic`, `direct`, ...).
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// A queue as the broker has it.
+#[derive(Deserialize, Clone, Debug, PartialEq)]
+pub struct ActualQueue {
+    /// Name.
+    pub name: String,
+    /// Declaration arguments.
+    #[serde(default)]
+    pub arguments: BTreeMap<String, serde_json::Value>,
+    /// Messages ready for delivery.
+    #[serde(default)]
+    pub messages_ready: u64,
+    /// Messages delivered and not yet settled.
+    #[serde(default)]
+    pub messages_unacknowledged: u64,
+    /// Consumers attached.
+    #[serde(default)]
+    pub consumers: u64,
+}
+
+/// A binding as the broker has it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ActualBinding {
+    /// Source exchange (`""` for the default exchange's implicit bindings).
+    pub source: String,
+    /// Destination queue or exchange.
+    pub destination: String,
+    /// `queue` or `exchange`.
+    pub destination_type: String,
+    /// Routing key.
+    pub routing_key: String,
+}
+
+/// Everything in one vhost the topology manager cares about.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BrokerState {
+    /// Exchanges.
+    pub exchanges: Vec<ActualExchange>,
+    /// Queues.
+    pub queues: Vec<ActualQueue>,
+    /// Bindings.
+    pub bindings: Vec<ActualBinding>,
+}
+
+/// Where the broker is: AMQP URL (with vhost) and management API base URL.
+#[derive(Clone, Debug)]
+pub struct BrokerEndpoint {
+    /// AMQP URL, e.g. `amqp://user:pass@host:5672/%2f`.
+    pub amqp_url: String,
+    /// Management base URL, e.g. `http://user:pass@host:15672`.
+    pub management_url: String,
+    /// The vhost, decoded from the AMQP URL.
+    pub vhost: String,
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// A URL with its password replaced, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or_default();
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl BrokerEndpoint {
+    /// Builds the endpoint from an AMQP URL and, optionally, a management URL. Without one, the
+    /// management API is assumed on the AMQP host, port 15672 (15671 for amqps), same user.
+    pub fn new(amqp_url: &str, management_url: Option<&str>) -> Result<Self, BrokerError> {
+        let bad = |reason: &str| BrokerError::BadUrl {
+            what: "AMQP",
+            url: redact(amqp_url),
+            reason: reason.to_owned(),
+        };
+        let (scheme, rest) = amqp_url
+            .split_once("://")
+            .ok_or_else(|| bad("expected amqp://... or amqps://..."))?;
+        if scheme != "amqp" && scheme != "amqps" {
+            return Err(bad("the scheme must be amqp or amqps"));
+        }
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let vhost = match path.split('?').next().unwrap_or_default() {
+            "" => "/".to_owned(),
+            p => percent_decode(p),
+        };
+        let management_url = match management_url {
+            Some(m) => m.trim_end_matches('/').to_owned(),
+            None => {
+                let (creds, hostport) = authority
+                    .rsplit_once('@')
+                    .map(|(c, h)| (Some(c), h))
+                    .unwrap_or((None, authority));
+                let host = hostport
+                    .rsplit_once(':')
+                    .map(|(h, _)| h)
+                    .unwrap_or(hostport);
+                let (mscheme, port) = if scheme == "amqps" {
+                    ("https", 15671)
+                } else {
+                    ("http", 15672)
+                };
+                match creds {
+                    Some(c) => format!("{mscheme}://{c}@{host}:{port}"),
+                    None => format!("{mscheme}://guest:guest@{host}:{port}"),
+                }
+            }
+        };
+        Ok(Self {
+            amqp_url: amqp_url.to_owned(),
+            management_url,
+            vhost,
+        })
+    }
+}
+
+/// Reads a vhost's state through the management API.
+pub struct ManagementClient {
+    http: reqwest::Client,
+    base: String,
+    user: String,
+    password: String,
+    vhost: String,
+}
+
+impl ManagementClient {
+    /// A client for `endpoint`'s vhost.
+    pub fn new(endpoint: &BrokerEndpoint) -> Result<Self, BrokerError> {
+        let url = &endpoint.management_url;
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| BrokerError::BadUrl {
+            what: "management",
+            url: redact(url),
+            reason: "expected http://... or https://...".into(),
+        })?;
+        let (creds, host) = rest
+            .rsplit_once('@')
+            .map(|(c, h)| (Some(c), h))
+            .unwrap_or((None, rest));
+        let (user, password) = creds
+            .map(|c| c.split_once(':').unwrap_or((c, "")))
+            .map(|(u, p)| (percent_decode(u), percent_decode(p)))
+            .unwrap_or_else(|| ("guest".into(), "guest".into()));
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|source| BrokerError::ManagementUnreachable {
+                url: redact(url),
+                source,
+            })?;
+        Ok(Self {
+            http,
+            base: format!("{scheme}://{host}"),
+            user,
+            password,
+            vhost: endpoint.vhost.clone(),
+        })
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, kind: &str) -> Result<T, BrokerError> {
+        let path = format!("/api/{kind}/{}", percent_encode(&self.vhost));
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .basic_auth(&self.user, Some(&self.password))
+            .send()
+            .await
+            .map_err(|source| BrokerError::ManagementUnreachable {
+                url: self.base.clone(),
+                source,
+            })?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(BrokerError::ManagementStatus {
+                path,
+                status: status.as_u16(),
+                body: body.chars().take(300).collect(),
+            });
+        }
+        response
+            .json()
+            .await
+            .map_err(|source| BrokerError::ManagementUnreachable {
+                url: self.base.clone(),
+                source,
+            })
+    }
+
+    /// Exchanges, queues and bindings of the vhost.
+    pub async fn state(&self) -> Result<BrokerState, BrokerError> {
+        Ok(BrokerState {
+            exchanges: self.get("exchanges").await?,
+            queues: self.get("queues").await?,
+            bindings: self.get("bindings").await?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_from_amqp_url() {
+        let e = BrokerEndpoint::new("amqp://u:p@mq.local:5673/%2f", None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(e.vhost, "/");
+        assert_eq!(e.management_url, "http://u:p@mq.local:15672");
+        let e = BrokerEndpoint::new("amqps://mq.local/shop", Some("https://admin:x@mgmt:443/"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(e.vhost, "shop");
+        assert_eq!(e.management_url, "https://admin:x@mgmt:443");
+        let e = BrokerEndpoint::new("amqp://h", None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(e.vhost, "/");
+        assert!(BrokerEndpoint::new("http://h/", None).is_err());
+        assert!(BrokerEndpoint::new("mq.local:5672", None).is_err());
+    }
+
+    #[test]
+    fn urls_are_redacted_in_messages() {
+        assert_eq!(
+            redact("amqp://user:secret@h:5672/v"),
+            "amqp://user:***@h:5672/v"
+        );
+        assert_eq!(redact("amqp://h:5672/v"), "amqp://h:5672/v");
+        let e = BrokerEndpoint::new("ftp://user:secret@h", None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn vhost_names_round_trip_through_percent_encoding() {
+        for v in ["/", "shop", "a b", "x/y"] {
+            assert_eq!(percent_decode(&percent_encode(v)), v);
+        }
+        assert_eq!(percent_encode("/"), "%2F");
+    }
+}
