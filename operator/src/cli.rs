@@ -11,7 +11,9 @@ use crate::api::validation::modules_from_yaml;
 use crate::api::validation::{DocumentReport, validate_yaml};
 use crate::api::{ChimeraModule, SecretKeyRef};
 use crate::controller::{OperatorConfig, Scope};
-use crate::topology::render::{Format, render};
+use crate::topology::broker::BrokerEndpoint;
+use crate::topology::declare::{apply, current_diff};
+use crate::topology::render::{Format, render, render_conflicts, render_diff};
 use crate::workloads::WorkloadSettings;
 
 /// Chimera: event-driven domain modules on Kubernetes.
@@ -76,6 +78,41 @@ pub enum TopologyCommand {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Show what `apply` would change on the broker (and what it cannot change); exit 1 when
+    /// the broker differs from the plan.
+    Diff {
+        /// Files or directories of ChimeraModule YAML.
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        paths: Vec<PathBuf>,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Declare the plan on the broker, idempotently: create what is missing, unbind what left
+    /// the spec; exit 1 on plan errors or conflicts it must not resolve by itself.
+    Apply {
+        /// Files or directories of ChimeraModule YAML.
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        paths: Vec<PathBuf>,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where the broker is, for `topology apply` and `topology diff`.
+#[derive(Debug, clap::Args)]
+pub struct BrokerArgs {
+    /// AMQP URL with the vhost, e.g. amqp://user:pass@host:5672/%2f
+    #[arg(long = "amqp", env = "CHIMERA_AMQP_URL")]
+    pub amqp: String,
+    /// Management API URL (default: the AMQP host on port 15672, same credentials).
+    #[arg(long = "management", env = "CHIMERA_RABBITMQ_MANAGEMENT_URL")]
+    pub management: Option<String>,
 }
 
 /// Parses `name` or `name/key`.
@@ -121,11 +158,57 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let plan = crate::topology::plan::plan(&modules);
             print!("{}", render(&plan, format));
-            Ok(if plan.has_errors() {
-                ExitCode::FAILURE
+            Ok(exit(!plan.has_errors()))
+        }
+        Command::Topology(TopologyCommand::Diff {
+            paths,
+            broker,
+            json,
+        }) => {
+            let Some(modules) = read_modules(&paths)? else {
+                return Ok(ExitCode::FAILURE);
+            };
+            let plan = crate::topology::plan::plan(&modules);
+            let endpoint = BrokerEndpoint::new(&broker.amqp, broker.management.as_deref())?;
+            let diff = current_diff(&endpoint, &plan).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&diff)?);
             } else {
-                ExitCode::SUCCESS
-            })
+                print!("{}", render_diff(&diff));
+            }
+            Ok(exit(diff.is_converged() && !diff.has_conflicts()))
+        }
+        Command::Topology(TopologyCommand::Apply {
+            paths,
+            broker,
+            json,
+        }) => {
+            let Some(modules) = read_modules(&paths)? else {
+                return Ok(ExitCode::FAILURE);
+            };
+            let plan = crate::topology::plan::plan(&modules);
+            let endpoint = BrokerEndpoint::new(&broker.amqp, broker.management.as_deref())?;
+            let report = apply(&endpoint, &plan).await?;
+            if json {
+                let out = serde_json::json!({"report": report, "findings": plan.findings});
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "declared {} exchange(s), {} queue(s), {} binding(s); removed {} stale binding(s)",
+                    report.exchanges_declared,
+                    report.queues_declared,
+                    report.bindings_created,
+                    report.bindings_removed
+                );
+                print!("{}", render_conflicts(&report.diff));
+                for f in &plan.findings {
+                    println!(
+                        "{:?}: {}: {:?}: {}",
+                        f.severity, f.module, f.code, f.message
+                    );
+                }
+            }
+            Ok(exit(!plan.has_errors() && !report.diff.has_conflicts()))
         }
         Command::Operator {
             namespace,
@@ -145,6 +228,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::controller::run(client, config).await?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn exit(success: bool) -> ExitCode {
+    if success {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -13,32 +13,32 @@ pub mod workloads;
 pub enum Error {
     /// The ChimeraModule CRD is not served by the API server.
     #[error(
-        "ChimeraModule CRD is not installed or not readable ({source}); install it with `kubectl apply -f crds/` (or `chimera crd | kubectl apply -f -`)"
+        "ChimeraModule CRD is not installed or not readable ({cause}); install it with `kubectl apply -f crds/` (or `chimera crd | kubectl apply -f -`)"
     )]
     CrdNotInstalled {
         /// What the API server said.
-        source: kube::Error,
+        cause: kube::Error,
     },
     /// Desired objects could not be built.
     #[error(transparent)]
     Build(#[from] workloads::BuildError),
     /// A server-side apply was refused.
-    #[error("applying {kind} {name} failed: {source}")]
+    #[error("applying {kind} {name} failed: {cause}")]
     Apply {
         /// Kind of the object.
         kind: String,
         /// Name of the object.
         name: String,
         /// What the API server said.
-        source: kube::Error,
+        cause: kube::Error,
     },
     /// Another API call failed.
-    #[error("could not {action}: {source}")]
+    #[error("could not {action}: {cause}")]
     Kube {
         /// What the operator was doing.
         action: String,
         /// What the API server said.
-        source: kube::Error,
+        cause: kube::Error,
     },
     /// An object the module needs exists already and is not controlled by the module.
     #[error(
@@ -79,7 +79,7 @@ impl Error {
     pub fn retry_after_seconds(&self) -> u64 {
         match self {
             Error::Apply {
-                source: kube::Error::Api(e),
+                cause: kube::Error::Api(e),
                 ..
             } if e.code == 422 || e.code == 400 => 60,
             _ => 5,

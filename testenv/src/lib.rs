@@ -202,6 +202,32 @@ impl TestVhost {
         }
     }
 
+    /// The management API URL (with credentials).
+    pub fn management_url(&self) -> &str {
+        &self.management
+    }
+
+    /// Runs `rabbitmqctl ARGS -p <this vhost>` against the test broker's node and returns its
+    /// standard output (CHIMERA_RABBITMQCTL, printed by `scripts/dev-env up`, says how to reach
+    /// it).
+    pub fn rabbitmqctl(&self, args: &[&str]) -> String {
+        let command = required_env("CHIMERA_RABBITMQCTL");
+        let mut parts = command.split_whitespace();
+        let program = parts.next().expect("CHIMERA_RABBITMQCTL names a program");
+        let out = std::process::Command::new(program)
+            .args(parts)
+            .args(args)
+            .args(["-p", &self.name])
+            .output()
+            .unwrap_or_else(|e| panic!("running {command}: {e}"));
+        assert!(
+            out.status.success(),
+            "{command} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Opens a TCP connection to the broker and checks it speaks AMQP 0-9-1: it must answer
     /// the protocol header with a `connection.start` method frame.
     pub fn assert_amqp_answers(&self) {

@@ -103,7 +103,7 @@ async fn check_crd_installed(api: &Api<ChimeraModule>) -> Result<(), Error> {
     api.list(&ListParams::default().limit(1))
         .await
         .map(|_| ())
-        .map_err(|source| Error::CrdNotInstalled { source })
+        .map_err(|cause| Error::CrdNotInstalled { cause })
 }
 
 /// Runs the controller until SIGTERM/Ctrl-C.

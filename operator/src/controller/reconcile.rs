@@ -80,9 +80,9 @@ where
 {
     let name = object.meta().name.clone().unwrap_or_default();
     let kind = K::kind(&K::DynamicType::default()).into_owned();
-    let existing = api.get_opt(&name).await.map_err(|source| Error::Kube {
+    let existing = api.get_opt(&name).await.map_err(|cause| Error::Kube {
         action: format!("read {kind} {name}"),
-        source,
+        cause,
     })?;
     if let Some(existing) = existing {
         let ours = object
@@ -110,10 +110,10 @@ where
         &Patch::Apply(object),
     )
     .await
-    .map_err(|source| Error::Apply {
+    .map_err(|cause| Error::Apply {
         kind: K::kind(&K::DynamicType::default()).into_owned(),
         name,
-        source,
+        cause,
     })
 }
 
@@ -131,9 +131,9 @@ where
     let existing = api
         .list(&ListParams::default().labels(&workloads::module_selector(module)))
         .await
-        .map_err(|source| Error::Kube {
+        .map_err(|cause| Error::Kube {
             action: format!("list {kind}s"),
-            source,
+            cause,
         })?;
     let mut deleted = Vec::new();
     for object in existing {
@@ -144,10 +144,10 @@ where
         match api.delete(&name, &DeleteParams::background()).await {
             Ok(_) => deleted.push(format!("{kind}/{name}")),
             Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(source) => {
+            Err(cause) => {
                 return Err(Error::Kube {
                     action: format!("delete {kind} {name}"),
-                    source,
+                    cause,
                 });
             }
         }
@@ -192,10 +192,10 @@ async fn hold_replicas(
         &Patch::Apply(&patch),
     )
     .await
-    .map_err(|source| Error::Apply {
+    .map_err(|cause| Error::Apply {
         kind: "Deployment".into(),
         name,
-        source,
+        cause,
     })
 }
 
@@ -308,9 +308,9 @@ async fn write_status(
         )
         .await
         .map(|_| ())
-        .map_err(|source| Error::Kube {
+        .map_err(|cause| Error::Kube {
             action: "write status".into(),
-            source,
+            cause,
         })
 }
 

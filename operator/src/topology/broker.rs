@@ -20,12 +20,24 @@ pub enum BrokerError {
         reason: String,
     },
     /// The management API did not answer.
-    #[error("RabbitMQ management API at {url} is unreachable: {source}")]
+    #[error("RabbitMQ management API at {url} is unreachable: {cause}")]
     ManagementUnreachable {
         /// Base URL, without credentials.
         url: String,
         /// What failed.
-        source: reqwest::Error,
+        cause: reqwest::Error,
+    },
+    /// The vhost named in the AMQP URL does not exist.
+    #[error("vhost {vhost:?} does not exist on the broker (create it, or fix the AMQP URL's path)")]
+    VhostNotFound {
+        /// The vhost.
+        vhost: String,
+    },
+    /// The management API refused the credentials.
+    #[error("RabbitMQ management API refused the credentials of user {user:?} (401)")]
+    ManagementUnauthorized {
+        /// The user.
+        user: String,
     },
     /// The management API answered with an error status.
     #[error("RabbitMQ management API {path} answered {status}: {body}")]
@@ -38,12 +50,12 @@ pub enum BrokerError {
         body: String,
     },
     /// AMQP connection or channel error.
-    #[error("AMQP {action} failed: {source}")]
+    #[error("AMQP {action} failed: {cause}")]
     Amqp {
         /// What the declarer was doing.
         action: String,
         /// What lapin said.
-        source: lapin::Error,
+        cause: lapin::Error,
     },
 }
 
@@ -229,12 +241,15 @@ impl ManagementClient {
             .map(|c| c.split_once(':').unwrap_or((c, "")))
             .map(|(u, p)| (percent_decode(u), percent_decode(p)))
             .unwrap_or_else(|| ("guest".into(), "guest".into()));
+        // reqwest is built without a crypto provider of its own: use ring, like kube and lapin
+        // (installing is a no-op when a provider is already installed).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
-            .map_err(|source| BrokerError::ManagementUnreachable {
+            .map_err(|cause| BrokerError::ManagementUnreachable {
                 url: redact(url),
-                source,
+                cause,
             })?;
         Ok(Self {
             http,
@@ -253,11 +268,21 @@ impl ManagementClient {
             .basic_auth(&self.user, Some(&self.password))
             .send()
             .await
-            .map_err(|source| BrokerError::ManagementUnreachable {
+            .map_err(|cause| BrokerError::ManagementUnreachable {
                 url: self.base.clone(),
-                source,
+                cause,
             })?;
         let status = response.status();
+        if status.as_u16() == 404 {
+            return Err(BrokerError::VhostNotFound {
+                vhost: self.vhost.clone(),
+            });
+        }
+        if status.as_u16() == 401 {
+            return Err(BrokerError::ManagementUnauthorized {
+                user: self.user.clone(),
+            });
+        }
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
             return Err(BrokerError::ManagementStatus {
@@ -269,9 +294,9 @@ impl ManagementClient {
         response
             .json()
             .await
-            .map_err(|source| BrokerError::ManagementUnreachable {
+            .map_err(|cause| BrokerError::ManagementUnreachable {
                 url: self.base.clone(),
-                source,
+                cause,
             })
     }
 

@@ -4,6 +4,7 @@
 //! match it.
 
 pub mod broker;
+pub mod declare;
 pub mod diff;
 pub mod names;
 pub mod pattern;

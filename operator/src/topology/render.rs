@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use super::diff::TopologyDiff;
 use super::plan::{ArgValue, Severity, TopologyPlan};
 
 /// Output formats of `chimera topology plan`.
@@ -152,6 +153,59 @@ fn dot(plan: &TopologyPlan) -> String {
         );
     }
     out.push_str("}\n");
+    out
+}
+
+/// What `topology diff` prints: one line per change, then the conflicts.
+pub fn render_diff(diff: &TopologyDiff) -> String {
+    let mut out = String::new();
+    for e in &diff.missing_exchanges {
+        let _ = writeln!(out, "+ exchange {} ({})", e.name, e.kind.as_str());
+    }
+    for q in &diff.missing_queues {
+        let _ = writeln!(out, "+ queue {}", q.name);
+    }
+    for b in &diff.missing_bindings {
+        let _ = writeln!(
+            out,
+            "+ binding {} -> {} ({})",
+            b.source, b.destination, b.routing_key
+        );
+    }
+    for b in &diff.stale_bindings {
+        let _ = writeln!(
+            out,
+            "- binding {} -> {} ({})",
+            b.source, b.destination, b.routing_key
+        );
+    }
+    out.push_str(&render_conflicts(diff));
+    if diff.is_converged() && !diff.has_conflicts() {
+        out.push_str("broker matches the plan\n");
+    }
+    out
+}
+
+/// The differences the declarer leaves alone, with what to do about them.
+pub fn render_conflicts(diff: &TopologyDiff) -> String {
+    let mut out = String::new();
+    for c in &diff.exchange_conflicts {
+        let _ = writeln!(
+            out,
+            "! exchange {} is {} on the broker, the plan wants {}: exchange types never change in place",
+            c.exchange, c.current, c.wanted
+        );
+    }
+    for c in &diff.argument_conflicts {
+        let _ = writeln!(
+            out,
+            "! queue {} argument {}: broker has {}, plan wants {}: left as is (RabbitMQ cannot change it in place); move it with `chimera topology migrate`",
+            c.queue,
+            c.argument,
+            c.current.as_deref().unwrap_or("<unset>"),
+            c.wanted.as_deref().unwrap_or("<unset>")
+        );
+    }
     out
 }
 

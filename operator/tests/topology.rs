@@ -1,0 +1,419 @@
+//! The topology declarer against a real RabbitMQ, one fresh vhost per test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use chimera_operator::api::validation::modules_from_yaml;
+use chimera_operator::topology::broker::{BrokerEndpoint, BrokerError};
+use chimera_operator::topology::declare::{apply, connect, current_diff};
+use chimera_operator::topology::plan::{TopologyPlan, plan};
+use chimera_testenv::TestVhost;
+use common::repo_root;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel};
+
+fn endpoint(vhost: &TestVhost) -> BrokerEndpoint {
+    BrokerEndpoint::new(&vhost.amqp_url, Some(vhost.management_url())).unwrap()
+}
+
+fn marketplace_plan() -> TopologyPlan {
+    let mut all = Vec::new();
+    for name in ["users", "gigs", "orders"] {
+        let path = repo_root().join(format!("examples/marketplace/{name}.yaml"));
+        let (modules, problems) = modules_from_yaml(&std::fs::read_to_string(path).unwrap());
+        assert!(problems.is_empty(), "{problems:?}");
+        all.extend(modules);
+    }
+    plan(&all)
+}
+
+fn plan_of(yaml: &str) -> TopologyPlan {
+    let (modules, problems) = modules_from_yaml(yaml);
+    assert!(problems.is_empty(), "{problems:?}");
+    plan(&modules)
+}
+
+/// (source, destination, routing key) of every binding rabbitmqctl lists, default exchange aside.
+fn listed_bindings(vhost: &TestVhost) -> BTreeSet<(String, String, String)> {
+    vhost
+        .rabbitmqctl(&[
+            "list_bindings",
+            "-q",
+            "source_name",
+            "destination_name",
+            "routing_key",
+        ])
+        .lines()
+        .skip(1) // header
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split('\t').collect();
+            (cols.len() == 3 && !cols[0].is_empty())
+                .then(|| (cols[0].into(), cols[1].into(), cols[2].into()))
+        })
+        .collect()
+}
+
+fn listed_names(vhost: &TestVhost, what: &str) -> BTreeSet<String> {
+    vhost
+        .rabbitmqctl(&[what, "-q", "name"])
+        .lines()
+        .skip(1)
+        .filter(|n| n.starts_with("chimera."))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn planned_bindings(p: &TopologyPlan) -> BTreeSet<(String, String, String)> {
+    p.bindings
+        .iter()
+        .map(|b| {
+            (
+                b.source.clone(),
+                b.destination.clone(),
+                b.routing_key.clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_fresh_broker_gets_exactly_the_plan_and_a_second_apply_changes_nothing() {
+    let vhost = TestVhost::create("topo-fresh");
+    let p = marketplace_plan();
+    let report = apply(&endpoint(&vhost), &p).await.unwrap();
+    assert_eq!(report.exchanges_declared, p.exchanges.len());
+    assert_eq!(report.queues_declared, p.queues.len());
+    assert_eq!(report.bindings_created, p.bindings.len());
+
+    assert_eq!(listed_bindings(&vhost), planned_bindings(&p));
+    let queues: BTreeSet<String> = p.queues.iter().map(|q| q.name.clone()).collect();
+    assert_eq!(listed_names(&vhost, "list_queues"), queues);
+    let exchanges: BTreeSet<String> = p.exchanges.iter().map(|e| e.name.clone()).collect();
+    assert_eq!(listed_names(&vhost, "list_exchanges"), exchanges);
+    let types = vhost.rabbitmqctl(&["list_queues", "-q", "name", "type"]);
+    assert!(
+        types.lines().any(|l| l == "chimera.orders.worker\tquorum"),
+        "{types}"
+    );
+
+    let again = apply(&endpoint(&vhost), &p).await.unwrap();
+    assert!(again.diff.is_converged(), "{:?}", again.diff);
+    assert_eq!(
+        (
+            again.exchanges_declared,
+            again.queues_declared,
+            again.bindings_created
+        ),
+        (0, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn drift_is_repaired_and_a_removed_subscription_is_unbound() {
+    let vhost = TestVhost::create("topo-drift");
+    let e = endpoint(&vhost);
+    let p = marketplace_plan();
+    apply(&e, &p).await.unwrap();
+
+    // By hand: delete a queue (its bindings go with it) and a binding.
+    let connection = connect(&e).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_delete("chimera.gigs.worker".into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    channel
+        .queue_unbind(
+            "chimera.orders.worker".into(),
+            "chimera.users.events".into(),
+            "user.deleted".into(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let drift = current_diff(&e, &p).await.unwrap();
+    assert!(
+        drift
+            .missing_queues
+            .iter()
+            .any(|q| q.name == "chimera.gigs.worker")
+    );
+    assert!(
+        drift
+            .missing_bindings
+            .iter()
+            .any(|b| b.destination == "chimera.orders.worker" && b.routing_key == "user.deleted")
+    );
+    // The gigs worker queue's bindings went with it, and come back with it.
+    assert!(
+        drift
+            .missing_bindings
+            .iter()
+            .filter(|b| b.destination == "chimera.gigs.worker")
+            .count()
+            >= 4
+    );
+
+    apply(&e, &p).await.unwrap();
+    assert_eq!(listed_bindings(&vhost), planned_bindings(&p));
+
+    // orders stops subscribing to user.deleted: that binding, and only it, goes.
+    let mut yaml = String::new();
+    for name in ["users", "gigs", "orders"] {
+        yaml.push_str(
+            &std::fs::read_to_string(repo_root().join(format!("examples/marketplace/{name}.yaml")))
+                .unwrap(),
+        );
+        yaml.push_str("\n---\n");
+    }
+    let yaml = yaml.replace(
+        "events: [user.registered, user.deleted]",
+        "events: [user.registered]",
+    );
+    let smaller = plan_of(&yaml);
+    assert_eq!(smaller.bindings.len() + 1, p.bindings.len());
+    let report = apply(&e, &smaller).await.unwrap();
+    assert_eq!(report.bindings_removed, 1);
+    assert_eq!(report.diff.stale_bindings[0].routing_key, "user.deleted");
+    assert_eq!(listed_bindings(&vhost), planned_bindings(&smaller));
+    connection.close(200, "done".into()).await.ok();
+}
+
+#[tokio::test]
+async fn a_changed_queue_type_is_reported_not_retried_into_a_406_loop() {
+    let vhost = TestVhost::create("topo-type");
+    let e = endpoint(&vhost);
+    let quorum = "apiVersion: chimera.dev/v1alpha1\nkind: ChimeraModule\nmetadata: {name: pay}\nspec:\n  image: x\n  commands: [pay.charge]\n  worker: {retry: {delaysSeconds: [1]}}\n";
+    apply(&e, &plan_of(quorum)).await.unwrap();
+
+    // The spec moves to a classic queue and adds a command in the same change.
+    let classic = quorum
+        .replace(
+            "commands: [pay.charge]",
+            "commands: [pay.charge, pay.refund]",
+        )
+        .replace(
+            "worker: {retry: {delaysSeconds: [1]}}",
+            "worker: {retry: {delaysSeconds: [1]}, queue: {type: classic}}",
+        );
+    let p = plan_of(&classic);
+    for round in 0..3 {
+        let report = apply(&e, &p)
+            .await
+            .unwrap_or_else(|err| panic!("round {round}: {err}"));
+        assert!(report.diff.has_conflicts());
+        let types: Vec<_> = report
+            .diff
+            .argument_conflicts
+            .iter()
+            .filter(|c| c.argument == "x-queue-type")
+            .map(|c| (c.queue.as_str(), c.current.as_deref(), c.wanted.as_deref()))
+            .collect();
+        assert!(
+            types.contains(&("chimera.pay.worker", Some("quorum"), Some("classic"))),
+            "{types:?}"
+        );
+    }
+    // The old queue still serves, and the new command was bound to it anyway.
+    let bindings = listed_bindings(&vhost);
+    assert!(bindings.contains(&(
+        "chimera.pay.commands".into(),
+        "chimera.pay.worker".into(),
+        "pay.refund".into()
+    )));
+    let types = vhost.rabbitmqctl(&["list_queues", "-q", "name", "type"]);
+    assert!(
+        types.lines().any(|l| l == "chimera.pay.worker\tquorum"),
+        "{types}"
+    );
+}
+
+fn header<'a>(props: &'a BasicProperties, key: &str) -> Option<&'a AMQPValue> {
+    props.headers().as_ref()?.inner().get(key)
+}
+
+fn attempt_of(props: &BasicProperties) -> i64 {
+    match header(props, "x-chimera-attempt") {
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        _ => 1,
+    }
+}
+
+async fn publish(channel: &Channel, exchange: &str, key: &str, body: &[u8], headers: FieldTable) {
+    channel
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default()
+                .with_headers(headers)
+                .with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// Polls a queue until a message arrives or `timeout` passes.
+async fn next_message(
+    channel: &Channel,
+    queue: &str,
+    timeout: Duration,
+) -> Option<lapin::message::BasicGetMessage> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(m) = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            return Some(m);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// Acts as a worker whose handler always fails, following the contract's settlement rules: a
+/// retry goes to retry queue n with the attempt count raised, the last attempt to the dlq with
+/// the reason. The topology must bring each retry back after its delay.
+#[tokio::test]
+async fn a_failing_message_passes_every_retry_delay_and_lands_in_the_dlq_with_its_reason() {
+    let vhost = TestVhost::create("topo-retry");
+    let e = endpoint(&vhost);
+    let yaml = "apiVersion: chimera.dev/v1alpha1\nkind: ChimeraModule\nmetadata: {name: pay}\nspec:\n  image: x\n  commands: [pay.charge]\n  worker: {retry: {delaysSeconds: [1, 2]}}\n";
+    apply(&e, &plan_of(yaml)).await.unwrap();
+    let connection = connect(&e).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+
+    publish(
+        &channel,
+        "chimera.pay.commands",
+        "pay.charge",
+        b"{\"id\":\"1\"}",
+        FieldTable::default(),
+    )
+    .await;
+    let delays = [1u64, 2];
+    let mut sent_back_at = Instant::now();
+    for attempt in 1..=3i64 {
+        let m = next_message(&channel, "chimera.pay.worker", Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("attempt {attempt} never reached the worker queue"));
+        if attempt > 1 {
+            let waited = sent_back_at.elapsed();
+            let delay = Duration::from_secs(delays[(attempt - 2) as usize]);
+            assert!(
+                waited >= delay - Duration::from_millis(100),
+                "attempt {attempt} came back after {waited:?}, before its {delay:?} delay"
+            );
+        }
+        assert_eq!(attempt_of(&m.delivery.properties), attempt);
+        let mut headers = FieldTable::default();
+        if attempt <= delays.len() as i64 {
+            headers.insert(
+                ShortString::from("x-chimera-attempt"),
+                AMQPValue::LongLongInt(attempt + 1),
+            );
+            publish(
+                &channel,
+                "",
+                &format!("chimera.pay.worker.retry.{attempt}"),
+                &m.delivery.data,
+                headers,
+            )
+            .await;
+        } else {
+            headers.insert(
+                ShortString::from("x-chimera-attempt"),
+                AMQPValue::LongLongInt(attempt),
+            );
+            headers.insert(
+                ShortString::from("x-chimera-reason"),
+                AMQPValue::LongString(LongString::from("handler failed 3 times: card declined")),
+            );
+            headers.insert(
+                ShortString::from("x-chimera-original-routing-key"),
+                AMQPValue::LongString(LongString::from("pay.charge")),
+            );
+            publish(
+                &channel,
+                "",
+                "chimera.pay.worker.dlq",
+                &m.delivery.data,
+                headers,
+            )
+            .await;
+        }
+        m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+        sent_back_at = Instant::now();
+    }
+    let parked = next_message(&channel, "chimera.pay.worker.dlq", Duration::from_secs(5))
+        .await
+        .expect("message in the dlq");
+    assert_eq!(parked.delivery.data, b"{\"id\":\"1\"}");
+    match header(&parked.delivery.properties, "x-chimera-reason") {
+        Some(AMQPValue::LongString(reason)) => {
+            assert!(reason.to_string().contains("card declined"))
+        }
+        other => panic!("no reason header: {other:?}"),
+    }
+    assert!(
+        next_message(&channel, "chimera.pay.worker", Duration::from_millis(300))
+            .await
+            .is_none(),
+        "nothing left to work on"
+    );
+    connection.close(200, "done".into()).await.ok();
+}
+
+#[tokio::test]
+async fn bad_brokers_fail_clearly_and_change_nothing() {
+    let vhost = TestVhost::create("topo-bad");
+    let p = marketplace_plan();
+    let missing = BrokerEndpoint::new(
+        &format!("{}-missing", vhost.amqp_url),
+        Some(vhost.management_url()),
+    )
+    .unwrap();
+    let err = apply(&missing, &p).await.unwrap_err();
+    assert!(matches!(err, BrokerError::VhostNotFound { .. }), "{err}");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+
+    let wrong_password = vhost.amqp_url.replacen("guest:guest@", "guest:wrong@", 1);
+    let err = apply(
+        &BrokerEndpoint::new(&wrong_password, Some(vhost.management_url())).unwrap(),
+        &p,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("ACCESS_REFUSED"), "{err}");
+    assert!(
+        !err.to_string().contains("wrong"),
+        "the password must not be printed: {err}"
+    );
+
+    let unreachable = BrokerEndpoint::new(
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        Some("http://guest:guest@127.0.0.1:1"),
+    )
+    .unwrap();
+    let err = apply(&unreachable, &p).await.unwrap_err();
+    assert!(err.to_string().contains("unreachable"), "{err}");
+
+    // Nothing was declared by any of the failed attempts.
+    assert!(listed_names(&vhost, "list_queues").is_empty());
+}
