@@ -55,6 +55,16 @@ pub enum Command {
         /// Watch one namespace only (default: all namespaces).
         #[arg(long, env = "CHIMERA_WATCH_NAMESPACE")]
         namespace: Option<String>,
+        /// The broker the operator declares topology on (modules may name their own in
+        /// spec.broker). Without it, RabbitMQ topology is not managed.
+        #[arg(long, env = "CHIMERA_AMQP_URL")]
+        amqp_url: Option<String>,
+        /// Management API of that broker (default: its host, port 15672, same credentials).
+        #[arg(long, env = "CHIMERA_RABBITMQ_MANAGEMENT_URL")]
+        management_url: Option<String>,
+        /// Seconds between drift checks of each module's topology.
+        #[arg(long, default_value_t = 30)]
+        topology_resync_seconds: u64,
         /// Secret (`name` or `name/key`, key defaults to `url`) in each module's namespace that
         /// holds the AMQP URL of modules without spec.broker.
         #[arg(
@@ -212,15 +222,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Operator {
             namespace,
+            amqp_url,
+            management_url,
+            topology_resync_seconds,
             default_broker_secret,
         } => {
             init_tracing(cli.log_format);
+            let broker = amqp_url
+                .map(|url| BrokerEndpoint::new(&url, management_url.as_deref()))
+                .transpose()
+                .context("--amqp-url")?;
             let config = OperatorConfig {
                 scope: namespace.map(Scope::Namespace).unwrap_or_default(),
                 workloads: WorkloadSettings {
                     default_broker: parse_secret_key_ref(&default_broker_secret)
                         .context("--default-broker-secret")?,
                 },
+                broker,
+                topology_resync: Some(std::time::Duration::from_secs(
+                    topology_resync_seconds.max(1),
+                )),
             };
             let client = kube::Client::try_default().await.context(
                 "connecting to Kubernetes (is KUBECONFIG set? `scripts/dev-env up` prints it)",

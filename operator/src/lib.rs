@@ -52,6 +52,18 @@ pub enum Error {
         /// Its controller (`Kind name`), or `nobody`.
         owner: String,
     },
+    /// The broker refused or could not be reached.
+    #[error(transparent)]
+    Broker(#[from] topology::broker::BrokerError),
+    /// The topology could not be handled (its reason is in the module's TopologyReady).
+    #[error("topology: {0}")]
+    Topology(String),
+    /// Deleting the module's queues would lose messages.
+    #[error("deletion blocked: {0}")]
+    DeletionBlocked(String),
+    /// Adding, running or removing the topology finalizer failed.
+    #[error(transparent)]
+    Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
     /// A ChimeraModule without a namespace (the CRD is namespaced, so the cache is corrupt).
     #[error("ChimeraModule has no namespace")]
     NotNamespaced,
@@ -69,6 +81,14 @@ impl Error {
             Error::Apply { .. } => "apply",
             Error::Kube { .. } => "kube_api",
             Error::NameTaken { .. } => "name_taken",
+            Error::Broker(_) => "broker",
+            Error::Topology(_) => "topology",
+            Error::DeletionBlocked(_) => "deletion_blocked",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
             Error::NotNamespaced => "not_namespaced",
             Error::UnexpectedObject(_) => "unexpected_object",
         }
@@ -82,6 +102,13 @@ impl Error {
                 cause: kube::Error::Api(e),
                 ..
             } if e.code == 422 || e.code == 400 => 60,
+            Error::NameTaken { .. } => 10,
+            Error::DeletionBlocked(_) => 15,
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.retry_after_seconds(),
+                _ => 5,
+            },
             _ => 5,
         }
     }

@@ -3,6 +3,7 @@
 
 mod reconcile;
 pub mod status;
+pub mod topology;
 
 pub use reconcile::{Context, FIELD_MANAGER, REPLICAS_MANAGER, STATUS_MANAGER, reconcile};
 
@@ -16,12 +17,14 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::ListParams;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use tracing::{info, warn};
 
 use crate::Error;
 use crate::api::ChimeraModule;
+use crate::topology::broker::BrokerEndpoint;
 use crate::workloads::WorkloadSettings;
 
 /// Where the operator looks for modules.
@@ -53,6 +56,11 @@ pub struct OperatorConfig {
     pub scope: Scope,
     /// Settings for the workload builders.
     pub workloads: WorkloadSettings,
+    /// The broker modules declare their topology on (unless they name their own); None
+    /// disables topology management.
+    pub broker: Option<BrokerEndpoint>,
+    /// Drift check period of the topology (default 30 s).
+    pub topology_resync: Option<Duration>,
 }
 
 /// Longest wait between retries of a failing module.
@@ -119,10 +127,35 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
         recorder: Recorder::new(client.clone(), reporter),
         settings: config.workloads.clone(),
         failures: Default::default(),
+        broker: config.broker.clone(),
+        topology_resync: config.topology_resync.unwrap_or(Duration::from_secs(30)),
     });
+    if config.broker.is_none() {
+        warn!("no broker configured (--amqp-url): RabbitMQ topology is not managed");
+    }
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=chimera-operator");
     info!(scope = ?config.scope, "chimera operator started");
-    Controller::new(modules, watcher::Config::default())
+    let controller = Controller::new(modules.clone(), watcher::Config::default());
+    // A module's findings depend on the other modules of its namespace (who publishes what):
+    // any module change re-plans its neighbours.
+    let store = controller.store();
+    controller
+        .watches(
+            modules,
+            watcher::Config::default(),
+            move |changed: ChimeraModule| {
+                let namespace = changed.metadata.namespace.clone();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|m| {
+                        m.metadata.namespace == namespace
+                            && m.metadata.name != changed.metadata.name
+                    })
+                    .map(|m| ObjectRef::from_obj(&*m))
+                    .collect::<Vec<_>>()
+            },
+        )
         .owns(
             config.scope.api::<Deployment>(client.clone()),
             owned.clone(),

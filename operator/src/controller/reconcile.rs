@@ -13,6 +13,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -22,6 +23,7 @@ use tracing::{info, instrument};
 use super::status::{self, ObservedHeads};
 use crate::Error;
 use crate::api::ChimeraModule;
+use crate::topology::broker::BrokerEndpoint;
 use crate::workloads::{self, Head, WorkloadSettings};
 
 /// Field manager of the objects' templates (everything but `spec.replicas`).
@@ -44,6 +46,10 @@ pub struct Context {
     pub settings: WorkloadSettings,
     /// Consecutive failed reconciles per module (namespace/name), for retry backoff.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// The operator's broker; None disables topology management.
+    pub broker: Option<BrokerEndpoint>,
+    /// How often a module's topology is re-checked for drift when nothing else happens.
+    pub topology_resync: Duration,
 }
 
 impl Context {
@@ -206,14 +212,60 @@ fn now() -> Time {
     Time(Timestamp::from_second(now.as_second()).unwrap_or(now))
 }
 
-/// Reconciles one ChimeraModule.
+/// Reconciles one ChimeraModule. With a broker, a finalizer holds a deleted module until its
+/// topology is released; the heads always go through owner references.
 #[instrument(skip_all, fields(module = %module.name_any(), namespace = module.namespace().unwrap_or_default()))]
 pub async fn reconcile(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<Action, Error> {
-    if module.metadata.deletion_timestamp.is_some() {
-        // Owner references make the garbage collector remove the heads.
-        ctx.record_success(&module);
-        return Ok(Action::await_change());
+    if ctx.broker.is_none() {
+        if module.metadata.deletion_timestamp.is_some() {
+            ctx.record_success(&module);
+            return Ok(Action::await_change());
+        }
+        return apply_module(module, ctx).await;
     }
+    let namespace = module.namespace().ok_or(Error::NotNamespaced)?;
+    let modules: Api<ChimeraModule> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(
+        &modules,
+        super::topology::FINALIZER,
+        module,
+        |event| async {
+            match event {
+                FinalizerEvent::Apply(m) => apply_module(m, ctx.clone()).await,
+                FinalizerEvent::Cleanup(m) => cleanup_module(m, ctx.clone()).await,
+            }
+        },
+    )
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Releases a deleted module's topology (its heads go with the owner references).
+async fn cleanup_module(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<Action, Error> {
+    match super::topology::release(&module, &ctx).await {
+        Ok(report) => {
+            info!(?report, "released the module's topology");
+            ctx.record_success(&module);
+            Ok(Action::await_change())
+        }
+        Err(error) => {
+            if let Error::DeletionBlocked(reason) = &error {
+                publish(
+                    &ctx.recorder,
+                    &module,
+                    EventType::Warning,
+                    "DeletionBlocked",
+                    reason.clone(),
+                )
+                .await;
+            }
+            Err(error)
+        }
+    }
+}
+
+/// Applies a live module: heads, topology, status.
+async fn apply_module(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = module.namespace().ok_or(Error::NotNamespaced)?;
     let name = module.name_any();
     let desired = workloads::desired_workloads(&module, &ctx.settings)?;
@@ -254,7 +306,20 @@ pub async fn reconcile(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<
         .await;
     }
 
-    let next = status::desired_status(&module, &observed, module.status.as_ref(), &now());
+    let (topology, topology_error) = match &ctx.broker {
+        Some(_) => {
+            let (verdict, error) = super::topology::declare(&module, &ctx).await?;
+            (Some(verdict), error)
+        }
+        None => (None, None),
+    };
+    let next = status::desired_status(
+        &module,
+        &observed,
+        topology.as_ref(),
+        module.status.as_ref(),
+        &now(),
+    );
     if module.status.as_ref() != Some(&next) {
         write_status(&ctx.client, &module, &next).await?;
         for t in status::transitions(module.status.as_ref(), &next) {
@@ -273,8 +338,17 @@ pub async fn reconcile(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<
             .await;
         }
     }
+    if let Some(error) = topology_error {
+        return Err(error);
+    }
     ctx.record_success(&module);
-    Ok(Action::requeue(RESYNC))
+    // With a broker, resync often: drift on the broker (a queue deleted by hand) makes no
+    // Kubernetes event.
+    Ok(Action::requeue(if ctx.broker.is_some() {
+        ctx.topology_resync
+    } else {
+        RESYNC
+    }))
 }
 
 /// Writes Ready=False (reason ReconcileFailed) on the module; logs, never fails.
@@ -330,6 +404,20 @@ fn head_bounds(
     }
 }
 
+/// The API server refuses Event notes over 1 kB; keep the start, which says what happened.
+fn truncate_note(mut note: String) -> String {
+    const MAX: usize = 1024;
+    if note.len() > MAX {
+        let mut cut = MAX - 3;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+        note.push_str("...");
+    }
+    note
+}
+
 /// Publishes an Event on the module; a failure to publish is logged, never fatal.
 pub(super) async fn publish(
     recorder: &Recorder,
@@ -339,13 +427,26 @@ pub(super) async fn publish(
     note: String,
 ) {
     let event = Event {
+        note: Some(truncate_note(note)),
         type_,
         reason: reason.to_owned(),
-        note: Some(note),
         action: "Reconcile".into(),
         secondary: None,
     };
     if let Err(error) = recorder.publish(&event, &module.object_ref(&())).await {
         tracing::warn!(%error, reason, "could not publish an Event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncate_note;
+
+    #[test]
+    fn notes_fit_the_api_servers_limit() {
+        assert_eq!(truncate_note("short".into()), "short");
+        let long = "é".repeat(800);
+        let cut = truncate_note(long);
+        assert!(cut.len() <= 1024 && cut.ends_with("..."));
     }
 }

@@ -17,6 +17,8 @@ pub mod condition {
     pub const QUERY_AVAILABLE: &str = "QueryAvailable";
     /// The worker head runs (or is deliberately scaled to zero).
     pub const WORKER_AVAILABLE: &str = "WorkerAvailable";
+    /// The module's RabbitMQ topology is declared and its graph has no errors.
+    pub const TOPOLOGY_READY: &str = "TopologyReady";
 }
 
 /// The module's Deployments as last read from the API server.
@@ -40,7 +42,8 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    fn new(status: bool, reason: &str, message: String) -> Self {
+    /// A verdict.
+    pub fn new(status: bool, reason: &str, message: String) -> Self {
         Self {
             status,
             reason: reason.to_owned(),
@@ -140,9 +143,13 @@ fn upsert(
 }
 
 /// The status the module should have, given its Deployments and its previous status.
+///
+/// `topology` is the `TopologyReady` verdict when the operator manages topology (None leaves an
+/// existing condition as it is and out of `Ready`).
 pub fn desired_status(
     module: &ChimeraModule,
     observed: &ObservedHeads,
+    topology: Option<&Verdict>,
     previous: Option<&ChimeraModuleStatus>,
     now: &Time,
 ) -> ChimeraModuleStatus {
@@ -183,6 +190,19 @@ pub fn desired_status(
             Head::Worker => status.worker = counts,
         }
     }
+    if let Some(verdict) = topology {
+        if !verdict.status {
+            unavailable.push(format!("topology: {}", verdict.message));
+        }
+        upsert(
+            &mut conditions,
+            previous_conditions,
+            condition::TOPOLOGY_READY,
+            verdict,
+            generation,
+            now,
+        );
+    }
     let ready = if unavailable.is_empty() {
         Verdict::new(
             true,
@@ -201,17 +221,15 @@ pub fn desired_status(
         now,
     );
     // Conditions owned by other parts of the operator (TopologyReady, ...) are kept as they are.
-    let ours = [
-        condition::READY,
-        condition::QUERY_AVAILABLE,
-        condition::WORKER_AVAILABLE,
-    ];
-    conditions.extend(
-        previous_conditions
-            .iter()
-            .filter(|c| !ours.contains(&c.type_.as_str()))
-            .cloned(),
-    );
+    let ours: Vec<&str> = conditions.iter().map(|c| c.type_.as_str()).collect();
+    let kept: Vec<Condition> = previous_conditions
+        .iter()
+        .filter(|c| {
+            !ours.contains(&c.type_.as_str()) && !head_condition_of_absent_head(module, &c.type_)
+        })
+        .cloned()
+        .collect();
+    conditions.extend(kept);
     conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
     status.conditions = conditions;
     status
@@ -240,6 +258,12 @@ pub fn failed_status(
     );
     status.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
     status
+}
+
+/// A head condition whose head left the spec: dropped, not kept.
+fn head_condition_of_absent_head(module: &ChimeraModule, type_: &str) -> bool {
+    (type_ == condition::QUERY_AVAILABLE && module.spec.query.is_none())
+        || (type_ == condition::WORKER_AVAILABLE && module.spec.worker.is_none())
 }
 
 /// A condition that changed status between two statuses, for a Kubernetes Event.
@@ -326,7 +350,7 @@ mod tests {
             query: Some(dep(2, 2)),
             worker: Some(dep(1, 1)),
         };
-        let s = desired_status(&module("orders"), &obs, None, &at(100));
+        let s = desired_status(&module("orders"), &obs, None, None, &at(100));
         assert_eq!(cond(&s, "Ready").status, "True");
         assert_eq!(cond(&s, "QueryAvailable").reason, "ReplicasAvailable");
         assert_eq!(s.query.as_ref().map(|q| q.summary.as_str()), Some("2/2"));
@@ -340,7 +364,7 @@ mod tests {
             query: Some(dep(2, 0)),
             worker: Some(dep(1, 1)),
         };
-        let s = desired_status(&module("orders"), &obs, None, &at(100));
+        let s = desired_status(&module("orders"), &obs, None, None, &at(100));
         assert_eq!(cond(&s, "Ready").status, "False");
         assert_eq!(cond(&s, "Ready").reason, "HeadsUnavailable");
         assert!(
@@ -352,7 +376,13 @@ mod tests {
 
     #[test]
     fn missing_deployment_is_reported() {
-        let s = desired_status(&module("orders"), &ObservedHeads::default(), None, &at(1));
+        let s = desired_status(
+            &module("orders"),
+            &ObservedHeads::default(),
+            None,
+            None,
+            &at(1),
+        );
         assert_eq!(cond(&s, "WorkerAvailable").reason, "DeploymentMissing");
     }
 
@@ -362,7 +392,7 @@ mod tests {
             query: None,
             worker: Some(dep(0, 0)),
         };
-        let s = desired_status(&worker_only("orders"), &obs, None, &at(1));
+        let s = desired_status(&worker_only("orders"), &obs, None, None, &at(1));
         assert_eq!(cond(&s, "WorkerAvailable").reason, "ScaledToZero");
         assert_eq!(cond(&s, "Ready").status, "True");
         assert!(s.condition("QueryAvailable").is_none());
@@ -385,7 +415,7 @@ mod tests {
             query: Some(d),
             worker: Some(dep(1, 1)),
         };
-        let s = desired_status(&module("orders"), &obs, None, &at(1));
+        let s = desired_status(&module("orders"), &obs, None, None, &at(1));
         assert_eq!(
             cond(&s, "QueryAvailable").reason,
             "ProgressDeadlineExceeded"
@@ -400,8 +430,8 @@ mod tests {
             worker: Some(dep(1, 1)),
         };
         let m = module("orders");
-        let first = desired_status(&m, &obs, None, &at(100));
-        let second = desired_status(&m, &obs, Some(&first), &at(500));
+        let first = desired_status(&m, &obs, None, None, &at(100));
+        let second = desired_status(&m, &obs, None, Some(&first), &at(500));
         assert_eq!(
             first, second,
             "a later reconcile of the same world must not change status"
@@ -416,13 +446,13 @@ mod tests {
             query: Some(dep(2, 2)),
             worker: Some(dep(1, 1)),
         };
-        let first = desired_status(&m, &up, None, &at(100));
+        let first = desired_status(&m, &up, None, None, &at(100));
         // Counts change but the head stays available: same transition time, new message.
         let fewer = ObservedHeads {
             query: Some(dep(2, 1)),
             worker: Some(dep(1, 1)),
         };
-        let second = desired_status(&m, &fewer, Some(&first), &at(200));
+        let second = desired_status(&m, &fewer, None, Some(&first), &at(200));
         assert_eq!(
             cond(&second, "QueryAvailable").last_transition_time,
             at(100)
@@ -436,7 +466,7 @@ mod tests {
             query: Some(dep(2, 0)),
             worker: Some(dep(1, 1)),
         };
-        let third = desired_status(&m, &down, Some(&second), &at(300));
+        let third = desired_status(&m, &down, None, Some(&second), &at(300));
         assert_eq!(cond(&third, "QueryAvailable").last_transition_time, at(300));
         let t = transitions(Some(&second), &third);
         let types: Vec<_> = t.iter().map(|t| t.type_.as_str()).collect();
@@ -455,7 +485,7 @@ mod tests {
             query: Some(dep(1, 1)),
             worker: Some(dep(1, 1)),
         };
-        let good = desired_status(&m, &obs, None, &at(1));
+        let good = desired_status(&m, &obs, None, None, &at(1));
         let failed = failed_status(
             &m,
             Some(&good),
@@ -480,7 +510,7 @@ mod tests {
         );
         assert_eq!(again, failed);
         // The next good reconcile clears it.
-        let healed = desired_status(&m, &obs, Some(&failed), &at(30));
+        let healed = desired_status(&m, &obs, None, Some(&failed), &at(30));
         assert_eq!(cond(&healed, "Ready").reason, "AllHeadsAvailable");
     }
 
@@ -491,7 +521,7 @@ mod tests {
             query: Some(dep(1, 1)),
             worker: Some(dep(1, 1)),
         };
-        let mut first = desired_status(&m, &obs, None, &at(1));
+        let mut first = desired_status(&m, &obs, None, None, &at(1));
         first.conditions.push(Condition {
             type_: "TopologyReady".into(),
             status: "True".into(),
@@ -500,7 +530,7 @@ mod tests {
             observed_generation: Some(1),
             last_transition_time: at(1),
         });
-        let next = desired_status(&worker_only("orders"), &obs, Some(&first), &at(2));
+        let next = desired_status(&worker_only("orders"), &obs, None, Some(&first), &at(2));
         assert!(next.condition("QueryAvailable").is_none());
         assert!(next.query.is_none());
         assert!(next.condition("TopologyReady").is_some());
@@ -518,8 +548,8 @@ mod tests {
             ) {
                 let m = module("orders");
                 let obs = ObservedHeads { query: Some(dep(qd, qr.min(qd))), worker: Some(dep(wd, wr.min(wd))) };
-                let first = desired_status(&m, &obs, None, &at(t1));
-                let second = desired_status(&m, &obs, Some(&first), &at(t1 + dt));
+                let first = desired_status(&m, &obs, None, None, &at(t1));
+                let second = desired_status(&m, &obs, None, Some(&first), &at(t1 + dt));
                 prop_assert_eq!(&first, &second);
                 prop_assert!(transitions(Some(&first), &second).is_empty());
             }
@@ -529,7 +559,7 @@ mod tests {
                 let m = module("orders");
                 let (qr, wr) = (qr.min(qd), wr.min(wd));
                 let obs = ObservedHeads { query: Some(dep(qd, qr)), worker: Some(dep(wd, wr)) };
-                let s = desired_status(&m, &obs, None, &at(1));
+                let s = desired_status(&m, &obs, None, None, &at(1));
                 let expected = qr > 0 && (wd == 0 || wr > 0);
                 prop_assert_eq!(cond(&s, "Ready").status == "True", expected);
             }

@@ -77,15 +77,16 @@ pub struct ActualQueue {
     /// Declaration arguments.
     #[serde(default)]
     pub arguments: BTreeMap<String, serde_json::Value>,
-    /// Messages ready for delivery.
+    /// Messages ready for delivery. None until the broker has reported statistics for the
+    /// queue (they lag by seconds): unknown, never zero.
     #[serde(default)]
-    pub messages_ready: u64,
-    /// Messages delivered and not yet settled.
+    pub messages_ready: Option<u64>,
+    /// Messages delivered and not yet settled (None: not reported yet).
     #[serde(default)]
-    pub messages_unacknowledged: u64,
-    /// Consumers attached.
+    pub messages_unacknowledged: Option<u64>,
+    /// Consumers attached (None: not reported yet).
     #[serde(default)]
-    pub consumers: u64,
+    pub consumers: Option<u64>,
 }
 
 /// A binding as the broker has it.

@@ -8,7 +8,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind as AmqpExchangeKind};
 use serde::Serialize;
 
-use super::broker::{BrokerEndpoint, BrokerError, ManagementClient, redact};
+use super::broker::{ActualQueue, BrokerEndpoint, BrokerError, ManagementClient, redact};
 use super::diff::{TopologyDiff, diff};
 use super::plan::{ArgValue, ExchangeKind, PlannedQueue, TopologyPlan};
 
@@ -152,4 +152,148 @@ async fn apply_diff(channel: &Channel, report: &mut ApplyReport) -> Result<(), B
         report.bindings_removed += 1;
     }
     Ok(())
+}
+
+/// What `release` did when a module went away.
+#[derive(Serialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReleaseReport {
+    /// Bindings from other domains' exchanges removed (Retain).
+    pub bindings_removed: usize,
+    /// Queues deleted (Delete).
+    pub queues_deleted: Vec<String>,
+}
+
+/// Why a module's queues were not deleted.
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    /// Queues still hold work and deletion was not forced.
+    #[error("queues still hold unread messages ({}): drain them, switch to deletionPolicy Retain, or set the annotation chimera.dev/force-delete=true", .0.join(", "))]
+    Unread(Vec<String>),
+    /// The broker could not be reached or refused.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// Queues that hold (or may hold) messages, with why. Ready counts come from a passive declare
+/// (exact, now); unacknowledged counts from the management API, which reports them seconds
+/// late: an unreported count on a queue with consumers counts as unread.
+async fn unread_queues(channel: &Channel, queues: &[&ActualQueue]) -> Vec<String> {
+    let mut unread = Vec::new();
+    for queue in queues {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = channel
+            .queue_declare(queue.name.as_str().into(), passive, FieldTable::default())
+            .await;
+        let (ready, consumers) = match declared {
+            Ok(q) => (u64::from(q.message_count()), u64::from(q.consumer_count())),
+            Err(e) => {
+                unread.push(format!("{}: could not be inspected ({e})", queue.name));
+                continue;
+            }
+        };
+        let unacked = match queue.messages_unacknowledged {
+            Some(n) => n,
+            None if consumers > 0 => {
+                unread.push(format!(
+                    "{}: {consumers} consumer(s), unacknowledged count not reported yet",
+                    queue.name
+                ));
+                continue;
+            }
+            None => 0,
+        };
+        if ready + unacked > 0 {
+            unread.push(format!(
+                "{}: {ready} ready, {unacked} unacknowledged",
+                queue.name
+            ));
+        }
+    }
+    unread
+}
+
+/// Releases a deleted module's topology. `Retain` keeps its queues and their messages but
+/// unbinds them from other domains' exchanges, so nothing new piles up unread. `Delete` removes
+/// its queues, but only when none holds a message (ready or unacknowledged), unless `force`.
+/// Exchanges stay: other domains may still be bound to them, and they hold nothing.
+pub async fn release(
+    endpoint: &BrokerEndpoint,
+    owned: &TopologyPlan,
+    domain: &str,
+    delete_queues: bool,
+    force: bool,
+) -> Result<ReleaseReport, ReleaseError> {
+    let state = ManagementClient::new(endpoint)?.state().await?;
+    let queues: Vec<&str> = owned.queues.iter().map(|q| q.name.as_str()).collect();
+    let own_exchanges = [
+        super::names::events_exchange(domain),
+        super::names::commands_exchange(domain),
+    ];
+    let existing: Vec<&ActualQueue> = state
+        .queues
+        .iter()
+        .filter(|q| queues.contains(&q.name.as_str()))
+        .collect();
+    let foreign_bindings: Vec<_> = state
+        .bindings
+        .iter()
+        .filter(|b| b.destination_type == "queue" && queues.contains(&b.destination.as_str()))
+        .filter(|b| !b.source.is_empty() && !own_exchanges.contains(&b.source))
+        .collect();
+    let mut report = ReleaseReport::default();
+    if existing.is_empty() || (!delete_queues && foreign_bindings.is_empty()) {
+        return Ok(report);
+    }
+    let connection = connect(endpoint).await?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(amqp_error("opening a channel"))?;
+    let outcome: Result<(), ReleaseError> = async {
+        if delete_queues && !force {
+            let unread = unread_queues(&channel, &existing).await;
+            if !unread.is_empty() {
+                return Err(ReleaseError::Unread(unread));
+            }
+        }
+        if delete_queues {
+            for queue in &existing {
+                // if_empty: the broker itself refuses when a message arrived since the check.
+                let options = lapin::options::QueueDeleteOptions {
+                    if_empty: !force,
+                    ..Default::default()
+                };
+                channel
+                    .queue_delete(queue.name.as_str().into(), options)
+                    .await
+                    .map_err(amqp_error(format!("deleting queue {}", queue.name)))?;
+                report.queues_deleted.push(queue.name.clone());
+            }
+        } else {
+            for b in &foreign_bindings {
+                channel
+                    .queue_unbind(
+                        b.destination.as_str().into(),
+                        b.source.as_str().into(),
+                        b.routing_key.as_str().into(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(amqp_error(format!(
+                        "unbinding {} from {}",
+                        b.destination, b.source
+                    )))?;
+                report.bindings_removed += 1;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let _ = connection
+        .close(200, "chimera topology released".into())
+        .await;
+    outcome.map(|()| report)
 }

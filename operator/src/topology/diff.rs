@@ -248,9 +248,9 @@ mod tests {
                         .iter()
                         .map(|(k, v)| (k.clone(), to_json(v)))
                         .collect(),
-                    messages_ready: 0,
-                    messages_unacknowledged: 0,
-                    consumers: 0,
+                    messages_ready: Some(0),
+                    messages_unacknowledged: Some(0),
+                    consumers: Some(0),
                 })
                 .collect(),
             bindings,

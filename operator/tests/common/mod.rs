@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use chimera_operator::api::ChimeraModule;
 use chimera_operator::api::crd::chimera_module_crd;
 use chimera_operator::controller::{self, OperatorConfig, Scope};
+use chimera_operator::topology::broker::BrokerEndpoint;
 use chimera_testenv::TestNamespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams};
@@ -82,10 +83,29 @@ impl Harness {
 
     /// A namespace, the CRD and an operator (running as `operator_client`) watching it.
     pub async fn with_operator_as(prefix: &str, operator_client: Option<Client>) -> Self {
+        Self::with_operator_config(prefix, operator_client, OperatorConfig::default()).await
+    }
+
+    /// A namespace, the CRD and an operator that declares topology on `broker`, checking for
+    /// drift every second.
+    pub async fn with_operator_on_broker(prefix: &str, broker: BrokerEndpoint) -> Self {
+        let config = OperatorConfig {
+            broker: Some(broker),
+            topology_resync: Some(Duration::from_secs(1)),
+            ..OperatorConfig::default()
+        };
+        Self::with_operator_config(prefix, None, config).await
+    }
+
+    async fn with_operator_config(
+        prefix: &str,
+        operator_client: Option<Client>,
+        config: OperatorConfig,
+    ) -> Self {
         let mut h = Self::new(prefix).await;
         let config = OperatorConfig {
             scope: Scope::Namespace(h.ns.name.clone()),
-            ..OperatorConfig::default()
+            ..config
         };
         let client = operator_client.unwrap_or_else(|| h.client.clone());
         h.operator = Some(tokio::spawn(async move {
