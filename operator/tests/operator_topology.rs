@@ -322,3 +322,28 @@ async fn a_missing_vhost_is_a_clear_condition_and_nothing_is_deleted() {
     assert!(message.contains("does not exist"), "{message}");
     assert!(queues(&vhost).is_empty());
 }
+
+#[tokio::test]
+async fn delete_removes_empty_queues_without_force() {
+    let vhost = TestVhost::create("op-delete-empty");
+    let h = Harness::with_operator_on_broker("op-delete-empty", endpoint(&vhost)).await;
+    let mut users = example("users");
+    users["spec"]["topology"] = json!({"deletionPolicy": "Delete"});
+    h.apply_module(&users).await;
+    wait_topology(&h, "users", "True", "Declared").await;
+    assert!(queues(&vhost).contains("chimera.users.worker"));
+    let modules = h.api::<ChimeraModule>();
+    modules
+        .delete("users", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("users gone with its (quorum) queues", WAIT, || async {
+        let gone = modules.get_opt("users").await.ok()?.is_none();
+        (gone
+            && !queues(&vhost)
+                .iter()
+                .any(|q| q.starts_with("chimera.users.")))
+        .then_some(())
+    })
+    .await;
+}

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use chimera_operator::api::validation::modules_from_yaml;
 use chimera_operator::topology::broker::{BrokerEndpoint, BrokerError};
 use chimera_operator::topology::declare::{apply, connect, current_diff};
+use chimera_operator::topology::migrate::migrate;
 use chimera_operator::topology::plan::{TopologyPlan, plan};
 use chimera_testenv::TestVhost;
 use common::repo_root;
@@ -416,4 +417,64 @@ async fn bad_brokers_fail_clearly_and_change_nothing() {
 
     // Nothing was declared by any of the failed attempts.
     assert!(listed_names(&vhost, "list_queues").is_empty());
+}
+
+#[tokio::test]
+async fn migrating_a_queue_type_keeps_every_message_and_binding() {
+    let vhost = TestVhost::create("topo-migrate");
+    let e = endpoint(&vhost);
+    let classic = "apiVersion: chimera.dev/v1alpha1\nkind: ChimeraModule\nmetadata: {name: pay}\nspec:\n  image: x\n  commands: [pay.charge, pay.refund]\n  worker: {retry: {delaysSeconds: []}, queue: {type: classic}}\n";
+    apply(&e, &plan_of(classic)).await.unwrap();
+    let connection = connect(&e).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    for i in 0..50 {
+        publish(
+            &channel,
+            "chimera.pay.commands",
+            "pay.charge",
+            format!("{{\"n\":{i}}}").as_bytes(),
+            FieldTable::default(),
+        )
+        .await;
+    }
+
+    let quorum = plan_of(&classic.replace("type: classic", "type: quorum"));
+    let blocked = apply(&e, &quorum).await.unwrap();
+    assert!(blocked.diff.has_conflicts());
+    let done = migrate(&e, &quorum, None, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let moved: Vec<_> = done
+        .iter()
+        .map(|m| (m.queue.as_str(), m.moved_out, m.moved_back))
+        .collect();
+    assert!(moved.contains(&("chimera.pay.worker", 50, 50)), "{moved:?}");
+
+    let types = vhost.rabbitmqctl(&["list_queues", "-q", "name", "type"]);
+    assert!(
+        types.lines().any(|l| l == "chimera.pay.worker\tquorum"),
+        "{types}"
+    );
+    assert!(!types.contains(".migrating"), "{types}");
+    assert_eq!(listed_bindings(&vhost), planned_bindings(&quorum));
+    let after = current_diff(&e, &quorum).await.unwrap();
+    assert!(after.is_converged() && !after.has_conflicts(), "{after:?}");
+    // Every message is there, in order.
+    for i in 0..50 {
+        let m = next_message(&channel, "chimera.pay.worker", Duration::from_secs(5))
+            .await
+            .expect("message after migration");
+        assert_eq!(m.delivery.data, format!("{{\"n\":{i}}}").into_bytes());
+        m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    assert!(
+        next_message(&channel, "chimera.pay.worker", Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    connection.close(200, "done".into()).await.ok();
 }

@@ -29,6 +29,16 @@ pub fn topology_verdict(
         Err(error) => return Verdict::new(false, broker_reason(error), error.to_string()),
         Ok(report) => report,
     };
+    if !report.diff.migrating.is_empty() {
+        return Verdict::new(
+            false,
+            "MigrationInProgress",
+            format!(
+                "{} being rebuilt by `chimera topology migrate` (a .migrating queue exists); run it again if it was interrupted",
+                report.diff.migrating.join(", ")
+            ),
+        );
+    }
     if let Some(c) = report.diff.exchange_conflicts.first() {
         return Verdict::new(
             false,

@@ -89,6 +89,13 @@ pub struct ActualQueue {
     pub consumers: Option<u64>,
 }
 
+impl ActualQueue {
+    /// Whether it is a quorum queue (they refuse `queue.delete` with if-empty).
+    pub fn is_quorum(&self) -> bool {
+        self.arguments.get("x-queue-type").and_then(|v| v.as_str()) == Some("quorum")
+    }
+}
+
 /// A binding as the broker has it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ActualBinding {
@@ -261,8 +268,16 @@ impl ManagementClient {
         })
     }
 
-    async fn get<T: serde::de::DeserializeOwned>(&self, kind: &str) -> Result<T, BrokerError> {
-        let path = format!("/api/{kind}/{}", percent_encode(&self.vhost));
+    async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &str,
+        full_path: bool,
+    ) -> Result<T, BrokerError> {
+        let path = if full_path {
+            format!("/api/{kind}")
+        } else {
+            format!("/api/{kind}/{}", percent_encode(&self.vhost))
+        };
         let response = self
             .http
             .get(format!("{}{path}", self.base))
@@ -301,12 +316,25 @@ impl ManagementClient {
             })
     }
 
+    /// One queue of the vhost.
+    pub async fn queue(&self, name: &str) -> Result<ActualQueue, BrokerError> {
+        self.get(
+            &format!(
+                "queues/{}/{}",
+                percent_encode(&self.vhost),
+                percent_encode(name)
+            ),
+            true,
+        )
+        .await
+    }
+
     /// Exchanges, queues and bindings of the vhost.
     pub async fn state(&self) -> Result<BrokerState, BrokerError> {
         Ok(BrokerState {
-            exchanges: self.get("exchanges").await?,
-            queues: self.get("queues").await?,
-            bindings: self.get("bindings").await?,
+            exchanges: self.get("exchanges", false).await?,
+            queues: self.get("queues", false).await?,
+            bindings: self.get("bindings", false).await?,
         })
     }
 }

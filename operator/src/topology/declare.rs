@@ -261,9 +261,10 @@ pub async fn release(
         }
         if delete_queues {
             for queue in &existing {
-                // if_empty: the broker itself refuses when a message arrived since the check.
+                // if_empty: the broker itself refuses when a message arrived since the check
+                // (classic queues only: quorum queues do not support it).
                 let options = lapin::options::QueueDeleteOptions {
-                    if_empty: !force,
+                    if_empty: !force && !queue.is_quorum(),
                     ..Default::default()
                 };
                 channel

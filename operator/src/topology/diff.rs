@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use super::broker::{ActualBinding, BrokerState};
+use super::migrate::MIGRATING_SUFFIX;
 use super::plan::{ArgValue, PlannedBinding, PlannedExchange, PlannedQueue, TopologyPlan};
 
 /// An exchange that exists with another type than planned (types never change in place).
@@ -49,6 +50,8 @@ pub struct TopologyDiff {
     pub exchange_conflicts: Vec<ExchangeConflict>,
     /// Queue arguments that differ.
     pub argument_conflicts: Vec<ArgumentConflict>,
+    /// Queues being migrated (a `<name>.migrating` queue exists): left alone until it is done.
+    pub migrating: Vec<String>,
 }
 
 impl TopologyDiff {
@@ -91,6 +94,14 @@ fn render_actual(v: &serde_json::Value) -> String {
 /// What must change on the broker for it to hold `plan`.
 pub fn diff(plan: &TopologyPlan, actual: &BrokerState) -> TopologyDiff {
     let mut out = TopologyDiff::default();
+    let on_broker: BTreeSet<&str> = actual.queues.iter().map(|q| q.name.as_str()).collect();
+    let migrating: BTreeSet<&str> = plan
+        .queues
+        .iter()
+        .map(|q| q.name.as_str())
+        .filter(|name| on_broker.contains(format!("{name}{MIGRATING_SUFFIX}").as_str()))
+        .collect();
+    out.migrating = migrating.iter().map(|q| (*q).to_owned()).collect();
     for exchange in &plan.exchanges {
         match actual.exchanges.iter().find(|e| e.name == exchange.name) {
             None => out.missing_exchanges.push(exchange.clone()),
@@ -104,7 +115,11 @@ pub fn diff(plan: &TopologyPlan, actual: &BrokerState) -> TopologyDiff {
             Some(_) => {}
         }
     }
-    for queue in &plan.queues {
+    for queue in plan
+        .queues
+        .iter()
+        .filter(|q| !migrating.contains(q.name.as_str()))
+    {
         let Some(existing) = actual.queues.iter().find(|q| q.name == queue.name) else {
             out.missing_queues.push(queue.clone());
             continue;
@@ -144,7 +159,11 @@ pub fn diff(plan: &TopologyPlan, actual: &BrokerState) -> TopologyDiff {
             )
         })
         .collect();
-    for binding in &plan.bindings {
+    for binding in plan
+        .bindings
+        .iter()
+        .filter(|b| !migrating.contains(b.destination.as_str()))
+    {
         let key = (
             binding.source.as_str(),
             binding.destination.as_str(),
@@ -169,6 +188,7 @@ pub fn diff(plan: &TopologyPlan, actual: &BrokerState) -> TopologyDiff {
     for b in &actual.bindings {
         let ours = b.destination_type == "queue"
             && planned_queues.contains(b.destination.as_str())
+            && !migrating.contains(b.destination.as_str())
             && b.source.starts_with("chimera.");
         if ours
             && !planned_bindings.contains(&(
@@ -354,6 +374,30 @@ mod tests {
         assert_eq!(
             d.conflicting_queues().into_iter().collect::<Vec<_>>(),
             ["chimera.users.worker"]
+        );
+    }
+
+    #[test]
+    fn a_queue_under_migration_is_left_alone() {
+        let p = sample_plan();
+        let mut state = converged(&p);
+        // Mid-migration: the old queue is gone and its bindings moved to the temporary queue.
+        state.queues.retain(|q| q.name != "chimera.users.worker");
+        state
+            .bindings
+            .retain(|b| b.destination != "chimera.users.worker");
+        state.queues.push(ActualQueue {
+            name: "chimera.users.worker.migrating".into(),
+            arguments: Default::default(),
+            messages_ready: Some(3),
+            messages_unacknowledged: Some(0),
+            consumers: Some(0),
+        });
+        let d = diff(&p, &state);
+        assert_eq!(d.migrating, ["chimera.users.worker"]);
+        assert!(
+            d.missing_queues.is_empty() && d.missing_bindings.is_empty(),
+            "{d:?}"
         );
     }
 

@@ -82,6 +82,13 @@ pub struct PlannedQueue {
     pub arguments: BTreeMap<String, ArgValue>,
 }
 
+impl PlannedQueue {
+    /// Whether the plan makes it a quorum queue.
+    pub fn is_quorum(&self) -> bool {
+        self.arguments.get("x-queue-type") == Some(&ArgValue::Str("quorum".to_owned()))
+    }
+}
+
 /// A binding from an exchange to a queue.
 #[derive(Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PlannedBinding {
