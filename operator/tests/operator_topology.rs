@@ -347,3 +347,31 @@ async fn delete_removes_empty_queues_without_force() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_module_with_its_own_broker_secret_is_declared_there() {
+    let operator_vhost = TestVhost::create("op-default");
+    let own_vhost = TestVhost::create("op-own");
+    let h = Harness::with_operator_on_broker("op-own", endpoint(&operator_vhost)).await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = h.api();
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "own-mq"},
+        "stringData": {"url": own_vhost.amqp_url, "managementUrl": own_vhost.management_url()}
+    }))
+    .unwrap();
+    secrets.create(&Default::default(), &secret).await.unwrap();
+    let mut users = example("users");
+    users["spec"]["broker"] = json!({"secretRef": {"name": "own-mq"}});
+    h.apply_module(&users).await;
+    wait_topology(&h, "users", "True", "Declared").await;
+    assert!(queues(&own_vhost).contains("chimera.users.worker"));
+    assert!(
+        queues(&operator_vhost).is_empty(),
+        "nothing on the operator's broker"
+    );
+
+    users["spec"]["broker"] = json!({"secretRef": {"name": "missing-mq"}});
+    h.apply_module(&users).await;
+    let message = wait_topology(&h, "users", "False", "BrokerSecretUnreadable").await;
+    assert!(message.contains("missing-mq"), "{message}");
+}

@@ -478,3 +478,45 @@ async fn migrating_a_queue_type_keeps_every_message_and_binding() {
     );
     connection.close(200, "done".into()).await.ok();
 }
+
+/// The Done criterion as a user types it: the CLI on a fresh broker.
+#[tokio::test]
+async fn the_cli_applies_the_marketplace_and_diff_then_reports_no_change() {
+    let vhost = TestVhost::create("topo-cli");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chimera"))
+            .args(args)
+            .args([
+                "-f",
+                repo_root().join("examples/marketplace").to_str().unwrap(),
+            ])
+            .args([
+                "--amqp",
+                &vhost.amqp_url,
+                "--management",
+                vhost.management_url(),
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = run(&["topology", "diff"]);
+    assert_eq!(code, Some(1), "a fresh broker differs: {out}");
+    assert!(out.contains("+ queue chimera.orders.worker"), "{out}");
+    let (code, out) = run(&["topology", "apply"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("declared 6 exchange(s), 15 queue(s), 16 binding(s)"),
+        "{out}"
+    );
+    assert_eq!(
+        listed_bindings(&vhost),
+        planned_bindings(&marketplace_plan())
+    );
+    let (code, out) = run(&["topology", "diff"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("broker matches the plan"), "{out}");
+}
