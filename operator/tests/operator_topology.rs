@@ -374,4 +374,16 @@ async fn a_module_with_its_own_broker_secret_is_declared_there() {
     h.apply_module(&users).await;
     let message = wait_topology(&h, "users", "False", "BrokerSecretUnreadable").await;
     assert!(message.contains("missing-mq"), "{message}");
+
+    // Retain: with its broker Secret gone, the module is still let go (its queues stay).
+    let modules = h.api::<ChimeraModule>();
+    modules
+        .delete("users", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("users gone despite the missing Secret", WAIT, || async {
+        modules.get_opt("users").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(queues(&own_vhost).contains("chimera.users.worker"));
 }

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use kube::{Api, Client};
 
 const HOW_TO_START: &str = "start the test environment with `eval \"$(scripts/dev-env up)\"` \
@@ -93,6 +95,7 @@ impl Drop for TestNamespace {
                 .build()?;
             rt.block_on(async move {
                 if let Ok(client) = Client::try_default().await {
+                    release_finalizers(&client, &name).await;
                     let api: Api<Namespace> = Api::all(client);
                     let _ = api.delete(&name, &DeleteParams::background()).await;
                 }
@@ -100,6 +103,30 @@ impl Drop for TestNamespace {
             Ok::<_, std::io::Error>(())
         })
         .join();
+    }
+}
+
+/// Drops the finalizers of the ChimeraModules in `namespace`: the test's operator is gone, and
+/// nothing else would release them, leaving the namespace terminating forever.
+async fn release_finalizers(client: &Client, namespace: &str) {
+    let resource = ApiResource {
+        group: "chimera.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "chimera.dev/v1alpha1".into(),
+        kind: "ChimeraModule".into(),
+        plural: "chimeramodules".into(),
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+    let Ok(list) = api.list(&ListParams::default()).await else {
+        return;
+    };
+    let patch = serde_json::json!({"metadata": {"finalizers": null}});
+    for module in list {
+        if let Some(name) = module.metadata.name {
+            let _ = api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await;
+        }
     }
 }
 

@@ -245,6 +245,17 @@ async fn cleanup_module(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result
     match super::topology::release(&module, &ctx).await {
         Ok(report) => {
             info!(?report, "released the module's topology");
+            if let Some(why) = &report.left_in_place {
+                let note = format!("queues and bindings left as they are: {why}");
+                publish(
+                    &ctx.recorder,
+                    &module,
+                    EventType::Warning,
+                    "TopologyLeftInPlace",
+                    note,
+                )
+                .await;
+            }
             ctx.record_success(&module);
             Ok(Action::await_change())
         }

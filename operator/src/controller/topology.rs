@@ -201,10 +201,19 @@ pub async fn release(
     ctx: &Context,
 ) -> Result<declare::ReleaseReport, Error> {
     let owned = owned_plan(module, ctx).await?;
-    let endpoint = endpoint_for(module, ctx)
-        .await
-        .map_err(|v| Error::Topology(v.message))?;
     let delete = module.spec.topology.deletion_policy == DeletionPolicy::Delete;
+    let endpoint = match endpoint_for(module, ctx).await {
+        Ok(e) => e,
+        // Retain keeps everything anyway: a broker Secret already gone (a namespace being
+        // deleted removes it alongside) must not hold the module, and its namespace, forever.
+        Err(verdict) if !delete => {
+            return Ok(declare::ReleaseReport {
+                left_in_place: Some(verdict.message),
+                ..declare::ReleaseReport::default()
+            });
+        }
+        Err(verdict) => return Err(Error::Topology(verdict.message)),
+    };
     let force = module
         .annotations()
         .get(FORCE_DELETE_ANNOTATION)

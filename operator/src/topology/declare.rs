@@ -161,6 +161,8 @@ pub struct ReleaseReport {
     pub bindings_removed: usize,
     /// Queues deleted (Delete).
     pub queues_deleted: Vec<String>,
+    /// Why the topology was left exactly as it was (Retain, broker not resolvable).
+    pub left_in_place: Option<String>,
 }
 
 /// Why a module's queues were not deleted.
