@@ -1,1 +1,12 @@
-//! Placeholder: the sdk crate is built in issue 4 (the module SDK and marketplace domains).
+//! The shared body of a Chimera module: what every head gets without writing it.
+//!
+//! - [`config`]: the head contract's environment, validated at start;
+//! - [`envelope`]: the message envelope, headers and trace context;
+//! - [`http`]: the HTTP server every head runs (health, readiness, metrics, JSON errors);
+//! - [`shutdown`]: SIGTERM / Ctrl-C as a future.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod envelope;
+pub mod http;
+pub mod shutdown;

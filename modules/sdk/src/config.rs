@@ -1,0 +1,307 @@
+//! The head's configuration, read from the head contract's environment (docs/contract.md) and
+//! checked at start: a missing or malformed variable is an error that names it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+/// Which head this process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadKind {
+    /// Serves REST reads.
+    Query,
+    /// Consumes commands and events.
+    Worker,
+}
+
+/// A variable of the contract is missing or malformed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A required variable is not set (or empty).
+    #[error("{0} is not set (the operator or `chimera up` sets it; see docs/contract.md)")]
+    Missing(&'static str),
+    /// A variable is set to something unusable.
+    #[error("{name}={value:?} is invalid: {reason}")]
+    Invalid {
+        /// The variable.
+        name: &'static str,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Everything a head learns from its environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeadConfig {
+    /// `CHIMERA_MODULE`.
+    pub module: String,
+    /// `CHIMERA_DOMAIN`.
+    pub domain: String,
+    /// `CHIMERA_HEAD`.
+    pub head: HeadKind,
+    /// `CHIMERA_POD_NAME` (or the host name): unique per replica.
+    pub instance: String,
+    /// `CHIMERA_HTTP_ADDR`.
+    pub http_addr: SocketAddr,
+    /// `CHIMERA_AMQP_URL`.
+    pub amqp_url: String,
+    /// `CHIMERA_DATABASE_URL`, when the module has a database.
+    pub database_url: Option<String>,
+    /// `CHIMERA_EVENTS_EXCHANGE`.
+    pub events_exchange: String,
+    /// `CHIMERA_COMMANDS_EXCHANGE`.
+    pub commands_exchange: String,
+    /// `CHIMERA_PUBLISHES`: the event names this domain may publish.
+    pub publishes: Vec<String>,
+    /// Worker settings (only for the worker head).
+    pub worker: Option<WorkerConfig>,
+}
+
+/// What only the worker head needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// `CHIMERA_WORKER_QUEUE`.
+    pub queue: String,
+    /// `CHIMERA_DEAD_LETTER_QUEUE`.
+    pub dead_letter_queue: String,
+    /// `CHIMERA_RETRY_DELAYS_SECONDS`: retry queue n (from 1) waits `retry_delays[n-1]` s.
+    pub retry_delays_seconds: Vec<u64>,
+    /// `CHIMERA_MAX_ATTEMPTS`.
+    pub max_attempts: u32,
+    /// `CHIMERA_PREFETCH`.
+    pub prefetch: u16,
+    /// `CHIMERA_COMMANDS`.
+    pub commands: Vec<String>,
+}
+
+impl WorkerConfig {
+    /// The retry queue for retry number `n` (from 1): `<worker queue>.retry.<n>`.
+    pub fn retry_queue(&self, n: usize) -> String {
+        format!("{}.retry.{n}", self.queue)
+    }
+}
+
+fn list(value: Option<&String>) -> Vec<String> {
+    value
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl HeadConfig {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(&std::env::vars().collect())
+    }
+
+    /// Reads the configuration from `vars` (what `from_env` does, testable).
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |name: &'static str| vars.get(name).filter(|v| !v.trim().is_empty());
+        let required = |name: &'static str| get(name).cloned().ok_or(ConfigError::Missing(name));
+        let invalid = |name: &'static str, value: &str, reason: &str| ConfigError::Invalid {
+            name,
+            value: value.to_owned(),
+            reason: reason.to_owned(),
+        };
+
+        let head = match required("CHIMERA_HEAD")?.as_str() {
+            "query" => HeadKind::Query,
+            "worker" => HeadKind::Worker,
+            other => return Err(invalid("CHIMERA_HEAD", other, "expected query or worker")),
+        };
+        let addr = required("CHIMERA_HTTP_ADDR")?;
+        let http_addr = addr.parse().map_err(|_| {
+            invalid(
+                "CHIMERA_HTTP_ADDR",
+                &addr,
+                "expected HOST:PORT, e.g. 0.0.0.0:8080",
+            )
+        })?;
+        let amqp_url = required("CHIMERA_AMQP_URL")?;
+        if !(amqp_url.starts_with("amqp://") || amqp_url.starts_with("amqps://")) {
+            return Err(invalid(
+                "CHIMERA_AMQP_URL",
+                "<redacted>",
+                "expected amqp://... or amqps://...",
+            ));
+        }
+        let domain = required("CHIMERA_DOMAIN")?;
+        let worker = match head {
+            HeadKind::Query => None,
+            HeadKind::Worker => {
+                let delays_raw = get("CHIMERA_RETRY_DELAYS_SECONDS")
+                    .cloned()
+                    .unwrap_or_default();
+                let retry_delays_seconds = list(Some(&delays_raw))
+                    .iter()
+                    .map(|d| d.parse::<u64>().ok().filter(|d| *d > 0))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        invalid(
+                            "CHIMERA_RETRY_DELAYS_SECONDS",
+                            &delays_raw,
+                            "expected positive whole seconds, comma-separated",
+                        )
+                    })?;
+                let attempts_raw = get("CHIMERA_MAX_ATTEMPTS").cloned();
+                let max_attempts = match &attempts_raw {
+                    None => retry_delays_seconds.len() as u32 + 1,
+                    Some(raw) => raw.parse::<u32>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                        invalid("CHIMERA_MAX_ATTEMPTS", raw, "expected a whole number >= 1")
+                    })?,
+                };
+                let prefetch_raw = get("CHIMERA_PREFETCH")
+                    .cloned()
+                    .unwrap_or_else(|| "100".to_owned());
+                let prefetch = prefetch_raw
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p >= 1)
+                    .ok_or_else(|| {
+                        invalid("CHIMERA_PREFETCH", &prefetch_raw, "expected 1-65535")
+                    })?;
+                Some(WorkerConfig {
+                    queue: required("CHIMERA_WORKER_QUEUE")?,
+                    dead_letter_queue: required("CHIMERA_DEAD_LETTER_QUEUE")?,
+                    retry_delays_seconds,
+                    max_attempts,
+                    prefetch,
+                    commands: list(get("CHIMERA_COMMANDS")),
+                })
+            }
+        };
+        Ok(Self {
+            module: get("CHIMERA_MODULE")
+                .cloned()
+                .unwrap_or_else(|| domain.clone()),
+            instance: get("CHIMERA_POD_NAME")
+                .or_else(|| get("HOSTNAME"))
+                .cloned()
+                .unwrap_or_else(|| format!("{domain}-{}", std::process::id())),
+            events_exchange: get("CHIMERA_EVENTS_EXCHANGE")
+                .cloned()
+                .unwrap_or_else(|| format!("chimera.{domain}.events")),
+            commands_exchange: get("CHIMERA_COMMANDS_EXCHANGE")
+                .cloned()
+                .unwrap_or_else(|| format!("chimera.{domain}.commands")),
+            publishes: list(get("CHIMERA_PUBLISHES")),
+            database_url: get("CHIMERA_DATABASE_URL").cloned(),
+            domain,
+            head,
+            http_addr,
+            amqp_url,
+            worker,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn worker_env() -> HashMap<String, String> {
+        vars(&[
+            ("CHIMERA_HEAD", "worker"),
+            ("CHIMERA_DOMAIN", "orders"),
+            ("CHIMERA_HTTP_ADDR", "0.0.0.0:8080"),
+            ("CHIMERA_AMQP_URL", "amqp://u:p@mq:5672/%2f"),
+            ("CHIMERA_WORKER_QUEUE", "chimera.orders.worker"),
+            ("CHIMERA_DEAD_LETTER_QUEUE", "chimera.orders.worker.dlq"),
+            ("CHIMERA_RETRY_DELAYS_SECONDS", "1,10,60"),
+            ("CHIMERA_PREFETCH", "200"),
+            ("CHIMERA_COMMANDS", "order.place, order.cancel"),
+            ("CHIMERA_PUBLISHES", "order.placed"),
+        ])
+    }
+
+    #[test]
+    fn a_worker_reads_the_contract() {
+        let c = HeadConfig::from_vars(&worker_env()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.head, HeadKind::Worker);
+        assert_eq!(c.events_exchange, "chimera.orders.events");
+        let w = c.worker.unwrap_or_else(|| panic!("worker config"));
+        assert_eq!(w.retry_delays_seconds, [1, 10, 60]);
+        assert_eq!(w.max_attempts, 4);
+        assert_eq!(w.prefetch, 200);
+        assert_eq!(w.commands, ["order.place", "order.cancel"]);
+        assert_eq!(w.retry_queue(2), "chimera.orders.worker.retry.2");
+    }
+
+    #[test]
+    fn every_missing_or_bad_variable_is_named() {
+        for name in [
+            "CHIMERA_HEAD",
+            "CHIMERA_DOMAIN",
+            "CHIMERA_HTTP_ADDR",
+            "CHIMERA_AMQP_URL",
+            "CHIMERA_WORKER_QUEUE",
+            "CHIMERA_DEAD_LETTER_QUEUE",
+        ] {
+            let mut env = worker_env();
+            env.remove(name);
+            let err = HeadConfig::from_vars(&env)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.starts_with(name), "{name}: {err}");
+        }
+        for (name, bad) in [
+            ("CHIMERA_HEAD", "both"),
+            ("CHIMERA_HTTP_ADDR", "8080"),
+            ("CHIMERA_AMQP_URL", "http://mq"),
+            ("CHIMERA_PREFETCH", "0"),
+            ("CHIMERA_PREFETCH", "70000"),
+            ("CHIMERA_RETRY_DELAYS_SECONDS", "1,x"),
+            ("CHIMERA_MAX_ATTEMPTS", "0"),
+        ] {
+            let mut env = worker_env();
+            env.insert(name.to_owned(), bad.to_owned());
+            let err = HeadConfig::from_vars(&env)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.starts_with(name) && err.contains("invalid"),
+                "{name}={bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn credentials_never_appear_in_errors() {
+        let mut env = worker_env();
+        env.insert("CHIMERA_AMQP_URL".into(), "ftp://user:secret@mq".into());
+        let err = HeadConfig::from_vars(&env)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn a_query_head_needs_no_worker_variables() {
+        let env = vars(&[
+            ("CHIMERA_HEAD", "query"),
+            ("CHIMERA_DOMAIN", "orders"),
+            ("CHIMERA_HTTP_ADDR", "127.0.0.1:0"),
+            ("CHIMERA_AMQP_URL", "amqp://mq"),
+        ]);
+        let c = HeadConfig::from_vars(&env).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.head, HeadKind::Query);
+        assert!(c.worker.is_none());
+        assert_eq!(c.module, "orders");
+    }
+}

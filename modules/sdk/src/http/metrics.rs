@@ -1,0 +1,86 @@
+//! The head's Prometheus metrics. Query heads expose the request-duration histogram the
+//! autoscaler reads: its name and labels are part of the head contract.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Name of the request-duration histogram (seconds), without the `_seconds` unit suffix the
+/// encoder appends: `chimera_http_request_duration_seconds`.
+pub const REQUEST_DURATION: &str = "chimera_http_request_duration";
+/// Name of the in-flight gauge: `chimera_http_requests_in_flight`.
+pub const IN_FLIGHT: &str = "chimera_http_requests_in_flight";
+
+/// Bucket bounds in seconds: fine around the latencies a query head is held to (tens to
+/// hundreds of milliseconds) so that percentiles interpolate well.
+pub const BUCKETS: [f64; 20] = [
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3,
+    0.4, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Labels of one request series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Route template (`/orders/{id}`), or `unmatched`.
+    pub route: String,
+    /// HTTP method.
+    pub method: String,
+    /// Status code.
+    pub status: u16,
+}
+
+/// Metrics of the HTTP server, registered in the head's registry.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    /// Request duration per route, method and status.
+    pub duration: Family<RequestLabels, Histogram>,
+    /// Requests being served right now.
+    pub in_flight: Gauge,
+    registry: Arc<Registry>,
+}
+
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+impl HttpMetrics {
+    /// A registry with the HTTP metrics in it.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let duration = Family::<RequestLabels, Histogram>::new_with_constructor(
+            histogram as fn() -> Histogram,
+        );
+        let in_flight = Gauge::default();
+        registry.register_with_unit(
+            REQUEST_DURATION,
+            "Time to answer an HTTP request",
+            prometheus_client::registry::Unit::Seconds,
+            duration.clone(),
+        );
+        registry.register(IN_FLIGHT, "HTTP requests being served", in_flight.clone());
+        Self {
+            duration,
+            in_flight,
+            registry: Arc::new(registry),
+        }
+    }
+
+    /// The metrics in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
