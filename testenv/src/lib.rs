@@ -229,6 +229,47 @@ impl TestVhost {
         }
     }
 
+    /// GETs a management API path (e.g. `/api/consumers/<vhost>`) and returns the JSON.
+    pub fn management_get(&self, path: &str) -> serde_json::Value {
+        let (base, user, pass) = split_credentials(&self.management);
+        let mut resp = management_agent()
+            .get(&format!("{base}{path}"))
+            .header("Authorization", &basic_auth(&user, &pass))
+            .call()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
+        resp.body_mut().read_json().unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// Closes every connection to this vhost whose client named itself `connection_name`, as
+    /// a broker restart or a network cut would; returns how many it closed.
+    pub fn close_connections_named(&self, connection_name: &str) -> usize {
+        let (base, user, pass) = split_credentials(&self.management);
+        let connections = self.management_get(&format!("/api/vhosts/{}/connections", self.name));
+        let mut closed = 0;
+        for c in connections.as_array().into_iter().flatten() {
+            if c.pointer("/client_properties/connection_name").and_then(|n| n.as_str()) != Some(connection_name) {
+                continue;
+            }
+            let Some(name) = c["name"].as_str() else { continue };
+            let encoded: String = name
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+                    other => format!("%{other:02X}"),
+                })
+                .collect();
+            let resp = management_agent()
+                .delete(&format!("{base}/api/connections/{encoded}"))
+                .header("Authorization", &basic_auth(&user, &pass))
+                .call()
+                .unwrap_or_else(|e| panic!("closing connection {name}: {e}"));
+            assert!(resp.status().is_success(), "closing connection {name}: {}", resp.status());
+            closed += 1;
+        }
+        closed
+    }
+
     /// The management API URL (with credentials).
     pub fn management_url(&self) -> &str {
         &self.management

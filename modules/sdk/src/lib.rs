@@ -1,11 +1,13 @@
 //! The shared body of a Chimera module: what every head gets without writing it.
 //!
+//! - [`broker`]: RabbitMQ with automatic recovery and publisher confirms;
 //! - [`config`]: the head contract's environment, validated at start;
 //! - [`envelope`]: the message envelope, headers and trace context;
 //! - [`http`]: the HTTP server every head runs (health, readiness, metrics, JSON errors);
 //! - [`shutdown`]: SIGTERM / Ctrl-C as a future.
 #![forbid(unsafe_code)]
 
+pub mod broker;
 pub mod config;
 pub mod envelope;
 pub mod http;
