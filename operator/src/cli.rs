@@ -51,6 +51,28 @@ pub enum Command {
     /// Plan, diff and declare the RabbitMQ topology of ChimeraModules without Kubernetes.
     #[command(subcommand)]
     Topology(TopologyCommand),
+    /// Send a command (or, with --event, an event) in the contract's envelope and wait for the
+    /// broker's confirm; fails when no queue is bound for it.
+    Publish {
+        /// The domain whose commands (or events) exchange receives it.
+        #[arg(long)]
+        domain: String,
+        /// The command or event name (also the routing key).
+        #[arg(long = "type")]
+        kind: String,
+        /// The payload, a JSON object.
+        #[arg(long, default_value = "{}")]
+        data: String,
+        /// Message id (a UUID; default: a new one). Reuse one to test idempotency.
+        #[arg(long)]
+        id: Option<String>,
+        /// Publish on the domain's events exchange instead of its commands exchange.
+        #[arg(long)]
+        event: bool,
+        /// AMQP URL with the vhost.
+        #[arg(long = "amqp", env = "CHIMERA_AMQP_URL")]
+        amqp: String,
+    },
     /// Run the operator against the cluster of the current kubeconfig.
     Operator {
         /// Watch one namespace only (default: all namespaces).
@@ -260,6 +282,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(exit(!plan.has_errors() && !report.diff.has_conflicts()))
         }
+        Command::Publish {
+            domain,
+            kind,
+            data,
+            id,
+            event,
+            amqp,
+        } => publish(&domain, &kind, &data, id.as_deref(), event, &amqp).await,
         Command::Operator {
             namespace,
             amqp_url,
@@ -290,6 +320,47 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn publish(
+    domain: &str,
+    kind: &str,
+    data: &str,
+    id: Option<&str>,
+    event: bool,
+    amqp: &str,
+) -> anyhow::Result<ExitCode> {
+    use chimera_sdk::broker::{Outgoing, Publisher, connect};
+    use chimera_sdk::envelope::{Envelope, TraceParent};
+
+    let data: serde_json::Value = serde_json::from_str(data).context("--data is not JSON")?;
+    anyhow::ensure!(data.is_object(), "--data must be a JSON object, got {data}");
+    let mut envelope = Envelope::new(kind, data);
+    if let Some(id) = id {
+        envelope.id = id
+            .parse()
+            .with_context(|| format!("--id {id:?} is not a UUID"))?;
+    }
+    let exchange = if event {
+        crate::topology::names::events_exchange(domain)
+    } else {
+        crate::topology::names::commands_exchange(domain)
+    };
+    let mut message = Outgoing::new(exchange.clone(), envelope);
+    message.trace = Some(TraceParent::new_root());
+    let connection = connect(amqp, "chimera-publish").await?;
+    let outcome = async {
+        let publisher = Publisher::open(&connection).await?;
+        publisher.publish(&message, true).await
+    }
+    .await;
+    let _ = connection.close(200, "published".into()).await;
+    outcome?;
+    println!(
+        "published {kind} (id {}) on {exchange}; confirmed by the broker",
+        message.envelope.id
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn exit(success: bool) -> ExitCode {

@@ -520,3 +520,88 @@ async fn the_cli_applies_the_marketplace_and_diff_then_reports_no_change() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("broker matches the plan"), "{out}");
 }
+
+/// `chimera publish` sends the contract's envelope to the commands exchange and waits for the
+/// confirm; a command no queue takes is an error.
+#[tokio::test]
+async fn chimera_publish_sends_a_command_in_the_contract_envelope() {
+    let vhost = TestVhost::create("topo-publish");
+    apply(&endpoint(&vhost), &marketplace_plan()).await.unwrap();
+    let publish = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chimera"))
+            .arg("publish")
+            .args(args)
+            .args(["--amqp", &vhost.amqp_url])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let id = "6d6f1f9e-8d0e-4c35-9f55-6c2b8b1c2a11";
+    let (code, out) = publish(&[
+        "--domain",
+        "users",
+        "--type",
+        "user.register",
+        "--data",
+        r#"{"user_id":"u1","name":"Ada","email":"ada@example.com"}"#,
+        "--id",
+        id,
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("confirmed"), "{out}");
+
+    let connection = connect(&endpoint(&vhost)).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let m = next_message(&channel, "chimera.users.worker", Duration::from_secs(5))
+        .await
+        .expect("the command reached the users worker queue");
+    let props = &m.delivery.properties;
+    assert_eq!(
+        props.message_id().as_ref().map(|s| s.to_string()),
+        Some(id.to_owned())
+    );
+    assert_eq!(
+        props.kind().as_ref().map(|s| s.to_string()),
+        Some("user.register".to_owned())
+    );
+    assert_eq!(
+        props.content_type().as_ref().map(|s| s.to_string()),
+        Some("application/json".to_owned())
+    );
+    assert_eq!(*props.delivery_mode(), Some(2));
+    assert_eq!(attempt_of(props), 1);
+    match header(props, "traceparent") {
+        Some(AMQPValue::LongString(t)) => assert!(t.to_string().starts_with("00-"), "{t}"),
+        other => panic!("no traceparent: {other:?}"),
+    }
+    let body: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+    assert_eq!(body["id"], id);
+    assert_eq!(body["type"], "user.register");
+    assert_eq!(body["data"]["name"], "Ada");
+    assert!(body["occurred_at"].as_str().is_some());
+    connection.close(200, "done".into()).await.ok();
+
+    let (code, out) = publish(&["--domain", "users", "--type", "user.frobnicate"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("no queue is bound for \"user.frobnicate\""),
+        "{out}"
+    );
+    let (code, out) = publish(&[
+        "--domain",
+        "users",
+        "--type",
+        "user.register",
+        "--data",
+        "[1,2]",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("must be a JSON object"), "{out}");
+    let (code, out) = publish(&["--domain", "users", "--type", "user.register", "--id", "42"]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("is not a UUID"), "{out}");
+}

@@ -238,7 +238,9 @@ impl TestVhost {
             .call()
             .unwrap_or_else(|e| panic!("GET {path}: {e}"));
         assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
-        resp.body_mut().read_json().unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        resp.body_mut()
+            .read_json()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
     /// Closes every connection to this vhost whose client named itself `connection_name`, as
@@ -248,14 +250,21 @@ impl TestVhost {
         let connections = self.management_get(&format!("/api/vhosts/{}/connections", self.name));
         let mut closed = 0;
         for c in connections.as_array().into_iter().flatten() {
-            if c.pointer("/client_properties/connection_name").and_then(|n| n.as_str()) != Some(connection_name) {
+            if c.pointer("/client_properties/connection_name")
+                .and_then(|n| n.as_str())
+                != Some(connection_name)
+            {
                 continue;
             }
-            let Some(name) = c["name"].as_str() else { continue };
+            let Some(name) = c["name"].as_str() else {
+                continue;
+            };
             let encoded: String = name
                 .bytes()
                 .map(|b| match b {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                        (b as char).to_string()
+                    }
                     other => format!("%{other:02X}"),
                 })
                 .collect();
@@ -264,7 +273,11 @@ impl TestVhost {
                 .header("Authorization", &basic_auth(&user, &pass))
                 .call()
                 .unwrap_or_else(|e| panic!("closing connection {name}: {e}"));
-            assert!(resp.status().is_success(), "closing connection {name}: {}", resp.status());
+            assert!(
+                resp.status().is_success(),
+                "closing connection {name}: {}",
+                resp.status()
+            );
             closed += 1;
         }
         closed

@@ -3,7 +3,9 @@
 //! publisher confirms, pipelined.
 
 use futures::future::try_join_all;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
 
@@ -29,7 +31,9 @@ pub enum BrokerError {
         kind: String,
     },
     /// A mandatory message matched no binding.
-    #[error("no queue is bound for {routing_key:?} on exchange {exchange:?}: the message was returned")]
+    #[error(
+        "no queue is bound for {routing_key:?} on exchange {exchange:?}: the message was returned"
+    )]
     Unroutable {
         /// Exchange.
         exchange: String,
@@ -48,7 +52,9 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
     let properties = ConnectionProperties::default()
         .with_connection_name(LongString::from(name))
         .enable_auto_recover();
-    Connection::connect(url, properties).await.map_err(amqp("connect"))
+    Connection::connect(url, properties)
+        .await
+        .map_err(amqp("connect"))
 }
 
 /// Where and how to publish one envelope.
@@ -84,12 +90,21 @@ impl Outgoing {
     /// The AMQP properties of the contract: message id, type, content type, persistent, headers.
     pub fn properties(&self) -> BasicProperties {
         let mut headers = FieldTable::default();
-        headers.insert(ShortString::from(ATTEMPT), AMQPValue::LongLongInt(i64::from(self.attempt)));
+        headers.insert(
+            ShortString::from(ATTEMPT),
+            AMQPValue::LongLongInt(i64::from(self.attempt)),
+        );
         if let Some(trace) = self.trace {
-            headers.insert(ShortString::from(TRACEPARENT), AMQPValue::LongString(LongString::from(trace.to_string())));
+            headers.insert(
+                ShortString::from(TRACEPARENT),
+                AMQPValue::LongString(LongString::from(trace.to_string())),
+            );
         }
         for (k, v) in &self.headers {
-            headers.insert(ShortString::from(k.as_str()), AMQPValue::LongString(LongString::from(v.as_str())));
+            headers.insert(
+                ShortString::from(k.as_str()),
+                AMQPValue::LongString(LongString::from(v.as_str())),
+            );
         }
         BasicProperties::default()
             .with_message_id(ShortString::from(self.envelope.id.to_string()))
@@ -110,40 +125,68 @@ pub struct Publisher {
 impl Publisher {
     /// Opens a confirming channel on `connection`.
     pub async fn open(connection: &Connection) -> Result<Self, BrokerError> {
-        let channel = connection.create_channel().await.map_err(amqp("open a channel"))?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await.map_err(amqp("enable publisher confirms"))?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(amqp("open a channel"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(amqp("enable publisher confirms"))?;
         Ok(Self { channel })
     }
 
     /// Publishes one message and waits for the broker's confirm. With `mandatory`, a message
     /// no queue is bound for is an error instead of vanishing.
     pub async fn publish(&self, message: &Outgoing, mandatory: bool) -> Result<(), BrokerError> {
-        self.publish_all(std::slice::from_ref(message), mandatory).await
+        self.publish_all(std::slice::from_ref(message), mandatory)
+            .await
     }
 
     /// Publishes messages back to back, then waits for all the confirms (pipelined: one round
     /// trip for the batch, not one per message).
-    pub async fn publish_all(&self, messages: &[Outgoing], mandatory: bool) -> Result<(), BrokerError> {
-        let options = BasicPublishOptions { mandatory, ..BasicPublishOptions::default() };
+    pub async fn publish_all(
+        &self,
+        messages: &[Outgoing],
+        mandatory: bool,
+    ) -> Result<(), BrokerError> {
+        let options = BasicPublishOptions {
+            mandatory,
+            ..BasicPublishOptions::default()
+        };
         let mut pending = Vec::with_capacity(messages.len());
         for m in messages {
             let body = m.envelope.encode();
             let confirm = self
                 .channel
-                .basic_publish(m.exchange.as_str().into(), m.routing_key.as_str().into(), options, &body, m.properties())
+                .basic_publish(
+                    m.exchange.as_str().into(),
+                    m.routing_key.as_str().into(),
+                    options,
+                    &body,
+                    m.properties(),
+                )
                 .await
                 .map_err(amqp("publish"))?;
             pending.push(confirm);
         }
-        let confirmations = try_join_all(pending).await.map_err(amqp("await a publisher confirm"))?;
+        let confirmations = try_join_all(pending)
+            .await
+            .map_err(amqp("await a publisher confirm"))?;
         for (m, confirmation) in messages.iter().zip(confirmations) {
             match confirmation {
                 Confirmation::Ack(None) | Confirmation::NotRequested => {}
                 Confirmation::Ack(Some(_)) => {
-                    return Err(BrokerError::Unroutable { exchange: m.exchange.clone(), routing_key: m.routing_key.clone() });
+                    return Err(BrokerError::Unroutable {
+                        exchange: m.exchange.clone(),
+                        routing_key: m.routing_key.clone(),
+                    });
                 }
                 Confirmation::Nack(_) => {
-                    return Err(BrokerError::Nacked { id: m.envelope.id.to_string(), kind: m.envelope.kind.clone() });
+                    return Err(BrokerError::Nacked {
+                        id: m.envelope.id.to_string(),
+                        kind: m.envelope.kind.clone(),
+                    });
                 }
             }
         }
@@ -153,11 +196,27 @@ impl Publisher {
 
 /// Starts consuming `queue` on a new channel with `prefetch` unacknowledged messages at most.
 /// Recovery re-applies the QoS and the consumer.
-pub async fn consume(connection: &Connection, queue: &str, prefetch: u16, tag: &str) -> Result<(Channel, Consumer), BrokerError> {
-    let channel = connection.create_channel().await.map_err(amqp("open a channel"))?;
-    channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(amqp("set the prefetch"))?;
+pub async fn consume(
+    connection: &Connection,
+    queue: &str,
+    prefetch: u16,
+    tag: &str,
+) -> Result<(Channel, Consumer), BrokerError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(amqp("open a channel"))?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(amqp("set the prefetch"))?;
     let consumer = channel
-        .basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .map_err(amqp("start consuming"))?;
     Ok((channel, consumer))

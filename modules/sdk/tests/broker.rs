@@ -13,9 +13,17 @@ use lapin::options::{BasicAckOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 
 async fn declare_queue(url: &str, queue: &str) {
-    let c = lapin::Connection::connect(url, Default::default()).await.unwrap();
+    let c = lapin::Connection::connect(url, Default::default())
+        .await
+        .unwrap();
     let ch = c.create_channel().await.unwrap();
-    ch.queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default()).await.unwrap();
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
     c.close(200, "declared".into()).await.ok();
 }
 
@@ -35,13 +43,20 @@ async fn consumption_survives_a_cut_connection_with_its_prefetch() {
         .collect();
     publisher.publish_all(&messages, true).await.unwrap();
 
-    let (channel, mut consumer) = consume(&connection, "work", 7, "test-consumer").await.unwrap();
+    let (channel, mut consumer) = consume(&connection, "work", 7, "test-consumer")
+        .await
+        .unwrap();
     let mut seen = BTreeSet::new();
     let mut cut = false;
     let deadline = Instant::now() + Duration::from_secs(60);
     while seen.len() < 500 {
-        assert!(Instant::now() < deadline, "only {} of 500 messages consumed", seen.len());
-        let Ok(Some(next)) = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await else {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 500 messages consumed",
+            seen.len()
+        );
+        let Ok(Some(next)) = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await
+        else {
             panic!("consumer stalled after {} messages", seen.len());
         };
         match next {
@@ -56,7 +71,10 @@ async fn consumption_survives_a_cut_connection_with_its_prefetch() {
             // The broker lists a new connection after a moment.
             let listed = Instant::now() + Duration::from_secs(15);
             while vhost.close_connections_named(&name) == 0 {
-                assert!(Instant::now() < listed, "the worker's connection is never listed by name");
+                assert!(
+                    Instant::now() < listed,
+                    "the worker's connection is never listed by name"
+                );
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             cut = true;
@@ -79,7 +97,10 @@ async fn consumption_survives_a_cut_connection_with_its_prefetch() {
         if prefetch == Some(7) {
             break;
         }
-        assert!(Instant::now() < deadline, "recovered consumer's prefetch is {prefetch:?}, expected 7");
+        assert!(
+            Instant::now() < deadline,
+            "recovered consumer's prefetch is {prefetch:?}, expected 7"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     connection.close(200, "done".into()).await.ok();
@@ -88,7 +109,9 @@ async fn consumption_survives_a_cut_connection_with_its_prefetch() {
 #[tokio::test]
 async fn a_message_no_queue_takes_is_an_error_not_a_silent_loss() {
     let vhost = TestVhost::create("sdk-unroutable");
-    let connection = connect(&vhost.amqp_url, &unique_name("publisher")).await.unwrap();
+    let connection = connect(&vhost.amqp_url, &unique_name("publisher"))
+        .await
+        .unwrap();
     let publisher = Publisher::open(&connection).await.unwrap();
     let mut m = Outgoing::new("", Envelope::new("job.run", serde_json::json!({})));
     m.routing_key = "nobody-listens".into();
