@@ -358,6 +358,87 @@ impl Drop for TestVhost {
     }
 }
 
+/// A database of its own for one test: a SQLite file in a temporary folder, or a fresh database
+/// on the MariaDB of the dev environment (CHIMERA_MYSQL_URL). Removed when dropped.
+pub struct TestDatabase {
+    /// URL to hand to the code under test.
+    pub url: String,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    Folder(std::path::PathBuf),
+    MySql { server: String, name: String },
+}
+
+impl TestDatabase {
+    /// A SQLite database file.
+    pub fn sqlite(prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(unique_name(prefix));
+        std::fs::create_dir_all(&dir).expect("temporary folder");
+        let url = format!("sqlite://{}", dir.join("module.db").display());
+        Self {
+            url,
+            cleanup: Cleanup::Folder(dir),
+        }
+    }
+
+    /// A fresh MariaDB/MySQL database.
+    pub async fn mysql(prefix: &str) -> Self {
+        let server = required_env("CHIMERA_MYSQL_URL")
+            .trim_end_matches('/')
+            .to_owned();
+        let name = unique_name(prefix).replace('-', "_");
+        sqlx::any::install_default_drivers();
+        let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&server)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("MariaDB at CHIMERA_MYSQL_URL does not answer: {e}; {HOW_TO_START}")
+            });
+        sqlx::Executor::execute(
+            &mut conn,
+            sqlx::AssertSqlSafe(format!("CREATE DATABASE `{name}`")),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("create database {name}: {e}"));
+        Self {
+            url: format!("{server}/{name}"),
+            cleanup: Cleanup::MySql { server, name },
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        match &self.cleanup {
+            Cleanup::Folder(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            Cleanup::MySql { server, name } => {
+                let (server, name) = (server.clone(), name.clone());
+                let _ = std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(async move {
+                        if let Ok(mut conn) =
+                            <sqlx::AnyConnection as sqlx::Connection>::connect(&server).await
+                        {
+                            let _ = sqlx::Executor::execute(
+                                &mut conn,
+                                sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS `{name}`")),
+                            )
+                            .await;
+                        }
+                    });
+                    Ok::<_, std::io::Error>(())
+                })
+                .join();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,13 +2,18 @@
 //!
 //! - [`broker`]: RabbitMQ with automatic recovery and publisher confirms;
 //! - [`config`]: the head contract's environment, validated at start;
+//! - [`db`]: the domain's database (SQLite or MySQL/MariaDB) with migrations;
 //! - [`envelope`]: the message envelope, headers and trace context;
+//! - [`inbox`] / [`outbox`]: effectively-once handling and reliable event publishing;
 //! - [`http`]: the HTTP server every head runs (health, readiness, metrics, JSON errors);
 //! - [`shutdown`]: SIGTERM / Ctrl-C as a future.
 #![forbid(unsafe_code)]
 
 pub mod broker;
 pub mod config;
+pub mod db;
 pub mod envelope;
 pub mod http;
+pub mod inbox;
+pub mod outbox;
 pub mod shutdown;

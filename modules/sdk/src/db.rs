@@ -1,0 +1,213 @@
+//! The domain's own database: SQLite (the embedded default, in WAL mode) or MySQL/MariaDB (the
+//! production path), through one code path. Migrations run at start: the SDK's own (inbox,
+//! outbox) and the module's.
+//!
+//! SQL here is written once for both: `?` placeholders, portable types, one statement per
+//! migration.
+
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::migrate::{Migration as SqlxMigration, MigrationType, Migrator};
+use sqlx::{AnyPool, Executor, SqlSafeStr};
+
+/// Database failures.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL names no supported database.
+    #[error(
+        "unsupported database URL {0:?}: expected sqlite://PATH or mysql://USER:PASS@HOST:PORT/DB"
+    )]
+    UnsupportedUrl(String),
+    /// Connecting failed.
+    #[error("cannot connect to the database: {0}")]
+    Connect(sqlx::Error),
+    /// A migration failed.
+    #[error("database migration failed: {0}")]
+    Migrate(sqlx::migrate::MigrateError),
+    /// A query failed.
+    #[error("database query failed ({what}): {cause}")]
+    Query {
+        /// What was being done.
+        what: &'static str,
+        /// What the driver said.
+        cause: sqlx::Error,
+    },
+}
+
+/// Which database is behind the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite.
+    Sqlite,
+    /// MySQL or MariaDB.
+    MySql,
+}
+
+/// A schema change of a module: versions from 100 up (below is the SDK's).
+#[derive(Clone, Copy, Debug)]
+pub struct Migration {
+    /// Version, applied in order, once.
+    pub version: i64,
+    /// What it does.
+    pub description: &'static str,
+    /// One SQL statement, valid on SQLite and MySQL.
+    pub sql: &'static str,
+}
+
+/// The SDK's tables: the inbox (what was handled, for effectively-once) and the outbox (events
+/// to publish, written in the handler's transaction).
+pub const SDK_MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "chimera inbox",
+        sql: "CREATE TABLE IF NOT EXISTS chimera_inbox (
+            consumer VARCHAR(190) NOT NULL,
+            message_id VARCHAR(64) NOT NULL,
+            message_type VARCHAR(255) NOT NULL,
+            processed_at BIGINT NOT NULL,
+            PRIMARY KEY (consumer, message_id))",
+    },
+    Migration {
+        version: 2,
+        description: "chimera outbox",
+        sql: "CREATE TABLE IF NOT EXISTS chimera_outbox (
+            id VARCHAR(64) NOT NULL PRIMARY KEY,
+            exchange_name VARCHAR(255) NOT NULL,
+            routing_key VARCHAR(255) NOT NULL,
+            body TEXT NOT NULL,
+            traceparent VARCHAR(64),
+            status VARCHAR(16) NOT NULL,
+            attempts INTEGER NOT NULL,
+            created_at BIGINT NOT NULL,
+            next_attempt_at BIGINT NOT NULL,
+            last_error TEXT)",
+    },
+    Migration {
+        version: 3,
+        description: "chimera outbox due index",
+        sql: "CREATE INDEX chimera_outbox_due ON chimera_outbox (status, next_attempt_at, created_at)",
+    },
+];
+
+/// A pool to the domain's database.
+#[derive(Clone, Debug)]
+pub struct Database {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+fn backend_of(url: &str) -> Result<Backend, DbError> {
+    if url.starts_with("sqlite:") {
+        Ok(Backend::Sqlite)
+    } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+        Ok(Backend::MySql)
+    } else {
+        Err(DbError::UnsupportedUrl(
+            url.split('@').next_back().unwrap_or_default().to_owned(),
+        ))
+    }
+}
+
+impl Database {
+    /// Connects, creating a SQLite file if needed, and runs the SDK's and `module`'s migrations.
+    pub async fn connect(url: &str, module: &[Migration]) -> Result<Self, DbError> {
+        install_default_drivers();
+        let backend = backend_of(url)?;
+        let url = match backend {
+            Backend::Sqlite if !url.contains("mode=") => {
+                format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
+            }
+            Backend::MySql => url.replacen("mariadb://", "mysql://", 1),
+            Backend::Sqlite => url.to_owned(),
+        };
+        let options = AnyPoolOptions::new()
+            .max_connections(match backend {
+                // One writer at a time is what SQLite does anyway; a few readers in WAL mode.
+                Backend::Sqlite => 4,
+                Backend::MySql => 16,
+            })
+            .acquire_timeout(Duration::from_secs(10));
+        let options = if backend == Backend::Sqlite {
+            options.after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute("PRAGMA busy_timeout = 5000").await?;
+                    conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    Ok(())
+                })
+            })
+        } else {
+            options
+        };
+        let pool = options.connect(&url).await.map_err(DbError::Connect)?;
+        let db = Self { pool, backend };
+        db.migrate(module).await?;
+        Ok(db)
+    }
+
+    async fn migrate(&self, module: &[Migration]) -> Result<(), DbError> {
+        let migrations = SDK_MIGRATIONS
+            .iter()
+            .chain(module)
+            .map(|m| {
+                SqlxMigration::new(
+                    m.version,
+                    m.description.into(),
+                    MigrationType::Simple,
+                    m.sql.into_sql_str(),
+                    false,
+                )
+            })
+            .collect();
+        Migrator::with_migrations(migrations)
+            .run(&self.pool)
+            .await
+            .map_err(DbError::Migrate)
+    }
+
+    /// The pool, for the module's own queries.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// SQLite or MySQL.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Whether the database answers (the heads' readiness).
+    pub async fn ping(&self) -> Result<(), DbError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(|cause| DbError::Query {
+                what: "ping",
+                cause,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_pick_the_backend() {
+        assert_eq!(
+            backend_of("sqlite://data/users.db").ok(),
+            Some(Backend::Sqlite)
+        );
+        assert_eq!(backend_of("sqlite::memory:").ok(), Some(Backend::Sqlite));
+        assert_eq!(backend_of("mysql://u:p@h/db").ok(), Some(Backend::MySql));
+        let err = backend_of("postgres://u:secret@h/db")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("unsupported") && !err.contains("secret"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,294 @@
+//! The outbox: events a handler emits are written in its transaction, and a relay publishes
+//! them with confirms and marks them sent. Rows are picked by status and due time (never by an
+//! auto-increment cursor, which skips rows that commit late); a row that cannot be sent is
+//! retried with backoff and, after `max_attempts`, set `dead` for someone to look at.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use sqlx::{Any, AnyPool, Row, Transaction};
+use tokio::sync::Notify;
+
+use crate::broker::{Outgoing, Publisher};
+use crate::db::{Backend, Database, DbError};
+use crate::envelope::{Envelope, TraceParent};
+
+/// Microseconds since the epoch, strictly increasing within the process: rows written one after
+/// the other by this process are relayed in that order even within one microsecond.
+fn monotonic_micros() -> i64 {
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = jiff::Timestamp::now().as_microsecond();
+    let mut prev = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(prev + 1);
+        match LAST.compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(actual) => prev = actual,
+        }
+    }
+}
+
+/// Writes `envelope` for `exchange` into the outbox, inside the handler's transaction.
+pub async fn enqueue(
+    tx: &mut Transaction<'_, Any>,
+    exchange: &str,
+    envelope: &Envelope,
+    trace: Option<TraceParent>,
+) -> Result<(), DbError> {
+    let now = monotonic_micros();
+    sqlx::query(
+        "INSERT INTO chimera_outbox (id, exchange_name, routing_key, body, traceparent, status, attempts, created_at, next_attempt_at)
+         VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?)",
+    )
+    .bind(envelope.id.to_string())
+    .bind(exchange)
+    .bind(envelope.kind.as_str())
+    .bind(String::from_utf8_lossy(&envelope.encode()).into_owned())
+    .bind(trace.map(|t| t.to_string()))
+    .bind(now)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+    .map(|_| ())
+    .map_err(|cause| DbError::Query { what: "write to the outbox", cause })
+}
+
+/// How the relay works.
+#[derive(Clone, Copy, Debug)]
+pub struct RelaySettings {
+    /// Rows per round.
+    pub batch: i64,
+    /// Attempts before a row is set dead.
+    pub max_attempts: i64,
+    /// First retry delay; doubles per attempt, capped at 5 minutes.
+    pub backoff: Duration,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            batch: 200,
+            max_attempts: 10,
+            backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What one relay round did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayReport {
+    /// Rows published and marked sent.
+    pub sent: usize,
+    /// Rows that failed and will be retried.
+    pub retried: usize,
+    /// Rows set dead.
+    pub dead: usize,
+}
+
+struct OutboxRow {
+    id: String,
+    exchange: String,
+    routing_key: String,
+    body: String,
+    traceparent: Option<String>,
+    attempts: i64,
+}
+
+fn q(what: &'static str) -> impl FnOnce(sqlx::Error) -> DbError {
+    move |cause| DbError::Query { what, cause }
+}
+
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+/// Delay before retry number `attempt` (from 1).
+pub fn retry_delay(base: Duration, attempt: i64) -> Duration {
+    let factor =
+        2u32.saturating_pow(u32::try_from(attempt.saturating_sub(1).clamp(0, 16)).unwrap_or(16));
+    base.saturating_mul(factor).min(Duration::from_secs(300))
+}
+
+/// Publishes the due pending rows once.
+pub async fn relay_once(
+    db: &Database,
+    publisher: &Publisher,
+    settings: RelaySettings,
+) -> Result<RelayReport, DbError> {
+    // Times in the outbox are microseconds since the epoch.
+    let now = monotonic_micros();
+    let mut tx = db
+        .pool()
+        .begin()
+        .await
+        .map_err(q("begin the relay transaction"))?;
+    // Several relays (replicas) may run: on MySQL each takes rows the others do not hold.
+    let lock = if db.backend() == Backend::MySql {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
+    let select = format!(
+        "SELECT id, exchange_name, routing_key, body, traceparent, attempts FROM chimera_outbox
+         WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY created_at, id LIMIT ?{lock}"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(select))
+        .bind(now)
+        .bind(settings.batch)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(q("read the outbox"))?;
+    let rows: Vec<OutboxRow> = rows
+        .iter()
+        .map(|r| {
+            Ok(OutboxRow {
+                id: r.try_get("id")?,
+                exchange: r.try_get("exchange_name")?,
+                routing_key: r.try_get("routing_key")?,
+                body: r.try_get("body")?,
+                traceparent: r.try_get("traceparent")?,
+                attempts: r.try_get("attempts")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(q("decode outbox rows"))?;
+    let mut report = RelayReport::default();
+    if rows.is_empty() {
+        return Ok(report);
+    }
+    let mut messages = Vec::with_capacity(rows.len());
+    let mut undecodable = Vec::new();
+    for row in &rows {
+        match Envelope::decode(row.body.as_bytes()) {
+            Ok(envelope) => {
+                let mut m = Outgoing::new(row.exchange.clone(), envelope);
+                m.routing_key = row.routing_key.clone();
+                m.trace = row.traceparent.as_deref().and_then(TraceParent::parse);
+                messages.push(m);
+            }
+            Err(e) => undecodable.push((row.id.clone(), e.to_string())),
+        }
+    }
+    for (id, error) in &undecodable {
+        mark_dead(&mut tx, id, error).await?;
+        report.dead += 1;
+    }
+    match publisher.publish_all(&messages, false).await {
+        Ok(()) => {
+            let ids: Vec<&str> = messages
+                .iter()
+                .filter_map(|m| rows.iter().find(|r| r.id == m.envelope.id.to_string()))
+                .map(|r| r.id.as_str())
+                .collect();
+            let sql = format!(
+                "UPDATE chimera_outbox SET status = 'sent', attempts = attempts + 1 WHERE id IN ({})",
+                placeholders(ids.len())
+            );
+            let mut update = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in &ids {
+                update = update.bind(*id);
+            }
+            update
+                .execute(&mut *tx)
+                .await
+                .map_err(q("mark outbox rows sent"))?;
+            report.sent = ids.len();
+        }
+        Err(error) => {
+            let message = error.to_string();
+            tracing::warn!(%message, rows = rows.len(), "outbox relay could not publish; will retry");
+            for row in rows
+                .iter()
+                .filter(|r| !undecodable.iter().any(|(id, _)| *id == r.id))
+            {
+                let attempts = row.attempts + 1;
+                if attempts >= settings.max_attempts {
+                    mark_dead(&mut tx, &row.id, &message).await?;
+                    report.dead += 1;
+                } else {
+                    let next = now
+                        + i64::try_from(retry_delay(settings.backoff, attempts).as_micros())
+                            .unwrap_or(i64::MAX / 2);
+                    sqlx::query("UPDATE chimera_outbox SET attempts = ?, next_attempt_at = ?, last_error = ? WHERE id = ?")
+                        .bind(attempts)
+                        .bind(next)
+                        .bind(message.as_str())
+                        .bind(row.id.as_str())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(q("reschedule an outbox row"))?;
+                    report.retried += 1;
+                }
+            }
+        }
+    }
+    tx.commit()
+        .await
+        .map_err(q("commit the relay transaction"))?;
+    Ok(report)
+}
+
+async fn mark_dead(tx: &mut Transaction<'_, Any>, id: &str, error: &str) -> Result<(), DbError> {
+    sqlx::query("UPDATE chimera_outbox SET status = 'dead', attempts = attempts + 1, last_error = ? WHERE id = ?")
+        .bind(error)
+        .bind(id)
+        .execute(&mut **tx)
+        .await
+        .map(|_| ())
+        .map_err(q("mark an outbox row dead"))
+}
+
+/// Counts outbox rows by status (for metrics and tests).
+pub async fn count(pool: &AnyPool, status: &str) -> Result<i64, DbError> {
+    sqlx::query("SELECT COUNT(*) AS n FROM chimera_outbox WHERE status = ?")
+        .bind(status)
+        .fetch_one(pool)
+        .await
+        .and_then(|r| r.try_get::<i64, _>("n"))
+        .map_err(q("count outbox rows"))
+}
+
+/// Runs the relay until `stop` is notified: a round whenever `wake` is notified (a handler
+/// committed events) or every `idle` otherwise. Finishes with a last round, so a graceful
+/// shutdown flushes what is pending.
+pub async fn run_relay(
+    db: Database,
+    publisher: Publisher,
+    settings: RelaySettings,
+    wake: Arc<Notify>,
+    stop: Arc<Notify>,
+    idle: Duration,
+) {
+    loop {
+        match relay_once(&db, &publisher, settings).await {
+            Ok(report) if report.sent as i64 == settings.batch => continue, // more is waiting
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "outbox relay round failed"),
+        }
+        tokio::select! {
+            () = wake.notified() => {}
+            () = tokio::time::sleep(idle) => {}
+            () = stop.notified() => {
+                if let Err(error) = relay_once(&db, &publisher, settings).await {
+                    tracing::warn!(%error, "last outbox relay round failed");
+                }
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_and_cap() {
+        let base = Duration::from_secs(1);
+        assert_eq!(retry_delay(base, 1), Duration::from_secs(1));
+        assert_eq!(retry_delay(base, 3), Duration::from_secs(4));
+        assert_eq!(retry_delay(base, 100), Duration::from_secs(300));
+        assert_eq!(placeholders(3), "?, ?, ?");
+    }
+}

@@ -1,0 +1,254 @@
+//! The SDK's database layer on both real databases: SQLite files and MariaDB.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use chimera_sdk::broker::{Publisher, connect};
+use chimera_sdk::db::{Database, Migration};
+use chimera_sdk::envelope::{Envelope, TraceParent};
+use chimera_sdk::inbox;
+use chimera_sdk::outbox::{RelaySettings, count, enqueue, relay_once};
+use chimera_testenv::{TestDatabase, TestVhost, unique_name};
+use futures::StreamExt;
+use lapin::ExchangeKind;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use sqlx::Row;
+
+const MODULE: &[Migration] = &[Migration {
+    version: 100,
+    description: "accounts",
+    sql: "CREATE TABLE accounts (id VARCHAR(64) PRIMARY KEY, balance BIGINT NOT NULL)",
+}];
+
+async fn databases() -> Vec<(&'static str, TestDatabase)> {
+    vec![
+        ("sqlite", TestDatabase::sqlite("sdk-db")),
+        ("mariadb", TestDatabase::mysql("sdk_db").await),
+    ]
+}
+
+#[tokio::test]
+async fn migrations_run_once_and_the_inbox_refuses_a_second_delivery() {
+    for (backend, tdb) in databases().await {
+        let db = Database::connect(&tdb.url, MODULE)
+            .await
+            .unwrap_or_else(|e| panic!("{backend}: {e}"));
+        // Connecting again re-runs nothing (and does not fail on existing tables).
+        let db2 = Database::connect(&tdb.url, MODULE)
+            .await
+            .unwrap_or_else(|e| panic!("{backend}: {e}"));
+        db2.ping().await.unwrap();
+
+        let envelope = Envelope::new("account.open", serde_json::json!({"id": "a1"}));
+        for (round, expected_balance) in [(1, 10), (2, 10)] {
+            let mut tx = db.pool().begin().await.unwrap();
+            let first = inbox::record(&mut tx, "accounts-worker", &envelope)
+                .await
+                .unwrap();
+            assert_eq!(first, round == 1, "{backend}: round {round}");
+            if first {
+                sqlx::query("INSERT INTO accounts (id, balance) VALUES (?, ?)")
+                    .bind("a1")
+                    .bind(10i64)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+            } else {
+                tx.rollback().await.unwrap();
+            }
+            let balance: i64 = sqlx::query("SELECT balance FROM accounts WHERE id = ?")
+                .bind("a1")
+                .fetch_one(db.pool())
+                .await
+                .unwrap()
+                .try_get("balance")
+                .unwrap();
+            assert_eq!(
+                balance, expected_balance,
+                "{backend}: a redelivery changes nothing twice"
+            );
+        }
+        // Another consumer of the same message handles it independently.
+        let mut tx = db.pool().begin().await.unwrap();
+        assert!(
+            inbox::record(&mut tx, "audit-worker", &envelope)
+                .await
+                .unwrap(),
+            "{backend}"
+        );
+        tx.rollback().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_outbox_publishes_what_was_committed_in_order_and_nothing_else() {
+    let vhost = TestVhost::create("sdk-outbox");
+    {
+        let c = lapin::Connection::connect(&vhost.amqp_url, Default::default())
+            .await
+            .unwrap();
+        let ch = c.create_channel().await.unwrap();
+        ch.exchange_declare(
+            "chimera.bank.events".into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_declare(
+            "audit".into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        ch.queue_bind(
+            "audit".into(),
+            "chimera.bank.events".into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        c.close(200, "declared".into()).await.ok();
+    }
+    let connection = connect(&vhost.amqp_url, &unique_name("relay"))
+        .await
+        .unwrap();
+    let publisher = Publisher::open(&connection).await.unwrap();
+    for (backend, tdb) in databases().await {
+        let db = Database::connect(&tdb.url, MODULE).await.unwrap();
+        // A rolled back transaction leaves nothing to publish.
+        let mut tx = db.pool().begin().await.unwrap();
+        enqueue(
+            &mut tx,
+            "chimera.bank.events",
+            &Envelope::new("account.ghost", serde_json::json!({})),
+            None,
+        )
+        .await
+        .unwrap();
+        tx.rollback().await.unwrap();
+        let trace = TraceParent::new_root();
+        let mut sent = Vec::new();
+        for i in 0..250 {
+            let mut tx = db.pool().begin().await.unwrap();
+            let e = Envelope::new(
+                "account.opened",
+                serde_json::json!({"n": i, "backend": backend}),
+            );
+            enqueue(&mut tx, "chimera.bank.events", &e, Some(trace.child()))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            sent.push(e.id);
+        }
+        assert_eq!(count(db.pool(), "pending").await.unwrap(), 250);
+        let first = relay_once(&db, &publisher, RelaySettings::default())
+            .await
+            .unwrap();
+        let second = relay_once(&db, &publisher, RelaySettings::default())
+            .await
+            .unwrap();
+        assert_eq!((first.sent, second.sent), (200, 50), "{backend}");
+        assert_eq!(count(db.pool(), "sent").await.unwrap(), 250);
+        assert_eq!(
+            relay_once(&db, &publisher, RelaySettings::default())
+                .await
+                .unwrap()
+                .sent,
+            0,
+            "{backend}: nothing twice"
+        );
+
+        let c = lapin::Connection::connect(&vhost.amqp_url, Default::default())
+            .await
+            .unwrap();
+        let ch = c.create_channel().await.unwrap();
+        let mut consumer = ch
+            .basic_consume(
+                "audit".into(),
+                "t".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut received = Vec::new();
+        while received.len() < 250 {
+            let d = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+                .await
+                .expect("relayed events arrive")
+                .unwrap()
+                .unwrap();
+            let e = Envelope::decode(&d.data).unwrap();
+            assert_ne!(
+                e.kind, "account.ghost",
+                "{backend}: a rolled back event was published"
+            );
+            received.push(e.id);
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        assert_eq!(
+            received, sent,
+            "{backend}: every committed event, in commit order"
+        );
+        c.close(200, "done".into()).await.ok();
+    }
+    connection.close(200, "done".into()).await.ok();
+}
+
+#[tokio::test]
+async fn rows_that_cannot_be_sent_are_retried_then_dead() {
+    let vhost = TestVhost::create("sdk-outbox-dead");
+    let tdb = TestDatabase::sqlite("sdk-dead");
+    let db = Database::connect(&tdb.url, &[]).await.unwrap();
+    let mut tx = db.pool().begin().await.unwrap();
+    enqueue(
+        &mut tx,
+        "chimera.missing.events",
+        &Envelope::new("x.happened", serde_json::json!({})),
+        None,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let settings = RelaySettings {
+        max_attempts: 2,
+        backoff: Duration::ZERO,
+        ..RelaySettings::default()
+    };
+    for expected in [(0, 1, 0), (0, 0, 1)] {
+        // Publishing to a missing exchange closes the channel: each round gets a fresh one.
+        let connection = connect(&vhost.amqp_url, &unique_name("relay"))
+            .await
+            .unwrap();
+        let publisher = Publisher::open(&connection).await.unwrap();
+        let r = relay_once(&db, &publisher, settings).await.unwrap();
+        assert_eq!((r.sent, r.retried, r.dead), expected);
+        connection.close(200, "done".into()).await.ok();
+    }
+    assert_eq!(count(db.pool(), "dead").await.unwrap(), 1);
+    let error: String = sqlx::query("SELECT last_error FROM chimera_outbox")
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+        .try_get("last_error")
+        .unwrap();
+    assert!(
+        error.contains("chimera.missing.events")
+            || error.contains("NOT_FOUND")
+            || error.contains("404"),
+        "{error}"
+    );
+}
