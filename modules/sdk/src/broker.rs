@@ -194,6 +194,49 @@ impl Publisher {
     }
 }
 
+impl Publisher {
+    /// Publishes raw bytes to a queue by name (the default exchange), keeping `properties` and
+    /// adding `headers`: for parking a message that is not a valid envelope exactly as it came.
+    pub async fn publish_raw(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: &BasicProperties,
+        headers: &[(&str, &str)],
+    ) -> Result<(), BrokerError> {
+        let mut table = properties.headers().clone().unwrap_or_default();
+        for (k, v) in headers {
+            table.insert(
+                ShortString::from(*k),
+                AMQPValue::LongString(LongString::from(*v)),
+            );
+        }
+        let properties = properties.clone().with_headers(table).with_delivery_mode(2);
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let confirmation = self
+            .channel
+            .basic_publish("".into(), queue.into(), options, body, properties)
+            .await
+            .map_err(amqp("publish"))?
+            .await
+            .map_err(amqp("await a publisher confirm"))?;
+        match confirmation {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable {
+                exchange: String::new(),
+                routing_key: queue.to_owned(),
+            }),
+            Confirmation::Nack(_) => Err(BrokerError::Nacked {
+                id: "<raw>".to_owned(),
+                kind: "<raw>".to_owned(),
+            }),
+        }
+    }
+}
+
 /// Starts consuming `queue` on a new channel with `prefetch` unacknowledged messages at most.
 /// Recovery re-applies the QoS and the consumer.
 pub async fn consume(

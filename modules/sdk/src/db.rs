@@ -166,6 +166,20 @@ impl Database {
             .map_err(DbError::Migrate)
     }
 
+    /// Begins a transaction that will write. On SQLite it takes the write lock up front
+    /// (`BEGIN IMMEDIATE`, waiting up to the busy timeout): a transaction that read first and
+    /// then writes would otherwise fail at once when another writer got there in between.
+    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, DbError> {
+        let begun = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::MySql => self.pool.begin().await,
+        };
+        begun.map_err(|cause| DbError::Query {
+            what: "begin a transaction",
+            cause,
+        })
+    }
+
     /// The pool, for the module's own queries.
     pub fn pool(&self) -> &AnyPool {
         &self.pool

@@ -6,6 +6,7 @@
 //! - [`envelope`]: the message envelope, headers and trace context;
 //! - [`inbox`] / [`outbox`]: effectively-once handling and reliable event publishing;
 //! - [`http`]: the HTTP server every head runs (health, readiness, metrics, JSON errors);
+//! - [`worker`]: the worker runtime (dispatch, retries, dead letters, graceful stop);
 //! - [`shutdown`]: SIGTERM / Ctrl-C as a future.
 #![forbid(unsafe_code)]
 
@@ -17,3 +18,7 @@ pub mod http;
 pub mod inbox;
 pub mod outbox;
 pub mod shutdown;
+pub mod worker;
+
+/// The SQL toolkit modules write their queries with (the same version the SDK uses).
+pub use sqlx;

@@ -118,11 +118,7 @@ pub async fn relay_once(
 ) -> Result<RelayReport, DbError> {
     // Times in the outbox are microseconds since the epoch.
     let now = monotonic_micros();
-    let mut tx = db
-        .pool()
-        .begin()
-        .await
-        .map_err(q("begin the relay transaction"))?;
+    let mut tx = db.begin().await?;
     // Several relays (replicas) may run: on MySQL each takes rows the others do not hold.
     let lock = if db.backend() == Backend::MySql {
         " FOR UPDATE SKIP LOCKED"

@@ -1,0 +1,402 @@
+//! The worker runtime: consume the worker queue, dispatch each message by type to its handler
+//! inside a database transaction (with the inbox row and the events it emits), and settle it
+//! per the head contract:
+//!
+//! - success: commit, then ack;
+//! - a message seen before (inbox): ack, nothing changes;
+//! - [`HandlerError::Retry`]: to retry queue n with the attempt count raised, then ack; after
+//!   the last attempt, to the dead-letter queue with the reason;
+//! - [`HandlerError::Reject`], an undecodable message, or a type with no handler: to the
+//!   dead-letter queue at once, with the reason.
+//!
+//! Nothing is acknowledged before what replaces it (commit, retry or dead-letter publish) is
+//! confirmed, so a crash at any point redelivers instead of losing; the inbox makes the
+//! redelivery harmless. A worker never crash-loops on one bad message.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
+use serde::de::DeserializeOwned;
+use sqlx::{Any, Transaction};
+use tokio::sync::Notify;
+
+use crate::broker::{BrokerError, Outgoing, Publisher, consume};
+use crate::config::WorkerConfig;
+use crate::db::{Database, DbError};
+use crate::envelope::{ATTEMPT, Envelope, ORIGINAL_ROUTING_KEY, REASON, TRACEPARENT, TraceParent};
+use crate::{inbox, outbox};
+
+/// Why a handler did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Might work later (a dependency was down): retried through the retry queues.
+    #[error("{0}")]
+    Retry(String),
+    /// Will never work (invalid command, illegal state change): dead-lettered at once.
+    #[error("{0}")]
+    Reject(String),
+}
+
+impl From<DbError> for HandlerError {
+    fn from(e: DbError) -> Self {
+        Self::Retry(e.to_string())
+    }
+}
+
+impl From<sqlx::Error> for HandlerError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Retry(format!("database: {e}"))
+    }
+}
+
+/// What a handler works with: the message, the open transaction, and a way to emit events.
+pub struct Context {
+    envelope: Envelope,
+    tx: Transaction<'static, Any>,
+    trace: TraceParent,
+    events_exchange: String,
+    emitted: usize,
+}
+
+impl Context {
+    /// The message being handled.
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// The payload as `T`; a payload that does not fit is a [`HandlerError::Reject`] naming
+    /// what is wrong.
+    pub fn data<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
+        serde_json::from_value(self.envelope.data.clone()).map_err(|e| {
+            HandlerError::Reject(format!("invalid {} payload: {e}", self.envelope.kind))
+        })
+    }
+
+    /// The transaction the handler's writes go in (committed only when the handler succeeds).
+    pub fn tx(&mut self) -> &mut Transaction<'static, Any> {
+        &mut self.tx
+    }
+
+    /// Emits an event of this domain: written to the outbox in the same transaction, published
+    /// by the relay after commit, carrying this message's trace.
+    pub async fn emit(&mut self, kind: &str, data: serde_json::Value) -> Result<(), HandlerError> {
+        let event = Envelope::new(kind, data);
+        outbox::enqueue(
+            &mut self.tx,
+            &self.events_exchange,
+            &event,
+            Some(self.trace.child()),
+        )
+        .await?;
+        self.emitted += 1;
+        Ok(())
+    }
+}
+
+/// A message handler.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one message.
+    fn handle<'a>(&'a self, ctx: &'a mut Context) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+impl<F> Handler for F
+where
+    F: for<'a> Fn(&'a mut Context) -> BoxFuture<'a, Result<(), HandlerError>>
+        + Send
+        + Sync
+        + 'static,
+{
+    fn handle<'a>(&'a self, ctx: &'a mut Context) -> BoxFuture<'a, Result<(), HandlerError>> {
+        self(ctx)
+    }
+}
+
+/// What happened to one delivery (for metrics, logs and tests).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Handled and committed.
+    Handled,
+    /// Seen before: acknowledged without change.
+    Duplicate,
+    /// Sent to retry queue n.
+    Retried(usize),
+    /// Parked in the dead-letter queue, with the reason.
+    DeadLettered(String),
+}
+
+/// The worker: handlers by message type, and where messages go.
+pub struct Worker {
+    handlers: HashMap<String, Arc<dyn Handler>>,
+    consumer_name: String,
+    config: WorkerConfig,
+    events_exchange: String,
+}
+
+/// Worker failures that stop it.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The broker failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+fn header_i64(delivery: &Delivery, key: &str) -> Option<i64> {
+    match delivery.properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongString(s) => s.to_string().parse().ok(),
+        _ => None,
+    }
+}
+
+fn header_str(delivery: &Delivery, key: &str) -> Option<String> {
+    match delivery.properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+impl Worker {
+    /// A worker for `config`, named `consumer_name` in the inbox (the domain, usually).
+    pub fn new(
+        config: WorkerConfig,
+        consumer_name: impl Into<String>,
+        events_exchange: impl Into<String>,
+    ) -> Self {
+        Self {
+            handlers: HashMap::new(),
+            consumer_name: consumer_name.into(),
+            config,
+            events_exchange: events_exchange.into(),
+        }
+    }
+
+    /// Handles messages of type `kind` with `handler`.
+    pub fn on(mut self, kind: &str, handler: impl Handler) -> Self {
+        self.handlers.insert(kind.to_owned(), Arc::new(handler));
+        self
+    }
+
+    /// Handles one delivery and settles it. Broker failures while settling leave the message
+    /// unacknowledged (it is redelivered), never lost.
+    pub async fn dispatch(
+        &self,
+        db: &Database,
+        publisher: &Publisher,
+        relay: &Notify,
+        delivery: Delivery,
+    ) -> Outcome {
+        let outcome = self.decide(db, publisher, relay, &delivery).await;
+        let settled = match &outcome {
+            Ok(_) => delivery.acker.ack(BasicAckOptions::default()).await,
+            Err(_) => {
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await
+            }
+        };
+        if let Err(error) = settled {
+            tracing::warn!(%error, "could not settle a delivery; the broker will redeliver it");
+        }
+        outcome.unwrap_or_else(|error| {
+            tracing::warn!(%error, "message returned to the queue");
+            Outcome::Retried(0)
+        })
+    }
+
+    async fn decide(
+        &self,
+        db: &Database,
+        publisher: &Publisher,
+        relay: &Notify,
+        delivery: &Delivery,
+    ) -> Result<Outcome, BrokerError> {
+        let attempt = header_i64(delivery, ATTEMPT).unwrap_or(1).max(1);
+        let trace = header_str(delivery, TRACEPARENT)
+            .as_deref()
+            .and_then(TraceParent::parse)
+            .unwrap_or_else(TraceParent::new_root);
+        let envelope = match Envelope::decode(&delivery.data) {
+            Ok(e) => e,
+            Err(e) => {
+                return self
+                    .dead_letter(publisher, delivery, None, attempt, &e.to_string())
+                    .await;
+            }
+        };
+        let Some(handler) = self.handlers.get(&envelope.kind) else {
+            let reason = format!("no handler for message type {:?}", envelope.kind);
+            return self
+                .dead_letter(publisher, delivery, Some(&envelope), attempt, &reason)
+                .await;
+        };
+        let span = tracing::info_span!("handle", kind = %envelope.kind, id = %envelope.id, attempt, trace_id = %format!("{:032x}", trace.trace_id));
+        let _entered = span.enter();
+        let result = self.handle(db, handler.as_ref(), &envelope, trace).await;
+        drop(_entered);
+        match result {
+            Ok(HandleResult::Committed { emitted }) => {
+                if emitted > 0 {
+                    relay.notify_one();
+                }
+                Ok(Outcome::Handled)
+            }
+            Ok(HandleResult::Duplicate) => Ok(Outcome::Duplicate),
+            Err(HandlerError::Reject(reason)) => {
+                self.dead_letter(publisher, delivery, Some(&envelope), attempt, &reason)
+                    .await
+            }
+            Err(HandlerError::Retry(reason)) => {
+                let n = usize::try_from(attempt).unwrap_or(usize::MAX);
+                if attempt < i64::from(self.config.max_attempts)
+                    && n <= self.config.retry_delays_seconds.len()
+                {
+                    let mut retry = Outgoing::new("", envelope);
+                    retry.routing_key = self.config.retry_queue(n);
+                    retry.attempt = u32::try_from(attempt + 1).unwrap_or(u32::MAX);
+                    retry.trace = Some(trace);
+                    retry.headers.push((REASON.to_owned(), reason));
+                    publisher.publish(&retry, true).await?;
+                    Ok(Outcome::Retried(n))
+                } else {
+                    let reason = format!("failed {attempt} time(s); last error: {reason}");
+                    self.dead_letter(publisher, delivery, Some(&envelope), attempt, &reason)
+                        .await
+                }
+            }
+        }
+    }
+
+    async fn handle(
+        &self,
+        db: &Database,
+        handler: &dyn Handler,
+        envelope: &Envelope,
+        trace: TraceParent,
+    ) -> Result<HandleResult, HandlerError> {
+        let mut tx = db.begin().await?;
+        if !inbox::record(&mut tx, &self.consumer_name, envelope).await? {
+            tx.rollback().await?;
+            return Ok(HandleResult::Duplicate);
+        }
+        let mut ctx = Context {
+            envelope: envelope.clone(),
+            tx,
+            trace,
+            events_exchange: self.events_exchange.clone(),
+            emitted: 0,
+        };
+        handler.handle(&mut ctx).await?;
+        let emitted = ctx.emitted;
+        ctx.tx.commit().await?;
+        Ok(HandleResult::Committed { emitted })
+    }
+
+    async fn dead_letter(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        envelope: Option<&Envelope>,
+        attempt: i64,
+        reason: &str,
+    ) -> Result<Outcome, BrokerError> {
+        tracing::warn!(reason, "dead-lettering a message");
+        let original = header_str(delivery, ORIGINAL_ROUTING_KEY)
+            .unwrap_or_else(|| delivery.routing_key.to_string());
+        match envelope {
+            Some(envelope) => {
+                let mut parked = Outgoing::new("", envelope.clone());
+                parked.routing_key = self.config.dead_letter_queue.clone();
+                parked.attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
+                parked.headers.push((REASON.to_owned(), reason.to_owned()));
+                parked
+                    .headers
+                    .push((ORIGINAL_ROUTING_KEY.to_owned(), original));
+                publisher.publish(&parked, true).await?;
+            }
+            // Undecodable: keep the bytes exactly as they came.
+            None => {
+                publisher
+                    .publish_raw(
+                        &self.config.dead_letter_queue,
+                        &delivery.data,
+                        &delivery.properties,
+                        &[(REASON, reason), (ORIGINAL_ROUTING_KEY, &original)],
+                    )
+                    .await?;
+            }
+        }
+        Ok(Outcome::DeadLettered(reason.to_owned()))
+    }
+
+    /// Consumes the worker queue until `stop` is notified, then stops consuming, finishes the
+    /// messages in flight and returns.
+    pub async fn run(
+        self: Arc<Self>,
+        db: Database,
+        connection: &lapin::Connection,
+        publisher: Publisher,
+        relay: Arc<Notify>,
+        stop: Arc<Notify>,
+        consumer_tag: &str,
+    ) -> Result<(), WorkerError> {
+        let (channel, consumer) = consume(
+            connection,
+            &self.config.queue,
+            self.config.prefetch,
+            consumer_tag,
+        )
+        .await?;
+        let tag = consumer_tag.to_owned();
+        let cancel_channel = channel.clone();
+        let stopper = tokio::spawn(async move {
+            stop.notified().await;
+            // The consumer stream ends after the cancel; deliveries already received finish.
+            let _ = cancel_channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+        });
+        let limit = usize::from(self.config.prefetch);
+        consumer
+            .for_each_concurrent(limit, |delivery| {
+                let (worker, db, publisher, relay, channel) = (
+                    self.clone(),
+                    db.clone(),
+                    publisher.clone(),
+                    relay.clone(),
+                    channel.clone(),
+                );
+                async move {
+                    match delivery {
+                        Ok(delivery) => {
+                            worker.dispatch(&db, &publisher, &relay, delivery).await;
+                        }
+                        Err(error) => {
+                            if let Err(error) = channel.wait_for_recovery(error).await {
+                                tracing::error!(%error, "consumer channel did not recover");
+                            }
+                        }
+                    }
+                }
+            })
+            .await;
+        stopper.abort();
+        Ok(())
+    }
+}
+
+enum HandleResult {
+    Committed { emitted: usize },
+    Duplicate,
+}

@@ -1,0 +1,316 @@
+//! The SDK's worker runtime on the topology the control plane declares, with a real RabbitMQ
+//! and both real databases: effectively-once handling, events through the outbox, retries
+//! through the retry queues, and dead letters with reasons, without stopping.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chimera_operator::api::validation::modules_from_yaml;
+use chimera_operator::topology::broker::BrokerEndpoint;
+use chimera_operator::topology::declare::apply;
+use chimera_operator::topology::plan::plan;
+use chimera_sdk::broker::{Outgoing, Publisher, connect};
+use chimera_sdk::config::WorkerConfig;
+use chimera_sdk::db::{Database, Migration};
+use chimera_sdk::envelope::{Envelope, REASON};
+use chimera_sdk::outbox::{RelaySettings, run_relay};
+use chimera_sdk::sqlx;
+use chimera_sdk::sqlx::Row;
+use chimera_sdk::worker::{Context, HandlerError, Worker};
+use chimera_testenv::{TestDatabase, TestVhost, unique_name};
+use futures::future::BoxFuture;
+use lapin::BasicProperties;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use serde::Deserialize;
+use tokio::sync::Notify;
+
+const BANK: &str = "apiVersion: chimera.dev/v1alpha1\nkind: ChimeraModule\nmetadata: {name: bank}\nspec:\n  image: x\n  commands: [account.open, account.flaky, account.close]\n  events: {publishes: [account.opened]}\n  worker: {prefetch: 20, retry: {delaysSeconds: [1]}}\n";
+
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 100,
+    description: "accounts",
+    sql: "CREATE TABLE accounts (id VARCHAR(64) PRIMARY KEY, owner VARCHAR(255) NOT NULL)",
+}];
+
+#[derive(Deserialize)]
+struct Open {
+    id: String,
+    owner: String,
+}
+
+fn open(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
+    Box::pin(async move {
+        let cmd: Open = ctx.data()?;
+        if cmd.owner.is_empty() {
+            return Err(HandlerError::Reject("owner must not be empty".into()));
+        }
+        sqlx::query("INSERT INTO accounts (id, owner) VALUES (?, ?)")
+            .bind(&cmd.id)
+            .bind(&cmd.owner)
+            .execute(&mut **ctx.tx())
+            .await?;
+        ctx.emit("account.opened", serde_json::json!({"id": cmd.id}))
+            .await
+    })
+}
+
+fn flaky(_ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
+    Box::pin(async { Err(HandlerError::Retry("the ledger is down".into())) })
+}
+
+fn worker_config() -> WorkerConfig {
+    WorkerConfig {
+        queue: "chimera.bank.worker".into(),
+        dead_letter_queue: "chimera.bank.worker.dlq".into(),
+        retry_delays_seconds: vec![1],
+        max_attempts: 2,
+        prefetch: 20,
+        commands: vec![],
+    }
+}
+
+async fn get(
+    channel: &lapin::Channel,
+    queue: &str,
+    timeout: Duration,
+) -> Option<lapin::message::BasicGetMessage> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(m) = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            return Some(m);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+fn reason(m: &lapin::message::BasicGetMessage) -> String {
+    match m
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(REASON).cloned())
+    {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
+    for backend in ["sqlite", "mariadb"] {
+        let tdb = if backend == "sqlite" {
+            TestDatabase::sqlite("worker")
+        } else {
+            TestDatabase::mysql("worker").await
+        };
+        let vhost = TestVhost::create("worker");
+        let endpoint = BrokerEndpoint::new(&vhost.amqp_url, Some(vhost.management_url())).unwrap();
+        let (modules, problems) = modules_from_yaml(BANK);
+        assert!(problems.is_empty(), "{problems:?}");
+        apply(&endpoint, &plan(&modules)).await.unwrap();
+
+        let db = Database::connect(&tdb.url, MIGRATIONS).await.unwrap();
+        let connection = connect(&vhost.amqp_url, &unique_name("bank-worker"))
+            .await
+            .unwrap();
+        let publisher = Publisher::open(&connection).await.unwrap();
+        // Someone listening to the bank's events.
+        let probe = lapin::Connection::connect(&vhost.amqp_url, Default::default())
+            .await
+            .unwrap();
+        let channel = probe.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                "audit".into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                "audit".into(),
+                "chimera.bank.events".into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+
+        let worker = Arc::new(
+            Worker::new(worker_config(), "bank", "chimera.bank.events")
+                .on("account.open", open)
+                .on("account.flaky", flaky),
+        );
+        let (relay_wake, stop_relay, stop_worker) = (
+            Arc::new(Notify::new()),
+            Arc::new(Notify::new()),
+            Arc::new(Notify::new()),
+        );
+        let relay = tokio::spawn(run_relay(
+            db.clone(),
+            publisher.clone(),
+            RelaySettings::default(),
+            relay_wake.clone(),
+            stop_relay.clone(),
+            Duration::from_millis(200),
+        ));
+        let running = {
+            let (worker, db, publisher, wake, stop) = (
+                worker.clone(),
+                db.clone(),
+                publisher.clone(),
+                relay_wake.clone(),
+                stop_worker.clone(),
+            );
+            let vhost_url = vhost.amqp_url.clone();
+            tokio::spawn(async move {
+                let connection = connect(&vhost_url, &unique_name("bank-consumer"))
+                    .await
+                    .unwrap();
+                worker
+                    .run(db, &connection, publisher, wake, stop, "bank-worker")
+                    .await
+                    .unwrap();
+            })
+        };
+
+        let send = |kind: &str, data: serde_json::Value| {
+            Outgoing::new("chimera.bank.commands", Envelope::new(kind, data))
+        };
+        let open_cmd = send(
+            "account.open",
+            serde_json::json!({"id": "a1", "owner": "Ada"}),
+        );
+        publisher.publish(&open_cmd, true).await.unwrap();
+        publisher.publish(&open_cmd, true).await.unwrap(); // the same message id, delivered twice
+        publisher
+            .publish(&send("account.flaky", serde_json::json!({})), true)
+            .await
+            .unwrap();
+        publisher
+            .publish(
+                &send("account.open", serde_json::json!({"id": "a2", "owner": ""})),
+                true,
+            )
+            .await
+            .unwrap();
+        publisher
+            .publish(
+                &send("account.close", serde_json::json!({"id": "a1"})),
+                true,
+            )
+            .await
+            .unwrap();
+        channel
+            .basic_publish(
+                "chimera.bank.commands".into(),
+                "account.open".into(),
+                BasicPublishOptions::default(),
+                b"{not json",
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        // After all that, the worker still works.
+        publisher
+            .publish(
+                &send(
+                    "account.open",
+                    serde_json::json!({"id": "a3", "owner": "Grace"}),
+                ),
+                true,
+            )
+            .await
+            .unwrap();
+
+        let mut reasons = Vec::new();
+        while reasons.len() < 4 {
+            let m = get(&channel, "chimera.bank.worker.dlq", Duration::from_secs(15))
+                .await
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{backend}: only {} dead letters: {reasons:?}",
+                        reasons.len()
+                    )
+                });
+            reasons.push(reason(&m));
+            m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        reasons.sort();
+        let expect = [
+            "failed 2 time(s); last error: the ledger is down",
+            "no handler for message type \"account.close\"",
+            "not a Chimera envelope",
+            "owner must not be empty",
+        ];
+        for e in expect {
+            assert!(
+                reasons.iter().any(|r| r.contains(e)),
+                "{backend}: no dead letter saying {e:?}: {reasons:?}"
+            );
+        }
+
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let owners = loop {
+            let rows = sqlx::query("SELECT owner FROM accounts ORDER BY id")
+                .fetch_all(db.pool())
+                .await
+                .unwrap();
+            let owners: Vec<String> = rows.iter().map(|r| r.try_get("owner").unwrap()).collect();
+            if owners.len() >= 2 || Instant::now() > deadline {
+                break owners;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(
+            owners,
+            ["Ada", "Grace"],
+            "{backend}: a1 once (despite the duplicate), a3 after the bad messages"
+        );
+
+        let mut opened = Vec::new();
+        while let Some(m) = get(&channel, "audit", Duration::from_secs(3)).await {
+            opened.push(
+                Envelope::decode(&m.delivery.data).unwrap().data["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+            m.delivery.ack(BasicAckOptions::default()).await.unwrap();
+            if opened.len() == 2 {
+                break;
+            }
+        }
+        assert_eq!(
+            opened,
+            ["a1", "a3"],
+            "{backend}: one account.opened per account, through the outbox"
+        );
+
+        stop_worker.notify_one();
+        tokio::time::timeout(Duration::from_secs(10), running)
+            .await
+            .expect("the worker stops when asked")
+            .unwrap();
+        stop_relay.notify_one();
+        relay.await.unwrap();
+        probe.close(200, "done".into()).await.ok();
+        connection.close(200, "done".into()).await.ok();
+    }
+}
