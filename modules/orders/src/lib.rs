@@ -1,1 +1,441 @@
-//! Placeholder: the orders crate is built in issue 4 (the module SDK and marketplace domains).
+//! The orders domain: places and tracks orders; follows gigs and users to reject what it must.
+//!
+//! Commands: `order.place {order_id, gig_id, buyer_id}`, `order.deliver {order_id}`,
+//! `order.complete {order_id}`, `order.cancel {order_id}`. Events: `order.placed`,
+//! `order.rejected` (unknown or paused gig, unknown buyer), `order.delivered`,
+//! `order.completed`, `order.cancelled`. Subscribes to `gig.*` (price, title, status) and
+//! `user.registered` / `user.deleted` (cancels the buyer's open orders). Reads:
+//! `GET /orders/{id}`, `GET /orders?buyer_id=`.
+//!
+//! An order for a gig or buyer not seen yet is retried (the event may still be on its way) and
+//! rejected only when no retry is left. An illegal state change (delivering a cancelled order)
+//! is rejected: dead-lettered with the reason.
+
+use chimera_sdk::axum::extract::State;
+use chimera_sdk::axum::routing::get;
+use chimera_sdk::axum::{Json, Router};
+use chimera_sdk::db::{Database, Migration};
+use chimera_sdk::futures::future::BoxFuture;
+use chimera_sdk::head::Module;
+use chimera_sdk::http::{ApiError, ValidPath, ValidQuery};
+use chimera_sdk::sqlx::{self, Row};
+use chimera_sdk::worker::{Context, HandlerError, Worker};
+use serde::{Deserialize, Serialize};
+
+/// The orders table and the views of gigs and buyers.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 100,
+        description: "orders",
+        sql: "CREATE TABLE orders (
+            order_id VARCHAR(64) NOT NULL PRIMARY KEY,
+            gig_id VARCHAR(64) NOT NULL,
+            buyer_id VARCHAR(64) NOT NULL,
+            price_cents BIGINT NOT NULL,
+            status VARCHAR(16) NOT NULL,
+            reason VARCHAR(255))",
+    },
+    Migration {
+        version: 101,
+        description: "gigs view",
+        sql: "CREATE TABLE gigs_view (
+            gig_id VARCHAR(64) NOT NULL PRIMARY KEY,
+            title VARCHAR(200) NOT NULL,
+            price_cents BIGINT NOT NULL,
+            status VARCHAR(16) NOT NULL)",
+    },
+    Migration {
+        version: 102,
+        description: "buyers",
+        sql: "CREATE TABLE buyers (user_id VARCHAR(64) NOT NULL PRIMARY KEY, deleted BIGINT NOT NULL)",
+    },
+    Migration {
+        version: 103,
+        description: "orders by buyer",
+        sql: "CREATE INDEX orders_buyer ON orders (buyer_id)",
+    },
+];
+
+/// The module, for `chimera_sdk::head::main`.
+pub fn module() -> Module {
+    Module {
+        migrations: MIGRATIONS,
+        query: routes,
+        worker: handlers,
+    }
+}
+
+/// An order.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Order {
+    /// Id chosen by the caller.
+    pub order_id: String,
+    /// The gig bought.
+    pub gig_id: String,
+    /// The buyer (a user).
+    pub buyer_id: String,
+    /// Price at placing time.
+    pub price_cents: i64,
+    /// `placed`, `rejected`, `delivered`, `completed` or `cancelled`.
+    pub status: String,
+    /// Why it was rejected or cancelled.
+    pub reason: Option<String>,
+}
+
+/// The status an action moves an order to, if it may: placed -> delivered -> completed, and
+/// cancel from placed or delivered. Pure, so the rules are tested on their own.
+pub fn transition(from: &str, action: &str) -> Result<&'static str, String> {
+    match (from, action) {
+        ("placed", "deliver") => Ok("delivered"),
+        ("delivered", "complete") => Ok("completed"),
+        ("placed" | "delivered", "cancel") => Ok("cancelled"),
+        _ => Err(format!(
+            "illegal state change: cannot {action} an order that is {from}"
+        )),
+    }
+}
+
+fn reject(message: impl Into<String>) -> HandlerError {
+    HandlerError::Reject(message.into())
+}
+
+/// Checks an id: 1-64 characters, no spaces.
+pub fn valid_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 || id.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "invalid id {id:?}: 1 to 64 characters without spaces"
+        ));
+    }
+    Ok(())
+}
+
+fn order_of(r: &chimera_sdk::sqlx::any::AnyRow) -> Result<Order, sqlx::Error> {
+    Ok(Order {
+        order_id: r.try_get("order_id")?,
+        gig_id: r.try_get("gig_id")?,
+        buyer_id: r.try_get("buyer_id")?,
+        price_cents: r.try_get("price_cents")?,
+        status: r.try_get("status")?,
+        reason: r.try_get("reason")?,
+    })
+}
+
+const COLUMNS: &str = "SELECT order_id, gig_id, buyer_id, price_cents, status, reason FROM orders";
+
+async fn load(ctx: &mut Context, order_id: &str) -> Result<Option<Order>, HandlerError> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!("{COLUMNS} WHERE order_id = ?")))
+        .bind(order_id)
+        .fetch_optional(&mut **ctx.tx())
+        .await?;
+    Ok(row.as_ref().map(order_of).transpose()?)
+}
+
+async fn insert(ctx: &mut Context, o: &Order) -> Result<(), HandlerError> {
+    sqlx::query("INSERT INTO orders (order_id, gig_id, buyer_id, price_cents, status, reason) VALUES (?, ?, ?, ?, ?, ?)")
+        .bind(&o.order_id)
+        .bind(&o.gig_id)
+        .bind(&o.buyer_id)
+        .bind(o.price_cents)
+        .bind(&o.status)
+        .bind(&o.reason)
+        .execute(&mut **ctx.tx())
+        .await?;
+    Ok(())
+}
+
+async fn set_status(ctx: &mut Context, o: &Order) -> Result<(), HandlerError> {
+    sqlx::query("UPDATE orders SET status = ?, reason = ? WHERE order_id = ?")
+        .bind(&o.status)
+        .bind(&o.reason)
+        .bind(&o.order_id)
+        .execute(&mut **ctx.tx())
+        .await?;
+    Ok(())
+}
+
+async fn emit(ctx: &mut Context, kind: &str, o: &Order) -> Result<(), HandlerError> {
+    ctx.emit(kind, serde_json::to_value(o).unwrap_or_default())
+        .await
+}
+
+#[derive(Deserialize)]
+struct Place {
+    order_id: String,
+    gig_id: String,
+    buyer_id: String,
+}
+
+fn place(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
+    Box::pin(async move {
+        let cmd: Place = ctx.data()?;
+        valid_id(&cmd.order_id)
+            .and(valid_id(&cmd.gig_id))
+            .and(valid_id(&cmd.buyer_id))
+            .map_err(reject)?;
+        if load(ctx, &cmd.order_id).await?.is_some() {
+            return Err(reject(format!("order {} already exists", cmd.order_id)));
+        }
+        let gig = sqlx::query("SELECT price_cents, status FROM gigs_view WHERE gig_id = ?")
+            .bind(&cmd.gig_id)
+            .fetch_optional(&mut **ctx.tx())
+            .await?;
+        let buyer = sqlx::query("SELECT deleted FROM buyers WHERE user_id = ?")
+            .bind(&cmd.buyer_id)
+            .fetch_optional(&mut **ctx.tx())
+            .await?;
+        let unseen = match (&gig, &buyer) {
+            (None, _) => Some(format!("unknown gig {}", cmd.gig_id)),
+            (_, None) => Some(format!("unknown buyer {}", cmd.buyer_id)),
+            _ => None,
+        };
+        if let Some(why) = &unseen
+            && !ctx.is_last_attempt()
+        {
+            return Err(HandlerError::Retry(format!("{why} (not seen yet)")));
+        }
+        let price = match &gig {
+            Some(g) => g.try_get::<i64, _>("price_cents")?,
+            None => 0,
+        };
+        let refusal = match (unseen, &gig, &buyer) {
+            (Some(why), _, _) => Some(why),
+            (None, Some(g), _) if g.try_get::<String, _>("status")? != "active" => {
+                Some(format!("gig {} is paused", cmd.gig_id))
+            }
+            (None, _, Some(b)) if b.try_get::<i64, _>("deleted")? != 0 => {
+                Some(format!("buyer {} was deleted", cmd.buyer_id))
+            }
+            _ => None,
+        };
+        let mut order = Order {
+            order_id: cmd.order_id,
+            gig_id: cmd.gig_id,
+            buyer_id: cmd.buyer_id,
+            price_cents: price,
+            status: "placed".into(),
+            reason: None,
+        };
+        if let Some(reason) = refusal {
+            order.status = "rejected".into();
+            order.reason = Some(reason);
+            insert(ctx, &order).await?;
+            return emit(ctx, "order.rejected", &order).await;
+        }
+        insert(ctx, &order).await?;
+        emit(ctx, "order.placed", &order).await
+    })
+}
+
+#[derive(Deserialize)]
+struct OrderRef {
+    order_id: String,
+}
+
+async fn change(ctx: &mut Context, action: &str, event: &str) -> Result<(), HandlerError> {
+    let cmd: OrderRef = ctx.data()?;
+    let Some(mut order) = load(ctx, &cmd.order_id).await? else {
+        return Err(reject(format!("no order {}", cmd.order_id)));
+    };
+    order.status = transition(&order.status, action)
+        .map_err(reject)?
+        .to_owned();
+    set_status(ctx, &order).await?;
+    emit(ctx, event, &order).await
+}
+
+fn deliver(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
+    Box::pin(change(ctx, "deliver", "order.delivered"))
+}
+
+fn complete(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
+    Box::pin(change(ctx, "complete", "order.completed"))
+}
+
+fn cancel(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
+    Box::pin(change(ctx, "cancel", "order.cancelled"))
+}
+
+#[derive(Deserialize)]
+struct GigEvent {
+    gig_id: String,
+    title: String,
+    price_cents: i64,
+    status: String,
+}
+
+fn gig_changed(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
+    Box::pin(async move {
+        let g: GigEvent = ctx.data()?;
+        let updated = sqlx::query(
+            "UPDATE gigs_view SET title = ?, price_cents = ?, status = ? WHERE gig_id = ?",
+        )
+        .bind(&g.title)
+        .bind(g.price_cents)
+        .bind(&g.status)
+        .bind(&g.gig_id)
+        .execute(&mut **ctx.tx())
+        .await?;
+        if updated.rows_affected() == 0 {
+            sqlx::query(
+                "INSERT INTO gigs_view (title, price_cents, status, gig_id) VALUES (?, ?, ?, ?)",
+            )
+            .bind(&g.title)
+            .bind(g.price_cents)
+            .bind(&g.status)
+            .bind(&g.gig_id)
+            .execute(&mut **ctx.tx())
+            .await?;
+        }
+        Ok(())
+    })
+}
+
+#[derive(Deserialize)]
+struct UserEvent {
+    user_id: String,
+}
+
+fn user_registered(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
+    Box::pin(async move {
+        let u: UserEvent = ctx.data()?;
+        let exists = sqlx::query("SELECT 1 FROM buyers WHERE user_id = ?")
+            .bind(&u.user_id)
+            .fetch_optional(&mut **ctx.tx())
+            .await?;
+        if exists.is_none() {
+            sqlx::query("INSERT INTO buyers (user_id, deleted) VALUES (?, 0)")
+                .bind(&u.user_id)
+                .execute(&mut **ctx.tx())
+                .await?;
+        }
+        Ok(())
+    })
+}
+
+fn user_deleted(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
+    Box::pin(async move {
+        let u: UserEvent = ctx.data()?;
+        let updated = sqlx::query("UPDATE buyers SET deleted = 1 WHERE user_id = ?")
+            .bind(&u.user_id)
+            .execute(&mut **ctx.tx())
+            .await?;
+        if updated.rows_affected() == 0 {
+            sqlx::query("INSERT INTO buyers (user_id, deleted) VALUES (?, 1)")
+                .bind(&u.user_id)
+                .execute(&mut **ctx.tx())
+                .await?;
+        }
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{COLUMNS} WHERE buyer_id = ? AND status IN ('placed', 'delivered') ORDER BY order_id"
+        )))
+        .bind(&u.user_id)
+        .fetch_all(&mut **ctx.tx())
+        .await?;
+        let open = rows.iter().map(order_of).collect::<Result<Vec<_>, _>>()?;
+        for mut order in open {
+            order.status = "cancelled".into();
+            order.reason = Some(format!("buyer {} was deleted", u.user_id));
+            set_status(ctx, &order).await?;
+            emit(ctx, "order.cancelled", &order).await?;
+        }
+        Ok(())
+    })
+}
+
+/// The worker's handlers.
+pub fn handlers(worker: Worker) -> Worker {
+    worker
+        .on("order.place", place)
+        .on("order.deliver", deliver)
+        .on("order.complete", complete)
+        .on("order.cancel", cancel)
+        .on("gig.published", gig_changed)
+        .on("gig.updated", gig_changed)
+        .on("gig.paused", gig_changed)
+        .on("user.registered", user_registered)
+        .on("user.deleted", user_deleted)
+}
+
+fn db_error(e: sqlx::Error) -> ApiError {
+    ApiError::internal(format!("database: {e}"))
+}
+
+async fn get_order(
+    State(db): State<Database>,
+    ValidPath(id): ValidPath<String>,
+) -> Result<Json<Order>, ApiError> {
+    valid_id(&id).map_err(ApiError::bad_request)?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!("{COLUMNS} WHERE order_id = ?")))
+        .bind(&id)
+        .fetch_optional(db.pool())
+        .await
+        .map_err(db_error)?;
+    match row {
+        Some(r) => Ok(Json(order_of(&r).map_err(db_error)?)),
+        None => Err(ApiError::not_found(format!("no order {id}"))),
+    }
+}
+
+#[derive(Deserialize)]
+struct ByBuyer {
+    buyer_id: Option<String>,
+}
+
+async fn list_orders(
+    State(db): State<Database>,
+    ValidQuery(q): ValidQuery<ByBuyer>,
+) -> Result<Json<Vec<Order>>, ApiError> {
+    let Some(buyer) = q.buyer_id else {
+        return Err(ApiError::bad_request(
+            "the buyer_id query parameter is required",
+        ));
+    };
+    valid_id(&buyer).map_err(ApiError::bad_request)?;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{COLUMNS} WHERE buyer_id = ? ORDER BY order_id LIMIT 1000"
+    )))
+    .bind(&buyer)
+    .fetch_all(db.pool())
+    .await
+    .map_err(db_error)?;
+    Ok(Json(
+        rows.iter()
+            .map(order_of)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db_error)?,
+    ))
+}
+
+/// The query head's routes.
+pub fn routes(db: Database) -> Router {
+    Router::new()
+        .route("/orders/{id}", get(get_order))
+        .route("/orders", get(list_orders))
+        .with_state(db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_order_lifecycle() {
+        assert_eq!(transition("placed", "deliver"), Ok("delivered"));
+        assert_eq!(transition("delivered", "complete"), Ok("completed"));
+        assert_eq!(transition("placed", "cancel"), Ok("cancelled"));
+        assert_eq!(transition("delivered", "cancel"), Ok("cancelled"));
+        for (from, action) in [
+            ("cancelled", "deliver"),
+            ("completed", "cancel"),
+            ("placed", "complete"),
+            ("rejected", "deliver"),
+            ("completed", "complete"),
+        ] {
+            let err = transition(from, action).err().unwrap_or_default();
+            assert!(
+                err.contains("illegal state change"),
+                "{from} {action}: {err}"
+            );
+        }
+    }
+}

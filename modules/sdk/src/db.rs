@@ -160,10 +160,21 @@ impl Database {
                 )
             })
             .collect();
-        Migrator::with_migrations(migrations)
-            .run(&self.pool)
-            .await
-            .map_err(DbError::Migrate)
+        let migrator = Migrator::with_migrations(migrations);
+        // MySQL migrations take a database lock; SQLite's do not, so two heads starting on one
+        // file can race: the loser sees what the winner applied once it runs again.
+        let mut attempt = 0;
+        loop {
+            match migrator.run(&self.pool).await {
+                Ok(()) => return Ok(()),
+                Err(e) if self.backend == Backend::Sqlite && attempt < 10 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "migration raced another process; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+                Err(e) => return Err(DbError::Migrate(e)),
+            }
+        }
     }
 
     /// Begins a transaction that will write. On SQLite it takes the write lock up front

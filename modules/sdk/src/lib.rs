@@ -1,6 +1,7 @@
 //! The shared body of a Chimera module: what every head gets without writing it.
 //!
 //! - [`broker`]: RabbitMQ with automatic recovery and publisher confirms;
+//! - [`head`]: `main` of a module binary: runs the query or the worker head;
 //! - [`config`]: the head contract's environment, validated at start;
 //! - [`db`]: the domain's database (SQLite or MySQL/MariaDB) with migrations;
 //! - [`envelope`]: the message envelope, headers and trace context;
@@ -14,11 +15,16 @@ pub mod broker;
 pub mod config;
 pub mod db;
 pub mod envelope;
+pub mod head;
 pub mod http;
 pub mod inbox;
 pub mod outbox;
 pub mod shutdown;
 pub mod worker;
 
+/// The web framework of the query head's routes (the same version the SDK uses).
+pub use axum;
+/// Futures helpers (handlers return boxed futures).
+pub use futures;
 /// The SQL toolkit modules write their queries with (the same version the SDK uses).
 pub use sqlx;

@@ -57,6 +57,8 @@ impl From<sqlx::Error> for HandlerError {
 /// What a handler works with: the message, the open transaction, and a way to emit events.
 pub struct Context {
     envelope: Envelope,
+    attempt: i64,
+    last_attempt: bool,
     tx: Transaction<'static, Any>,
     trace: TraceParent,
     events_exchange: String,
@@ -67,6 +69,17 @@ impl Context {
     /// The message being handled.
     pub fn envelope(&self) -> &Envelope {
         &self.envelope
+    }
+
+    /// Which attempt this is (1 on first delivery).
+    pub fn attempt(&self) -> i64 {
+        self.attempt
+    }
+
+    /// Whether a [`HandlerError::Retry`] now would dead-letter the message (no retry left):
+    /// a handler waiting for data that may not have arrived yet decides on this one.
+    pub fn is_last_attempt(&self) -> bool {
+        self.last_attempt
     }
 
     /// The payload as `T`; a payload that does not fit is a [`HandlerError::Reject`] naming
@@ -243,7 +256,9 @@ impl Worker {
         };
         let span = tracing::info_span!("handle", kind = %envelope.kind, id = %envelope.id, attempt, trace_id = %format!("{:032x}", trace.trace_id));
         let _entered = span.enter();
-        let result = self.handle(db, handler.as_ref(), &envelope, trace).await;
+        let result = self
+            .handle(db, handler.as_ref(), &envelope, trace, attempt)
+            .await;
         drop(_entered);
         match result {
             Ok(HandleResult::Committed { emitted }) => {
@@ -284,14 +299,20 @@ impl Worker {
         handler: &dyn Handler,
         envelope: &Envelope,
         trace: TraceParent,
+        attempt: i64,
     ) -> Result<HandleResult, HandlerError> {
         let mut tx = db.begin().await?;
         if !inbox::record(&mut tx, &self.consumer_name, envelope).await? {
             tx.rollback().await?;
             return Ok(HandleResult::Duplicate);
         }
+        let last_attempt = attempt >= i64::from(self.config.max_attempts)
+            || usize::try_from(attempt).unwrap_or(usize::MAX)
+                > self.config.retry_delays_seconds.len();
         let mut ctx = Context {
             envelope: envelope.clone(),
+            attempt,
+            last_attempt,
             tx,
             trace,
             events_exchange: self.events_exchange.clone(),

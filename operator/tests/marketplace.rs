@@ -1,0 +1,307 @@
+//! The whole marketplace flow across the three modules, each as its two heads (in-process, the
+//! same `run_with` the binaries use), on the topology the control plane declares from
+//! examples/marketplace, with a real RabbitMQ and a SQLite database per domain. Everything is
+//! observed through the query heads, as a client would.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chimera_operator::api::validation::modules_from_yaml;
+use chimera_operator::topology::broker::BrokerEndpoint;
+use chimera_operator::topology::declare::apply;
+use chimera_operator::topology::plan::plan;
+use chimera_sdk::broker::{Outgoing, Publisher, connect};
+use chimera_sdk::envelope::Envelope;
+use chimera_sdk::head::{Module, run_with};
+use chimera_testenv::{TestDatabase, TestVhost, unique_name};
+use common::repo_root;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+/// Builds a module (its `module()` function).
+type ModuleFactory = fn() -> Module;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Heads {
+    stops: Vec<Arc<Notify>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    query_urls: HashMap<&'static str, String>,
+    _dbs: Vec<TestDatabase>,
+}
+
+fn contract(domain: &str, head: &str, port: u16, amqp: &str, db: &str) -> HashMap<String, String> {
+    [
+        ("CHIMERA_HEAD", head.to_owned()),
+        ("CHIMERA_DOMAIN", domain.to_owned()),
+        ("CHIMERA_HTTP_ADDR", format!("127.0.0.1:{port}")),
+        ("CHIMERA_AMQP_URL", amqp.to_owned()),
+        ("CHIMERA_DATABASE_URL", db.to_owned()),
+        ("CHIMERA_WORKER_QUEUE", format!("chimera.{domain}.worker")),
+        (
+            "CHIMERA_DEAD_LETTER_QUEUE",
+            format!("chimera.{domain}.worker.dlq"),
+        ),
+        ("CHIMERA_RETRY_DELAYS_SECONDS", "1,10,60".to_owned()),
+        ("CHIMERA_PREFETCH", "50".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+async fn start(amqp: &str) -> Heads {
+    let mut heads = Heads {
+        stops: vec![],
+        tasks: vec![],
+        query_urls: HashMap::new(),
+        _dbs: vec![],
+    };
+    let modules: [(&'static str, ModuleFactory); 3] = [
+        ("users", chimera_users::module),
+        ("gigs", chimera_gigs::module),
+        ("orders", chimera_orders::module),
+    ];
+    for (domain, module) in modules {
+        let db = TestDatabase::sqlite(domain);
+        for head in ["query", "worker"] {
+            let port = free_port();
+            if head == "query" {
+                heads
+                    .query_urls
+                    .insert(domain, format!("http://127.0.0.1:{port}"));
+            }
+            let stop = Arc::new(Notify::new());
+            let vars = contract(domain, head, port, amqp, &db.url);
+            let task_stop = stop.clone();
+            heads.tasks.push(tokio::spawn(async move {
+                run_with(module(), Some(head.to_owned()), vars, task_stop)
+                    .await
+                    .unwrap_or_else(|e| panic!("{domain} {head}: {e}"));
+            }));
+            heads.stops.push(stop);
+        }
+        heads._dbs.push(db);
+    }
+    heads
+}
+
+async fn get(url: &str) -> (u16, Value) {
+    match reqwest::get(url).await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.json().await.unwrap_or(Value::Null))
+        }
+        Err(_) => (0, Value::Null),
+    }
+}
+
+/// Polls a query head until `check` accepts the answer.
+async fn until(what: &str, url: &str, check: impl Fn(u16, &Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let (status, body) = get(url).await;
+        if check(status, &body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: last answer {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn register_publish_place_deliver_complete_pause_reject_and_delete() {
+    let vhost = TestVhost::create("marketplace");
+    let endpoint = BrokerEndpoint::new(&vhost.amqp_url, Some(vhost.management_url())).unwrap();
+    let mut all = Vec::new();
+    for name in ["users", "gigs", "orders"] {
+        all.extend(
+            modules_from_yaml(
+                &std::fs::read_to_string(
+                    repo_root().join(format!("examples/marketplace/{name}.yaml")),
+                )
+                .unwrap(),
+            )
+            .0,
+        );
+    }
+    apply(&endpoint, &plan(&all)).await.unwrap();
+    let heads = start(&vhost.amqp_url).await;
+    let (users, gigs, orders) = (
+        heads.query_urls["users"].clone(),
+        heads.query_urls["gigs"].clone(),
+        heads.query_urls["orders"].clone(),
+    );
+    let connection = connect(&vhost.amqp_url, &unique_name("client"))
+        .await
+        .unwrap();
+    let publisher = Publisher::open(&connection).await.unwrap();
+    let send = |domain: &str, kind: &str, data: Value| {
+        let m = Outgoing::new(
+            format!("chimera.{domain}.commands"),
+            Envelope::new(kind, data),
+        );
+        let p = publisher.clone();
+        async move { p.publish(&m, true).await.unwrap() }
+    };
+
+    send(
+        "users",
+        "user.register",
+        json!({"user_id": "ada", "name": "Ada", "email": "ada@example.com"}),
+    )
+    .await;
+    send(
+        "users",
+        "user.register",
+        json!({"user_id": "bob", "name": "Bob", "email": "bob@example.com"}),
+    )
+    .await;
+    until("ada registered", &format!("{users}/users/ada"), |s, b| {
+        s == 200 && b["name"] == "Ada"
+    })
+    .await;
+
+    send(
+        "gigs",
+        "gig.publish",
+        json!({"gig_id": "logo", "seller_id": "ada", "title": "Logo design", "price_cents": 5000}),
+    )
+    .await;
+    until(
+        "gig with its seller's name",
+        &format!("{gigs}/gigs/logo"),
+        |s, b| s == 200 && b["seller_name"] == "Ada" && b["status"] == "active",
+    )
+    .await;
+
+    send(
+        "orders",
+        "order.place",
+        json!({"order_id": "o1", "gig_id": "logo", "buyer_id": "bob"}),
+    )
+    .await;
+    let o1 = until("o1 placed", &format!("{orders}/orders/o1"), |s, b| {
+        s == 200 && b["status"] == "placed"
+    })
+    .await;
+    assert_eq!(o1["price_cents"], 5000);
+    send("orders", "order.deliver", json!({"order_id": "o1"})).await;
+    until("o1 delivered", &format!("{orders}/orders/o1"), |_, b| {
+        b["status"] == "delivered"
+    })
+    .await;
+    send("orders", "order.complete", json!({"order_id": "o1"})).await;
+    until("o1 completed", &format!("{orders}/orders/o1"), |_, b| {
+        b["status"] == "completed"
+    })
+    .await;
+
+    // A paused gig cannot be ordered.
+    send("gigs", "gig.pause", json!({"gig_id": "logo"})).await;
+    until("logo paused", &format!("{gigs}/gigs/logo"), |_, b| {
+        b["status"] == "paused"
+    })
+    .await;
+    // Give the orders domain the gig.paused event before ordering (it follows gigs by events).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    send(
+        "orders",
+        "order.place",
+        json!({"order_id": "o2", "gig_id": "logo", "buyer_id": "bob"}),
+    )
+    .await;
+    let o2 = until("o2 rejected", &format!("{orders}/orders/o2"), |s, b| {
+        s == 200 && b["status"] != "placed"
+    })
+    .await;
+    assert_eq!(o2["status"], "rejected");
+    assert!(
+        o2["reason"].as_str().unwrap_or_default().contains("paused"),
+        "{o2}"
+    );
+
+    // Deleting a buyer cancels their open orders; deleting a seller pauses their gigs.
+    send(
+        "gigs",
+        "gig.publish",
+        json!({"gig_id": "site", "seller_id": "ada", "title": "Web site", "price_cents": 90000}),
+    )
+    .await;
+    until("site active", &format!("{gigs}/gigs/site"), |s, b| {
+        s == 200 && b["status"] == "active"
+    })
+    .await;
+    send(
+        "orders",
+        "order.place",
+        json!({"order_id": "o3", "gig_id": "site", "buyer_id": "bob"}),
+    )
+    .await;
+    until("o3 placed", &format!("{orders}/orders/o3"), |s, b| {
+        s == 200 && b["status"] == "placed"
+    })
+    .await;
+    send("users", "user.delete", json!({"user_id": "bob"})).await;
+    let o3 = until("o3 cancelled", &format!("{orders}/orders/o3"), |_, b| {
+        b["status"] == "cancelled"
+    })
+    .await;
+    assert!(
+        o3["reason"].as_str().unwrap_or_default().contains("bob"),
+        "{o3}"
+    );
+    until("bob gone", &format!("{users}/users/bob"), |s, _| s == 404).await;
+    send("users", "user.delete", json!({"user_id": "ada"})).await;
+    until("site paused", &format!("{gigs}/gigs/site"), |_, b| {
+        b["status"] == "paused"
+    })
+    .await;
+    let bob_orders = until(
+        "bob's orders",
+        &format!("{orders}/orders?buyer_id=bob"),
+        |s, _| s == 200,
+    )
+    .await;
+    let statuses: Vec<&str> = bob_orders
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["completed", "rejected", "cancelled"],
+        "a completed order is not cancelled"
+    );
+
+    // Bad HTTP input is a JSON 4xx.
+    let (status, body) = get(&format!("{orders}/orders?buyer_id=")).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
+    let (status, _) = get(&format!("{users}/users?limit=9999")).await;
+    assert_eq!(status, 400);
+
+    for stop in &heads.stops {
+        stop.notify_one();
+    }
+    for task in heads.tasks {
+        tokio::time::timeout(Duration::from_secs(15), task)
+            .await
+            .expect("every head stops on request")
+            .unwrap();
+    }
+    connection.close(200, "done".into()).await.ok();
+}
