@@ -1,6 +1,7 @@
 //! The whole marketplace flow across the three modules, each as its two heads (in-process, the
 //! same `run_with` the binaries use), on the topology the control plane declares from
-//! examples/marketplace, with a real RabbitMQ and a SQLite database per domain. Everything is
+//! examples/marketplace, with a real RabbitMQ and a database per domain (SQLite files, then
+//! MariaDB databases). Everything is
 //! observed through the query heads, as a client would.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -60,7 +61,7 @@ fn contract(domain: &str, head: &str, port: u16, amqp: &str, db: &str) -> HashMa
     .collect()
 }
 
-async fn start(amqp: &str) -> Heads {
+async fn start(amqp: &str, mariadb: bool) -> Heads {
     let mut heads = Heads {
         stops: vec![],
         tasks: vec![],
@@ -73,7 +74,11 @@ async fn start(amqp: &str) -> Heads {
         ("orders", chimera_orders::module),
     ];
     for (domain, module) in modules {
-        let db = TestDatabase::sqlite(domain);
+        let db = if mariadb {
+            TestDatabase::mysql(domain).await
+        } else {
+            TestDatabase::sqlite(domain)
+        };
         for head in ["query", "worker"] {
             let port = free_port();
             if head == "query" {
@@ -123,7 +128,18 @@ async fn until(what: &str, url: &str, check: impl Fn(u16, &Value) -> bool) -> Va
 }
 
 #[tokio::test]
-async fn register_publish_place_deliver_complete_pause_reject_and_delete() {
+async fn the_marketplace_flow_on_sqlite() {
+    marketplace_flow(false).await;
+}
+
+#[tokio::test]
+async fn the_marketplace_flow_on_mariadb() {
+    marketplace_flow(true).await;
+}
+
+/// Register, publish, place, deliver, complete; a paused gig is refused; deleting users pauses
+/// their gigs and cancels their open orders.
+async fn marketplace_flow(mariadb: bool) {
     let vhost = TestVhost::create("marketplace");
     let endpoint = BrokerEndpoint::new(&vhost.amqp_url, Some(vhost.management_url())).unwrap();
     let mut all = Vec::new();
@@ -139,7 +155,7 @@ async fn register_publish_place_deliver_complete_pause_reject_and_delete() {
         );
     }
     apply(&endpoint, &plan(&all)).await.unwrap();
-    let heads = start(&vhost.amqp_url).await;
+    let heads = start(&vhost.amqp_url, mariadb).await;
     let (users, gigs, orders) = (
         heads.query_urls["users"].clone(),
         heads.query_urls["gigs"].clone(),

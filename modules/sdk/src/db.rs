@@ -161,13 +161,14 @@ impl Database {
             })
             .collect();
         let migrator = Migrator::with_migrations(migrations);
-        // MySQL migrations take a database lock; SQLite's do not, so two heads starting on one
-        // file can race: the loser sees what the winner applied once it runs again.
+        // Heads starting together (query and worker, or several replicas) race to migrate, and
+        // through the Any driver neither backend takes a migration lock: the loser of a race
+        // fails on what the winner just applied, and sees it applied when it runs again.
         let mut attempt = 0;
         loop {
             match migrator.run(&self.pool).await {
                 Ok(()) => return Ok(()),
-                Err(e) if self.backend == Backend::Sqlite && attempt < 10 => {
+                Err(e) if attempt < 10 => {
                     attempt += 1;
                     tracing::debug!(error = %e, attempt, "migration raced another process; retrying");
                     tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
