@@ -26,5 +26,7 @@ pub mod worker;
 pub use axum;
 /// Futures helpers (handlers return boxed futures).
 pub use futures;
+/// The AMQP client the SDK uses, for code that needs it directly (tests, tools).
+pub use lapin;
 /// The SQL toolkit modules write their queries with (the same version the SDK uses).
 pub use sqlx;
