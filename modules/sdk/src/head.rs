@@ -197,7 +197,18 @@ async fn run_worker(
         Duration::from_secs(1),
     ));
     let http = {
-        let app = router(Router::new(), readiness(&db));
+        // Ready when the database answers and the broker connection is up.
+        let (db_check, status) = (db.clone(), connection.status().clone());
+        let options = ServerOptions::new().readiness(move || {
+            let (db, status) = (db_check.clone(), status.clone());
+            async move {
+                if !status.connected() {
+                    return Err("the broker connection is down (recovering)".to_owned());
+                }
+                db.ping().await.map_err(|e| e.to_string())
+            }
+        });
+        let app = router(Router::new(), options);
         let (addr, http_stop) = (config.http_addr, http_stop.clone());
         tokio::spawn(
             async move { serve(addr, app, async move { http_stop.notified().await }).await },
