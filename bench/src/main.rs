@@ -1,0 +1,58 @@
+//! `chimera-bench worker|query`: the SDK against bare baselines, measured in the same run on the
+//! same machine, reported as ratios (see bench/README.md).
+
+mod query;
+mod worker;
+
+use clap::{Parser, Subcommand};
+
+/// Benchmarks of the module SDK.
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Worker pipeline (decode, handler, SQLite write with inbox and outbox, ack, events relayed)
+    /// against raw lapin consume+ack on the same kind of queue.
+    Worker {
+        /// Messages per run.
+        #[arg(long, default_value_t = 20_000)]
+        messages: usize,
+        /// AMQP URL of the broker (its management API must be on the usual port or given).
+        #[arg(long, env = "CHIMERA_AMQP_URL")]
+        amqp: String,
+        /// Management API URL.
+        #[arg(long, env = "CHIMERA_RABBITMQ_MANAGEMENT_URL")]
+        management: Option<String>,
+    },
+    /// Query head `GET /orders/{id}` against a bare axum handler returning a constant.
+    Query {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Concurrent connections of the closed-loop load generator.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match Cli::parse().command {
+        Command::Worker {
+            messages,
+            amqp,
+            management,
+        } => runtime.block_on(worker::run(messages, &amqp, management.as_deref())),
+        Command::Query {
+            seconds,
+            concurrency,
+        } => runtime.block_on(query::run(seconds, concurrency)),
+    }
+}
