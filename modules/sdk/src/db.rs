@@ -5,7 +5,10 @@
 //! SQL here is written once for both: `?` placeholders, portable types, one statement per
 //! migration.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::{Migration as SqlxMigration, MigrationType, Migrator};
@@ -25,6 +28,9 @@ pub enum DbError {
     /// A migration failed.
     #[error("database migration failed: {0}")]
     Migrate(sqlx::migrate::MigrateError),
+    /// The database handle was closed.
+    #[error("the database handle is closed")]
+    Closed,
     /// A query failed.
     #[error("database query failed ({what}): {cause}")]
     Query {
@@ -95,6 +101,39 @@ pub const SDK_MIGRATIONS: &[Migration] = &[
 pub struct Database {
     pool: AnyPool,
     backend: Backend,
+    /// SQLite's single writer, as an async lock (None on MySQL).
+    writer: Option<Arc<Semaphore>>,
+}
+
+/// A write transaction (holding this process's SQLite write lock, if any, until it ends).
+pub struct WriteTransaction {
+    tx: sqlx::Transaction<'static, sqlx::Any>,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl WriteTransaction {
+    /// Commits.
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    /// Rolls back.
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+impl std::ops::Deref for WriteTransaction {
+    type Target = sqlx::Transaction<'static, sqlx::Any>;
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTransaction {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
+    }
 }
 
 fn backend_of(url: &str) -> Result<Backend, DbError> {
@@ -123,8 +162,8 @@ impl Database {
         };
         let options = AnyPoolOptions::new()
             .max_connections(match backend {
-                // One writer at a time is what SQLite does anyway; a few readers in WAL mode.
-                Backend::Sqlite => 4,
+                // Readers run in parallel in WAL mode; writers take turns (see `begin`).
+                Backend::Sqlite => 8,
                 Backend::MySql => 16,
             })
             .acquire_timeout(Duration::from_secs(10));
@@ -141,7 +180,12 @@ impl Database {
             options
         };
         let pool = options.connect(&url).await.map_err(DbError::Connect)?;
-        let db = Self { pool, backend };
+        let writer = (backend == Backend::Sqlite).then(|| Arc::new(Semaphore::new(1)));
+        let db = Self {
+            pool,
+            backend,
+            writer,
+        };
         db.migrate(module).await?;
         Ok(db)
     }
@@ -178,17 +222,31 @@ impl Database {
         }
     }
 
-    /// Begins a transaction that will write. On SQLite it takes the write lock up front
-    /// (`BEGIN IMMEDIATE`, waiting up to the busy timeout): a transaction that read first and
-    /// then writes would otherwise fail at once when another writer got there in between.
-    pub async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, DbError> {
+    /// Begins a transaction that will write. SQLite has one writer at a time: here writers of
+    /// this process queue on an async lock instead of spinning on SQLite's busy timeout, and the
+    /// transaction takes SQLite's write lock up front (`BEGIN IMMEDIATE`) so one that read first
+    /// cannot fail when it starts writing (other processes still wait on the busy timeout).
+    pub async fn begin(&self) -> Result<WriteTransaction, DbError> {
+        let permit = match &self.writer {
+            Some(lock) => Some(
+                lock.clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| DbError::Closed)?,
+            ),
+            None => None,
+        };
         let begun = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
             Backend::MySql => self.pool.begin().await,
         };
-        begun.map_err(|cause| DbError::Query {
+        let tx = begun.map_err(|cause| DbError::Query {
             what: "begin a transaction",
             cause,
+        })?;
+        Ok(WriteTransaction {
+            tx,
+            _permit: permit,
         })
     }
 

@@ -132,7 +132,7 @@ pub async fn relay_once(
     let rows = sqlx::query(sqlx::AssertSqlSafe(select))
         .bind(now)
         .bind(settings.batch)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut **tx)
         .await
         .map_err(q("read the outbox"))?;
     let rows: Vec<OutboxRow> = rows
@@ -186,7 +186,7 @@ pub async fn relay_once(
                 update = update.bind(*id);
             }
             update
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await
                 .map_err(q("mark outbox rows sent"))?;
             report.sent = ids.len();
@@ -211,7 +211,7 @@ pub async fn relay_once(
                         .bind(next)
                         .bind(message.as_str())
                         .bind(row.id.as_str())
-                        .execute(&mut *tx)
+                        .execute(&mut **tx)
                         .await
                         .map_err(q("reschedule an outbox row"))?;
                     report.retried += 1;

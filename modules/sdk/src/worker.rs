@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 
 use crate::broker::{BrokerError, Outgoing, Publisher, consume};
 use crate::config::WorkerConfig;
-use crate::db::{Database, DbError};
+use crate::db::{Database, DbError, WriteTransaction};
 use crate::envelope::{ATTEMPT, Envelope, ORIGINAL_ROUTING_KEY, REASON, TRACEPARENT, TraceParent};
 use crate::{inbox, outbox};
 
@@ -59,7 +59,7 @@ pub struct Context {
     envelope: Envelope,
     attempt: i64,
     last_attempt: bool,
-    tx: Transaction<'static, Any>,
+    tx: WriteTransaction,
     trace: TraceParent,
     events_exchange: String,
     emitted: usize,
