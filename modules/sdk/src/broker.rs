@@ -30,6 +30,9 @@ pub enum BrokerError {
         /// Message type.
         kind: String,
     },
+    /// A batch could not commit; its messages go back to the queue.
+    #[error("the batch transaction failed; the message returns to the queue")]
+    Requeued,
     /// A mandatory message matched no binding.
     #[error(
         "no queue is bound for {routing_key:?} on exchange {exchange:?}: the message was returned"

@@ -140,6 +140,8 @@ pub enum Outcome {
     Retried(usize),
     /// Parked in the dead-letter queue, with the reason.
     DeadLettered(String),
+    /// Returned to the queue (its settlement or its batch failed): it will be redelivered.
+    Requeued,
 }
 
 /// The worker: handlers by message type, and where messages go.
@@ -197,131 +199,207 @@ impl Worker {
         self
     }
 
-    /// Handles one delivery and settles it. Broker failures while settling leave the message
-    /// unacknowledged (it is redelivered), never lost.
-    pub async fn dispatch(
+    /// Handles the deliveries at hand in one database transaction (group commit: one commit
+    /// for the batch, a savepoint per message so a failing handler undoes only its own work),
+    /// then settles each. If the batch cannot commit, every message goes back to the queue.
+    pub async fn dispatch_batch(
         &self,
         db: &Database,
         publisher: &Publisher,
         relay: &Notify,
-        delivery: Delivery,
-    ) -> Outcome {
-        let outcome = self.decide(db, publisher, relay, &delivery).await;
-        let settled = match &outcome {
-            Ok(_) => delivery.acker.ack(BasicAckOptions::default()).await,
-            Err(_) => {
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await
+        deliveries: Vec<Delivery>,
+    ) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(deliveries.len());
+        let mut prepared = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            match self.prepare(delivery) {
+                Ok(p) => prepared.push(p),
+                Err(u) => {
+                    let outcome = self
+                        .dead_letter(
+                            publisher,
+                            &u.delivery,
+                            u.envelope.as_ref(),
+                            u.attempt,
+                            &u.reason,
+                        )
+                        .await;
+                    outcomes.push(settle(&u.delivery, outcome).await);
+                }
+            }
+        }
+        if prepared.is_empty() {
+            return outcomes;
+        }
+        let results = match self.handle_batch(db, &prepared).await {
+            Ok((results, emitted)) => {
+                if emitted > 0 {
+                    relay.notify_one();
+                }
+                results
+            }
+            Err(error) => {
+                tracing::warn!(%error, messages = prepared.len(), "batch transaction failed; messages return to the queue");
+                for p in &prepared {
+                    outcomes.push(settle(&p.delivery, Err(BrokerError::Requeued)).await);
+                }
+                return outcomes;
             }
         };
-        if let Err(error) = settled {
-            tracing::warn!(%error, "could not settle a delivery; the broker will redeliver it");
+        for (p, result) in prepared.into_iter().zip(results) {
+            let outcome = self.conclude(publisher, &p, result).await;
+            outcomes.push(settle(&p.delivery, outcome).await);
         }
-        outcome.unwrap_or_else(|error| {
-            tracing::warn!(%error, "message returned to the queue");
-            Outcome::Retried(0)
-        })
+        outcomes
     }
 
-    async fn decide(
-        &self,
-        db: &Database,
-        publisher: &Publisher,
-        relay: &Notify,
-        delivery: &Delivery,
-    ) -> Result<Outcome, BrokerError> {
-        let attempt = header_i64(delivery, ATTEMPT).unwrap_or(1).max(1);
-        let trace = header_str(delivery, TRACEPARENT)
+    /// Reads a delivery's envelope, attempt and trace and finds its handler; what cannot be
+    /// handled comes back with the reason to dead-letter it.
+    fn prepare(&self, delivery: Delivery) -> Result<Prepared, Box<Unhandleable>> {
+        let attempt = header_i64(&delivery, ATTEMPT).unwrap_or(1).max(1);
+        let trace = header_str(&delivery, TRACEPARENT)
             .as_deref()
             .and_then(TraceParent::parse)
             .unwrap_or_else(TraceParent::new_root);
         let envelope = match Envelope::decode(&delivery.data) {
             Ok(e) => e,
             Err(e) => {
-                return self
-                    .dead_letter(publisher, delivery, None, attempt, &e.to_string())
-                    .await;
+                return Err(Box::new(Unhandleable {
+                    delivery,
+                    envelope: None,
+                    attempt,
+                    reason: e.to_string(),
+                }));
             }
         };
-        let Some(handler) = self.handlers.get(&envelope.kind) else {
+        let Some(handler) = self.handlers.get(&envelope.kind).cloned() else {
             let reason = format!("no handler for message type {:?}", envelope.kind);
-            return self
-                .dead_letter(publisher, delivery, Some(&envelope), attempt, &reason)
-                .await;
+            return Err(Box::new(Unhandleable {
+                delivery,
+                envelope: Some(envelope),
+                attempt,
+                reason,
+            }));
         };
-        let span = tracing::info_span!("handle", kind = %envelope.kind, id = %envelope.id, attempt, trace_id = %format!("{:032x}", trace.trace_id));
-        let _entered = span.enter();
-        let result = self
-            .handle(db, handler.as_ref(), &envelope, trace, attempt)
-            .await;
-        drop(_entered);
-        match result {
-            Ok(HandleResult::Committed { emitted }) => {
-                if emitted > 0 {
-                    relay.notify_one();
+        Ok(Prepared {
+            delivery,
+            attempt,
+            trace,
+            envelope,
+            handler,
+        })
+    }
+
+    async fn handle_batch(
+        &self,
+        db: &Database,
+        prepared: &[Prepared],
+    ) -> Result<(Vec<Result<HandleResult, HandlerError>>, usize), DbError> {
+        let q = |what: &'static str| move |cause| DbError::Query { what, cause };
+        let mut tx = db.begin().await?;
+        let mut results = Vec::with_capacity(prepared.len());
+        let mut emitted = 0;
+        for p in prepared {
+            sqlx::query("SAVEPOINT chimera_message")
+                .execute(&mut **tx)
+                .await
+                .map_err(q("savepoint"))?;
+            let first = match inbox::record(&mut tx, &self.consumer_name, &p.envelope).await {
+                Ok(first) => first,
+                Err(e) => {
+                    undo(&mut tx).await?;
+                    results.push(Err(HandlerError::from(e)));
+                    continue;
                 }
-                Ok(Outcome::Handled)
+            };
+            if !first {
+                sqlx::query("RELEASE SAVEPOINT chimera_message")
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(q("release"))?;
+                results.push(Ok(HandleResult::Duplicate));
+                continue;
             }
+            let last_attempt = p.attempt >= i64::from(self.config.max_attempts)
+                || usize::try_from(p.attempt).unwrap_or(usize::MAX)
+                    > self.config.retry_delays_seconds.len();
+            let mut ctx = Context {
+                envelope: p.envelope.clone(),
+                attempt: p.attempt,
+                last_attempt,
+                tx,
+                trace: p.trace,
+                events_exchange: self.events_exchange.clone(),
+                emitted: 0,
+            };
+            let span = tracing::info_span!("handle", kind = %p.envelope.kind, id = %p.envelope.id, attempt = p.attempt, trace_id = %format!("{:032x}", p.trace.trace_id));
+            let result = tracing::Instrument::instrument(p.handler.handle(&mut ctx), span).await;
+            let n = ctx.emitted;
+            tx = ctx.tx;
+            match result {
+                Ok(()) => {
+                    sqlx::query("RELEASE SAVEPOINT chimera_message")
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(q("release"))?;
+                    emitted += n;
+                    results.push(Ok(HandleResult::Committed));
+                }
+                Err(e) => {
+                    undo(&mut tx).await?;
+                    results.push(Err(e));
+                }
+            }
+        }
+        tx.commit().await.map_err(q("commit"))?;
+        Ok((results, emitted))
+    }
+
+    /// Settles the outcome of a handled message: retry, dead-letter, or nothing more to do.
+    async fn conclude(
+        &self,
+        publisher: &Publisher,
+        p: &Prepared,
+        result: Result<HandleResult, HandlerError>,
+    ) -> Result<Outcome, BrokerError> {
+        match result {
+            Ok(HandleResult::Committed) => Ok(Outcome::Handled),
             Ok(HandleResult::Duplicate) => Ok(Outcome::Duplicate),
             Err(HandlerError::Reject(reason)) => {
-                self.dead_letter(publisher, delivery, Some(&envelope), attempt, &reason)
-                    .await
+                self.dead_letter(
+                    publisher,
+                    &p.delivery,
+                    Some(&p.envelope),
+                    p.attempt,
+                    &reason,
+                )
+                .await
             }
             Err(HandlerError::Retry(reason)) => {
-                let n = usize::try_from(attempt).unwrap_or(usize::MAX);
-                if attempt < i64::from(self.config.max_attempts)
+                let n = usize::try_from(p.attempt).unwrap_or(usize::MAX);
+                if p.attempt < i64::from(self.config.max_attempts)
                     && n <= self.config.retry_delays_seconds.len()
                 {
-                    let mut retry = Outgoing::new("", envelope);
+                    let mut retry = Outgoing::new("", p.envelope.clone());
                     retry.routing_key = self.config.retry_queue(n);
-                    retry.attempt = u32::try_from(attempt + 1).unwrap_or(u32::MAX);
-                    retry.trace = Some(trace);
+                    retry.attempt = u32::try_from(p.attempt + 1).unwrap_or(u32::MAX);
+                    retry.trace = Some(p.trace);
                     retry.headers.push((REASON.to_owned(), reason));
                     publisher.publish(&retry, true).await?;
                     Ok(Outcome::Retried(n))
                 } else {
-                    let reason = format!("failed {attempt} time(s); last error: {reason}");
-                    self.dead_letter(publisher, delivery, Some(&envelope), attempt, &reason)
-                        .await
+                    let reason = format!("failed {} time(s); last error: {reason}", p.attempt);
+                    self.dead_letter(
+                        publisher,
+                        &p.delivery,
+                        Some(&p.envelope),
+                        p.attempt,
+                        &reason,
+                    )
+                    .await
                 }
             }
         }
-    }
-
-    async fn handle(
-        &self,
-        db: &Database,
-        handler: &dyn Handler,
-        envelope: &Envelope,
-        trace: TraceParent,
-        attempt: i64,
-    ) -> Result<HandleResult, HandlerError> {
-        let mut tx = db.begin().await?;
-        if !inbox::record(&mut tx, &self.consumer_name, envelope).await? {
-            tx.rollback().await?;
-            return Ok(HandleResult::Duplicate);
-        }
-        let last_attempt = attempt >= i64::from(self.config.max_attempts)
-            || usize::try_from(attempt).unwrap_or(usize::MAX)
-                > self.config.retry_delays_seconds.len();
-        let mut ctx = Context {
-            envelope: envelope.clone(),
-            attempt,
-            last_attempt,
-            tx,
-            trace,
-            events_exchange: self.events_exchange.clone(),
-            emitted: 0,
-        };
-        handler.handle(&mut ctx).await?;
-        let emitted = ctx.emitted;
-        ctx.tx.commit().await?;
-        Ok(HandleResult::Committed { emitted })
     }
 
     async fn dead_letter(
@@ -388,36 +466,88 @@ impl Worker {
                 .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                 .await;
         });
-        let limit = usize::from(self.config.prefetch);
-        consumer
-            .for_each_concurrent(limit, |delivery| {
-                let (worker, db, publisher, relay, channel) = (
-                    self.clone(),
-                    db.clone(),
-                    publisher.clone(),
-                    relay.clone(),
-                    channel.clone(),
-                );
-                async move {
-                    match delivery {
-                        Ok(delivery) => {
-                            worker.dispatch(&db, &publisher, &relay, delivery).await;
-                        }
-                        Err(error) => {
-                            if let Err(error) = channel.wait_for_recovery(error).await {
-                                tracing::error!(%error, "consumer channel did not recover");
-                            }
+        // What the broker has delivered so far forms the next batch (up to the prefetch).
+        let mut batches = consumer.ready_chunks(usize::from(self.config.prefetch));
+        while let Some(items) = batches.next().await {
+            let mut deliveries = Vec::with_capacity(items.len());
+            for item in items {
+                match item {
+                    Ok(delivery) => deliveries.push(delivery),
+                    Err(error) => {
+                        if let Err(error) = channel.wait_for_recovery(error).await {
+                            tracing::error!(%error, "consumer channel did not recover");
                         }
                     }
                 }
-            })
-            .await;
+            }
+            if !deliveries.is_empty() {
+                self.dispatch_batch(&db, &publisher, &relay, deliveries)
+                    .await;
+            }
+        }
         stopper.abort();
         Ok(())
     }
 }
 
 enum HandleResult {
-    Committed { emitted: usize },
+    Committed,
     Duplicate,
+}
+
+/// A delivery that cannot be handled (undecodable, or no handler), with why.
+struct Unhandleable {
+    delivery: Delivery,
+    envelope: Option<Envelope>,
+    attempt: i64,
+    reason: String,
+}
+
+/// A delivery ready for its handler.
+struct Prepared {
+    delivery: Delivery,
+    attempt: i64,
+    trace: TraceParent,
+    envelope: Envelope,
+    handler: Arc<dyn Handler>,
+}
+
+/// Undoes one message's work inside the batch transaction.
+async fn undo(tx: &mut WriteTransaction) -> Result<(), DbError> {
+    for statement in [
+        "ROLLBACK TO SAVEPOINT chimera_message",
+        "RELEASE SAVEPOINT chimera_message",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut ***tx)
+            .await
+            .map_err(|cause| DbError::Query {
+                what: "roll back to the savepoint",
+                cause,
+            })?;
+    }
+    Ok(())
+}
+
+/// Acks a settled message; nacks (requeue) one whose settlement failed, so it comes back.
+async fn settle(delivery: &Delivery, outcome: Result<Outcome, BrokerError>) -> Outcome {
+    let settled = match &outcome {
+        Ok(_) => delivery.acker.ack(BasicAckOptions::default()).await,
+        Err(_) => {
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        }
+    };
+    if let Err(error) = settled {
+        tracing::warn!(%error, "could not settle a delivery; the broker will redeliver it");
+    }
+    outcome.unwrap_or_else(|error| {
+        tracing::warn!(%error, "message returned to the queue");
+        Outcome::Requeued
+    })
 }
