@@ -246,8 +246,27 @@ impl Worker {
                 return outcomes;
             }
         };
-        for (p, result) in prepared.into_iter().zip(results) {
-            let outcome = self.conclude(publisher, &p, result).await;
+        let mut concluded = Vec::with_capacity(prepared.len());
+        for (p, result) in prepared.iter().zip(results) {
+            concluded.push(self.conclude(publisher, p, result).await);
+        }
+        // Everything settled: one `multiple` ack for the batch (the deliveries of a channel are
+        // numbered in order, and the ones dead-lettered above are already acked).
+        if concluded.iter().all(Result::is_ok)
+            && let Some(last) = prepared.iter().max_by_key(|p| p.delivery.delivery_tag)
+        {
+            let ack = BasicAckOptions { multiple: true };
+            if let Err(error) = last.delivery.acker.ack(ack).await {
+                tracing::warn!(%error, "could not ack the batch; the broker will redeliver it");
+            }
+            outcomes.extend(
+                concluded
+                    .into_iter()
+                    .map(|o| o.unwrap_or(Outcome::Requeued)),
+            );
+            return outcomes;
+        }
+        for (p, outcome) in prepared.iter().zip(concluded) {
             outcomes.push(settle(&p.delivery, outcome).await);
         }
         outcomes
