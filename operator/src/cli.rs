@@ -213,11 +213,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             broker,
             json,
         }) => {
-            let Some(modules) = read_modules(&paths)? else {
+            let Some((plan, endpoint)) = plan_for_broker(&paths, &broker)? else {
                 return Ok(ExitCode::FAILURE);
             };
-            let plan = crate::topology::plan::plan(&modules);
-            let endpoint = BrokerEndpoint::new(&broker.amqp, broker.management.as_deref())?;
             let diff = current_diff(&endpoint, &plan).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&diff)?);
@@ -232,11 +230,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             queue,
             drain_timeout_seconds,
         }) => {
-            let Some(modules) = read_modules(&paths)? else {
+            let Some((plan, endpoint)) = plan_for_broker(&paths, &broker)? else {
                 return Ok(ExitCode::FAILURE);
             };
-            let plan = crate::topology::plan::plan(&modules);
-            let endpoint = BrokerEndpoint::new(&broker.amqp, broker.management.as_deref())?;
             let timeout = std::time::Duration::from_secs(drain_timeout_seconds);
             let done = migrate(&endpoint, &plan, queue.as_deref(), timeout).await?;
             if done.is_empty() {
@@ -255,11 +251,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             broker,
             json,
         }) => {
-            let Some(modules) = read_modules(&paths)? else {
+            let Some((plan, endpoint)) = plan_for_broker(&paths, &broker)? else {
                 return Ok(ExitCode::FAILURE);
             };
-            let plan = crate::topology::plan::plan(&modules);
-            let endpoint = BrokerEndpoint::new(&broker.amqp, broker.management.as_deref())?;
             let report = apply(&endpoint, &plan).await?;
             if json {
                 let out = serde_json::json!({"report": report, "findings": plan.findings});
@@ -388,6 +382,19 @@ pub fn yaml_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
         }
     }
     Ok(files)
+}
+
+/// The plan of the modules in `paths` and the broker to compare it with; None (after printing
+/// why) when a manifest is invalid.
+fn plan_for_broker(
+    paths: &[PathBuf],
+    broker: &BrokerArgs,
+) -> anyhow::Result<Option<(crate::topology::plan::TopologyPlan, BrokerEndpoint)>> {
+    let Some(modules) = read_modules(paths)? else {
+        return Ok(None);
+    };
+    let endpoint = BrokerEndpoint::new(&broker.amqp, broker.management.as_deref())?;
+    Ok(Some((crate::topology::plan::plan(&modules), endpoint)))
 }
 
 /// Reads every valid ChimeraModule in `paths`. Prints each problem to stderr and returns None

@@ -14,6 +14,7 @@ use chimera_sdk::futures::future::BoxFuture;
 use chimera_sdk::head::Module;
 use chimera_sdk::http::{ApiError, ValidPath, ValidQuery};
 use chimera_sdk::sqlx::{self, Row};
+use chimera_sdk::validate::valid_id;
 use chimera_sdk::worker::{Context, HandlerError, Worker};
 use serde::{Deserialize, Serialize};
 
@@ -70,16 +71,6 @@ pub struct Gig {
 
 fn reject(message: impl Into<String>) -> HandlerError {
     HandlerError::Reject(message.into())
-}
-
-/// Checks an id: 1-64 characters, no spaces.
-pub fn valid_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > 64 || id.chars().any(char::is_whitespace) {
-        return Err(format!(
-            "invalid id {id:?}: 1 to 64 characters without spaces"
-        ));
-    }
-    Ok(())
 }
 
 /// Checks a title: 1-200 characters once trimmed.

@@ -8,6 +8,7 @@
 //! - [`inbox`] / [`outbox`]: effectively-once handling and reliable event publishing;
 //! - [`http`]: the HTTP server every head runs (health, readiness, metrics, JSON errors);
 //! - [`worker`]: the worker runtime (dispatch, retries, dead letters, graceful stop);
+//! - [`validate`]: payload checks every domain needs;
 //! - [`shutdown`]: SIGTERM / Ctrl-C as a future.
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod http;
 pub mod inbox;
 pub mod outbox;
 pub mod shutdown;
+pub mod validate;
 pub mod worker;
 
 /// The web framework of the query head's routes (the same version the SDK uses).

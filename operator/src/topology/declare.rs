@@ -27,12 +27,14 @@ pub struct ApplyReport {
     pub bindings_removed: usize,
 }
 
-fn amqp_error(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
+/// Maps a lapin error to a [`BrokerError`] saying what was being done.
+pub(crate) fn amqp_error(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
     let action = action.into();
     move |cause| BrokerError::Amqp { action, cause }
 }
 
-fn arguments(queue: &PlannedQueue) -> FieldTable {
+/// A planned queue's arguments as AMQP declares them.
+pub(crate) fn arguments(queue: &PlannedQueue) -> FieldTable {
     let mut table = FieldTable::default();
     for (key, value) in &queue.arguments {
         let value = match value {

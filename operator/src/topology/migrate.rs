@@ -29,9 +29,9 @@ use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
 use super::broker::{ActualQueue, BrokerEndpoint, BrokerError, ManagementClient};
-use super::declare::connect;
+use super::declare::{amqp_error, arguments, connect};
 use super::diff::diff;
-use super::plan::{ArgValue, PlannedBinding, PlannedQueue, TopologyPlan};
+use super::plan::{PlannedBinding, PlannedQueue, TopologyPlan};
 
 /// Slightly more than RabbitMQ's default statistics interval (5 s).
 const STATS_INTERVAL: Duration = Duration::from_millis(5500);
@@ -68,23 +68,6 @@ pub enum MigrationError {
         /// How long it waited.
         waited: Duration,
     },
-}
-
-fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
-    let action = action.into();
-    move |cause| BrokerError::Amqp { action, cause }
-}
-
-fn arguments(queue: &PlannedQueue) -> FieldTable {
-    let mut table = FieldTable::default();
-    for (key, value) in &queue.arguments {
-        let value = match value {
-            ArgValue::Str(s) => AMQPValue::LongString(LongString::from(s.as_str())),
-            ArgValue::Int(i) => AMQPValue::LongLongInt(*i),
-        };
-        table.insert(ShortString::from(key.as_str()), value);
-    }
-    table
 }
 
 /// Migrates every queue of `plan` whose arguments differ on the broker (or only `only`).
@@ -161,7 +144,7 @@ async fn bind_all(
                 FieldTable::default(),
             )
             .await
-            .map_err(amqp(format!("binding {queue} to {}", b.source)))?;
+            .map_err(amqp_error(format!("binding {queue} to {}", b.source)))?;
     }
     Ok(())
 }
@@ -180,7 +163,7 @@ async fn unbind_all(
                 FieldTable::default(),
             )
             .await
-            .map_err(amqp(format!("unbinding {queue} from {}", b.source)))?;
+            .map_err(amqp_error(format!("unbinding {queue} from {}", b.source)))?;
     }
     Ok(())
 }
@@ -190,11 +173,11 @@ async fn confirming_channel(connection: &Connection) -> Result<Channel, BrokerEr
     let channel = connection
         .create_channel()
         .await
-        .map_err(amqp("opening a channel"))?;
+        .map_err(amqp_error("opening a channel"))?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
-        .map_err(amqp("enabling publisher confirms"))?;
+        .map_err(amqp_error("enabling publisher confirms"))?;
     Ok(channel)
 }
 
@@ -218,7 +201,7 @@ async fn migrate_queue(
             new_args.clone(),
         )
         .await
-        .map_err(amqp(format!("declaring {temporary}")))?;
+        .map_err(amqp_error(format!("declaring {temporary}")))?;
     bind_all(channel, &temporary, bindings).await?;
     // A resumed migration may find the old queue already gone (deleted in step 3).
     let mut moved_out = 0;
@@ -236,7 +219,7 @@ async fn migrate_queue(
                 },
             )
             .await
-            .map_err(amqp(format!("deleting the old {name}")))?;
+            .map_err(amqp_error(format!("deleting the old {name}")))?;
     }
     // A channel that routed to the old queue caches its queue type (RabbitMQ 3.10): publishing
     // to the rebuilt queue of another type through it fails. Continue on a fresh one.
@@ -245,7 +228,7 @@ async fn migrate_queue(
     channel
         .queue_declare(name.into(), QueueDeclareOptions::durable(), new_args)
         .await
-        .map_err(amqp(format!("declaring the new {name}")))?;
+        .map_err(amqp_error(format!("declaring the new {name}")))?;
     bind_all(channel, name, bindings).await?;
     unbind_all(channel, &temporary, bindings).await?;
     let moved_back = drain(channel, management, &temporary, name, drain_timeout).await?;
@@ -258,7 +241,7 @@ async fn migrate_queue(
             },
         )
         .await
-        .map_err(amqp(format!("deleting {temporary}")))?;
+        .map_err(amqp_error(format!("deleting {temporary}")))?;
     Ok(QueueMigration {
         queue: name.to_owned(),
         moved_out,
@@ -282,7 +265,7 @@ async fn drain(
         while let Some(message) = channel
             .basic_get(from.into(), BasicGetOptions { no_ack: false })
             .await
-            .map_err(amqp(format!("reading {from}")))?
+            .map_err(amqp_error(format!("reading {from}")))?
         {
             let delivery = message.delivery;
             let mut headers = delivery.properties.headers().clone().unwrap_or_default();
@@ -305,14 +288,14 @@ async fn drain(
                     properties,
                 )
                 .await
-                .map_err(amqp(format!("moving a message to {to}")))?
+                .map_err(amqp_error(format!("moving a message to {to}")))?
                 .await
-                .map_err(amqp(format!("confirming a message moved to {to}")))?;
+                .map_err(amqp_error(format!("confirming a message moved to {to}")))?;
             delivery
                 .acker
                 .ack(BasicAckOptions::default())
                 .await
-                .map_err(amqp(format!("acking a message of {from}")))?;
+                .map_err(amqp_error(format!("acking a message of {from}")))?;
             moved += 1;
         }
         // Messages consumers hold come back when they nack, or are gone when they ack.
@@ -323,7 +306,7 @@ async fn drain(
         let q = channel
             .queue_declare(from.into(), passive, FieldTable::default())
             .await
-            .map_err(amqp(format!("inspecting {from}")))?;
+            .map_err(amqp_error(format!("inspecting {from}")))?;
         if q.message_count() == 0 {
             if q.consumer_count() == 0 {
                 return Ok(moved);
