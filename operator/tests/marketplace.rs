@@ -16,8 +16,10 @@ use chimera_operator::topology::broker::BrokerEndpoint;
 use chimera_operator::topology::declare::apply;
 use chimera_operator::topology::plan::plan;
 use chimera_sdk::broker::{Outgoing, Publisher, connect};
-use chimera_sdk::envelope::Envelope;
+use chimera_sdk::db::Database;
+use chimera_sdk::envelope::{Envelope, TraceParent};
 use chimera_sdk::head::{Module, run_with};
+use chimera_sdk::sqlx::{self, Row};
 use chimera_testenv::{TestDatabase, TestVhost, unique_name};
 use common::repo_root;
 use serde_json::{Value, json};
@@ -281,11 +283,35 @@ async fn marketplace_flow(mariadb: bool) {
         "{o3}"
     );
     until("bob gone", &format!("{users}/users/bob"), |s, _| s == 404).await;
-    send("users", "user.delete", json!({"user_id": "ada"})).await;
+    // This command starts a trace; the events it causes, and the events the subscribers emit
+    // in turn, carry the same trace id.
+    let trace = TraceParent::new_root();
+    let mut delete_ada = Outgoing::new(
+        "chimera.users.commands",
+        Envelope::new("user.delete", json!({"user_id": "ada"})),
+    );
+    delete_ada.trace = Some(trace);
+    publisher.publish(&delete_ada, true).await.unwrap();
     until("site paused", &format!("{gigs}/gigs/site"), |_, b| {
         b["status"] == "paused"
     })
     .await;
+    // users emitted user.deleted, gigs handled it and emitted gig.paused: same trace.
+    let gigs_db = Database::connect(&heads._dbs[1].url, &[]).await.unwrap();
+    let traces: Vec<String> = sqlx::query("SELECT traceparent FROM chimera_outbox WHERE routing_key = 'gig.paused' AND body LIKE '%site%'")
+        .fetch_all(gigs_db.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get::<String, _>("traceparent").unwrap())
+        .collect();
+    assert_eq!(traces.len(), 1, "{traces:?}");
+    let hop = TraceParent::parse(&traces[0]).unwrap();
+    assert_eq!(
+        hop.trace_id, trace.trace_id,
+        "the trace goes command -> user.deleted -> gigs' handler -> gig.paused"
+    );
+    assert_ne!(hop.span_id, trace.span_id);
     let bob_orders = until(
         "bob's orders",
         &format!("{orders}/orders?buyer_id=bob"),

@@ -204,7 +204,10 @@ impl Database {
                 )
             })
             .collect();
-        let migrator = Migrator::with_migrations(migrations);
+        let mut migrator = Migrator::with_migrations(migrations);
+        // During a rolling update the old version's pods restart against a schema the new
+        // version already migrated: they must start (schema changes are additive).
+        migrator.set_ignore_missing(true);
         // Heads starting together (query and worker, or several replicas) race to migrate, and
         // through the Any driver neither backend takes a migration lock: the loser of a race
         // fails on what the winner just applied, and sees it applied when it runs again.
