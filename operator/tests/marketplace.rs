@@ -20,21 +20,13 @@ use chimera_sdk::db::Database;
 use chimera_sdk::envelope::{Envelope, TraceParent};
 use chimera_sdk::head::{Module, run_with};
 use chimera_sdk::sqlx::{self, Row};
-use chimera_testenv::{TestDatabase, TestVhost, unique_name};
+use chimera_testenv::{TestDatabase, TestVhost, free_port, unique_name};
 use common::repo_root;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
 /// Builds a module (its `module()` function).
 type ModuleFactory = fn() -> Module;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Heads {
     stops: Vec<Arc<Notify>>,

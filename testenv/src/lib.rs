@@ -48,6 +48,27 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// A loopback TCP port that is free now, for a server the test starts itself. Ports come from a
+/// spread-out range rather than the kernel's ephemeral allocator, which hands a just-released
+/// port to the next caller (another test binary running at the same time).
+pub fn free_port() -> u16 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let mixed = u64::from(nanos)
+            ^ (u64::from(std::process::id()) << 16)
+            ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let port = 20_000 + (mixed % 30_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// A client for the test kube-apiserver (from KUBECONFIG), checked to answer.
 pub async fn kube_client() -> Client {
     let kubeconfig = required_env("KUBECONFIG");

@@ -211,6 +211,29 @@ impl Database {
         // Heads starting together (query and worker, or several replicas) race to migrate, and
         // through the Any driver neither backend takes a migration lock: the loser of a race
         // fails on what the winner just applied, and sees it applied when it runs again.
+        // On MySQL, heads of one database take turns through a named server lock.
+        let mut lock = None;
+        if self.backend == Backend::MySql {
+            let mut conn = self.pool.acquire().await.map_err(DbError::Connect)?;
+            sqlx::query("SELECT GET_LOCK(CONCAT('chimera_migrate_', DATABASE()), 60)")
+                .execute(&mut *conn)
+                .await
+                .map_err(|cause| DbError::Query {
+                    what: "take the migration lock",
+                    cause,
+                })?;
+            lock = Some(conn);
+        }
+        let outcome = self.run_migrator(&migrator).await;
+        if let Some(mut conn) = lock {
+            let _ = sqlx::query("SELECT RELEASE_LOCK(CONCAT('chimera_migrate_', DATABASE()))")
+                .execute(&mut *conn)
+                .await;
+        }
+        outcome
+    }
+
+    async fn run_migrator(&self, migrator: &Migrator) -> Result<(), DbError> {
         let mut attempt = 0;
         loop {
             match migrator.run(&self.pool).await {

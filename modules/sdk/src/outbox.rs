@@ -111,6 +111,12 @@ pub fn retry_delay(base: Duration, attempt: i64) -> Duration {
 }
 
 /// Publishes the due pending rows once.
+///
+/// On MySQL the rows are read `FOR UPDATE SKIP LOCKED` in the transaction that marks them, so
+/// relays of several replicas share the work. On SQLite (one writer) the rows are read without
+/// the write lock and only the marking takes it, so workers are not held up while the broker
+/// confirms; two relays on one file could then publish a row twice, which consumers' inboxes
+/// absorb (delivery is at-least-once anyway).
 pub async fn relay_once(
     db: &Database,
     publisher: &Publisher,
@@ -118,23 +124,27 @@ pub async fn relay_once(
 ) -> Result<RelayReport, DbError> {
     // Times in the outbox are microseconds since the epoch.
     let now = monotonic_micros();
-    let mut tx = db.begin().await?;
-    // Several relays (replicas) may run: on MySQL each takes rows the others do not hold.
-    let lock = if db.backend() == Backend::MySql {
-        " FOR UPDATE SKIP LOCKED"
-    } else {
-        ""
-    };
-    let select = format!(
+    let select =
         "SELECT id, exchange_name, routing_key, body, traceparent, attempts FROM chimera_outbox
-         WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY created_at, id LIMIT ?{lock}"
-    );
-    let rows = sqlx::query(sqlx::AssertSqlSafe(select))
+         WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY created_at, id LIMIT ?";
+    let mut held = None;
+    let rows = if db.backend() == Backend::MySql {
+        let tx = held.insert(db.begin().await?);
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{select} FOR UPDATE SKIP LOCKED"
+        )))
         .bind(now)
         .bind(settings.batch)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut ***tx)
         .await
-        .map_err(q("read the outbox"))?;
+    } else {
+        sqlx::query(select)
+            .bind(now)
+            .bind(settings.batch)
+            .fetch_all(db.pool())
+            .await
+    }
+    .map_err(q("read the outbox"))?;
     let rows: Vec<OutboxRow> = rows
         .iter()
         .map(|r| {
@@ -166,11 +176,16 @@ pub async fn relay_once(
             Err(e) => undecodable.push((row.id.clone(), e.to_string())),
         }
     }
+    let published = publisher.publish_all(&messages, false).await;
+    let mut tx = match held {
+        Some(tx) => tx,
+        None => db.begin().await?,
+    };
     for (id, error) in &undecodable {
         mark_dead(&mut tx, id, error).await?;
         report.dead += 1;
     }
-    match publisher.publish_all(&messages, false).await {
+    match published {
         Ok(()) => {
             let ids: Vec<&str> = messages
                 .iter()

@@ -14,16 +14,12 @@ use chimera_sdk::broker::{Outgoing, Publisher, connect};
 use chimera_sdk::db::Database;
 use chimera_sdk::envelope::Envelope;
 use chimera_sdk::sqlx::{self, Row};
-use chimera_testenv::{TestDatabase, TestVhost, unique_name};
+use chimera_testenv::{TestDatabase, TestVhost, free_port, unique_name};
 
 const USERS: &str = include_str!("../../../examples/marketplace/users.yaml");
 
 fn worker(vhost: &TestVhost, db: &str) -> Child {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let vars: HashMap<&str, String> = HashMap::from([
         ("CHIMERA_DOMAIN", "users".to_owned()),
         ("CHIMERA_HTTP_ADDR", format!("127.0.0.1:{port}")),
