@@ -16,6 +16,7 @@ use chimera_sdk::broker::{Outgoing, Publisher, connect};
 use chimera_sdk::config::WorkerConfig;
 use chimera_sdk::db::{Database, Migration};
 use chimera_sdk::envelope::{Envelope, REASON};
+use chimera_sdk::http::HttpMetrics;
 use chimera_sdk::outbox::{RelaySettings, run_relay};
 use chimera_sdk::sqlx;
 use chimera_sdk::sqlx::Row;
@@ -150,10 +151,12 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
             .await
             .unwrap();
 
+        let metrics = HttpMetrics::new();
         let worker = Arc::new(
             Worker::new(worker_config(), "bank", "chimera.bank.events")
                 .on("account.open", open)
-                .on("account.flaky", flaky),
+                .on("account.flaky", flaky)
+                .with_metrics(metrics.clone()),
         );
         let (relay_wake, stop_relay, stop_worker) = (
             Arc::new(Notify::new()),
@@ -303,6 +306,16 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
             "{backend}: one account.opened per account, through the outbox"
         );
 
+        // The worker's /metrics counts what it settled, by type and outcome.
+        let text = metrics.render();
+        for line in [
+            r#"chimera_worker_messages_total{kind="account.open",outcome="handled"} 2"#,
+            r#"chimera_worker_messages_total{kind="account.open",outcome="duplicate"} 1"#,
+            r#"chimera_worker_messages_total{kind="account.flaky",outcome="retried"} 1"#,
+            r#"chimera_worker_messages_total{kind="account.close",outcome="dead_lettered"} 1"#,
+        ] {
+            assert!(text.contains(line), "{backend}: no {line} in\n{text}");
+        }
         stop_worker.notify_one();
         tokio::time::timeout(Duration::from_secs(10), running)
             .await

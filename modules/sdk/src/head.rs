@@ -176,11 +176,15 @@ async fn run_worker(
     )
     .await?;
     let publisher = Publisher::open(&connection).await?;
-    let worker = Arc::new((module.worker)(Worker::new(
-        worker_config,
-        config.domain.clone(),
-        config.events_exchange.clone(),
-    )));
+    let metrics = crate::http::HttpMetrics::new();
+    let worker = Arc::new(
+        (module.worker)(Worker::new(
+            worker_config,
+            config.domain.clone(),
+            config.events_exchange.clone(),
+        ))
+        .with_metrics(metrics.clone()),
+    );
 
     let (relay_wake, relay_stop, worker_stop, http_stop) = (
         Arc::new(Notify::new()),
@@ -199,7 +203,11 @@ async fn run_worker(
     let http = {
         // Ready when the database answers and the broker connection is up.
         let (db_check, status) = (db.clone(), connection.status().clone());
-        let options = ServerOptions::new().readiness(move || {
+        let options = ServerOptions {
+            metrics,
+            ..ServerOptions::new()
+        }
+        .readiness(move || {
             let (db, status) = (db_check.clone(), status.clone());
             async move {
                 if !status.connected() {

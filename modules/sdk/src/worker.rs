@@ -29,6 +29,7 @@ use crate::broker::{BrokerError, Outgoing, Publisher, consume};
 use crate::config::WorkerConfig;
 use crate::db::{Database, DbError, WriteTransaction};
 use crate::envelope::{ATTEMPT, Envelope, ORIGINAL_ROUTING_KEY, REASON, TRACEPARENT, TraceParent};
+use crate::http::{HttpMetrics, MessageLabels};
 use crate::{inbox, outbox};
 
 /// Why a handler did not complete.
@@ -147,6 +148,7 @@ pub enum Outcome {
 /// The worker: handlers by message type, and where messages go.
 pub struct Worker {
     handlers: HashMap<String, Arc<dyn Handler>>,
+    metrics: Option<HttpMetrics>,
     consumer_name: String,
     config: WorkerConfig,
     events_exchange: String,
@@ -187,10 +189,17 @@ impl Worker {
     ) -> Self {
         Self {
             handlers: HashMap::new(),
+            metrics: None,
             consumer_name: consumer_name.into(),
             config,
             events_exchange: events_exchange.into(),
         }
+    }
+
+    /// Counts settled messages and times batches in `metrics` (the head's `/metrics`).
+    pub fn with_metrics(mut self, metrics: HttpMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Handles messages of type `kind` with `handler`.
@@ -208,7 +217,40 @@ impl Worker {
         publisher: &Publisher,
         relay: &Notify,
         deliveries: Vec<Delivery>,
-    ) -> Vec<Outcome> {
+    ) -> Vec<(String, Outcome)> {
+        let started = std::time::Instant::now();
+        let labelled = self.settle_batch(db, publisher, relay, deliveries).await;
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .worker_batch
+                .observe(started.elapsed().as_secs_f64());
+            for (kind, outcome) in &labelled {
+                let outcome = match outcome {
+                    Outcome::Handled => "handled",
+                    Outcome::Duplicate => "duplicate",
+                    Outcome::Retried(_) => "retried",
+                    Outcome::DeadLettered(_) => "dead_lettered",
+                    Outcome::Requeued => "requeued",
+                };
+                metrics
+                    .worker_messages
+                    .get_or_create(&MessageLabels {
+                        kind: kind.clone(),
+                        outcome: outcome.to_owned(),
+                    })
+                    .inc();
+            }
+        }
+        labelled
+    }
+
+    async fn settle_batch(
+        &self,
+        db: &Database,
+        publisher: &Publisher,
+        relay: &Notify,
+        deliveries: Vec<Delivery>,
+    ) -> Vec<(String, Outcome)> {
         let mut outcomes = Vec::with_capacity(deliveries.len());
         let mut prepared = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
@@ -224,7 +266,7 @@ impl Worker {
                             &u.reason,
                         )
                         .await;
-                    outcomes.push(settle(&u.delivery, outcome).await);
+                    outcomes.push((kind_of(&u.delivery), settle(&u.delivery, outcome).await));
                 }
             }
         }
@@ -241,7 +283,10 @@ impl Worker {
             Err(error) => {
                 tracing::warn!(%error, messages = prepared.len(), "batch transaction failed; messages return to the queue");
                 for p in &prepared {
-                    outcomes.push(settle(&p.delivery, Err(BrokerError::Requeued)).await);
+                    outcomes.push((
+                        p.envelope.kind.clone(),
+                        settle(&p.delivery, Err(BrokerError::Requeued)).await,
+                    ));
                 }
                 return outcomes;
             }
@@ -260,14 +305,15 @@ impl Worker {
                 tracing::warn!(%error, "could not ack the batch; the broker will redeliver it");
             }
             outcomes.extend(
-                concluded
-                    .into_iter()
-                    .map(|o| o.unwrap_or(Outcome::Requeued)),
+                prepared
+                    .iter()
+                    .zip(concluded)
+                    .map(|(p, o)| (p.envelope.kind.clone(), o.unwrap_or(Outcome::Requeued))),
             );
             return outcomes;
         }
         for (p, outcome) in prepared.iter().zip(concluded) {
-            outcomes.push(settle(&p.delivery, outcome).await);
+            outcomes.push((p.envelope.kind.clone(), settle(&p.delivery, outcome).await));
         }
         outcomes
     }
@@ -529,6 +575,16 @@ struct Prepared {
     trace: TraceParent,
     envelope: Envelope,
     handler: Arc<dyn Handler>,
+}
+
+/// The type a delivery says it is (for metrics), before it is decoded.
+fn kind_of(delivery: &Delivery) -> String {
+    delivery
+        .properties
+        .kind()
+        .as_ref()
+        .map(|k| k.to_string())
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// Undoes one message's work inside the batch transaction.

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -33,13 +34,26 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
-/// Metrics of the HTTP server, registered in the head's registry.
+/// Labels of the worker's message counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MessageLabels {
+    /// Message type (`unknown` when it could not be decoded).
+    pub kind: String,
+    /// `handled`, `duplicate`, `retried`, `dead_lettered` or `requeued`.
+    pub outcome: String,
+}
+
+/// The head's metrics: the HTTP server's, and the worker's (zero on a query head).
 #[derive(Clone)]
 pub struct HttpMetrics {
     /// Request duration per route, method and status.
     pub duration: Family<RequestLabels, Histogram>,
     /// Requests being served right now.
     pub in_flight: Gauge,
+    /// Messages settled by the worker, per type and outcome (`chimera_worker_messages_total`).
+    pub worker_messages: Family<MessageLabels, Counter>,
+    /// Time to handle and settle one batch of deliveries (`chimera_worker_batch_duration_seconds`).
+    pub worker_batch: Histogram,
     registry: Arc<Registry>,
 }
 
@@ -62,9 +76,24 @@ impl HttpMetrics {
             duration.clone(),
         );
         registry.register(IN_FLIGHT, "HTTP requests being served", in_flight.clone());
+        let worker_messages = Family::<MessageLabels, Counter>::default();
+        registry.register(
+            "chimera_worker_messages",
+            "Messages settled by the worker",
+            worker_messages.clone(),
+        );
+        let worker_batch = Histogram::new(BUCKETS);
+        registry.register_with_unit(
+            "chimera_worker_batch_duration",
+            "Time to handle and settle one batch of deliveries",
+            prometheus_client::registry::Unit::Seconds,
+            worker_batch.clone(),
+        );
         Self {
             duration,
             in_flight,
+            worker_messages,
+            worker_batch,
             registry: Arc::new(registry),
         }
     }

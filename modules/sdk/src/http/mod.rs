@@ -6,7 +6,9 @@ mod error;
 mod metrics;
 
 pub use error::{ApiError, ValidPath, ValidQuery};
-pub use metrics::{BUCKETS, HttpMetrics, IN_FLIGHT, REQUEST_DURATION, RequestLabels};
+pub use metrics::{
+    BUCKETS, HttpMetrics, IN_FLIGHT, MessageLabels, REQUEST_DURATION, RequestLabels,
+};
 
 use std::future::Future;
 use std::net::SocketAddr;
