@@ -278,16 +278,26 @@ impl ManagementClient {
         } else {
             format!("/api/{kind}/{}", percent_encode(&self.vhost))
         };
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .basic_auth(&self.user, Some(&self.password))
-            .send()
-            .await
-            .map_err(|cause| BrokerError::ManagementUnreachable {
-                url: self.base.clone(),
-                cause,
-            })?;
+        // The management API answers 5xx for a moment after a vhost is created or while a node
+        // is busy: a few quick retries, then the error.
+        let mut attempt = 0u64;
+        let response = loop {
+            let response = self
+                .http
+                .get(format!("{}{path}", self.base))
+                .basic_auth(&self.user, Some(&self.password))
+                .send()
+                .await
+                .map_err(|cause| BrokerError::ManagementUnreachable {
+                    url: self.base.clone(),
+                    cause,
+                })?;
+            if !response.status().is_server_error() || attempt >= 4 {
+                break response;
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+        };
         let status = response.status();
         if status.as_u16() == 404 {
             return Err(BrokerError::VhostNotFound {
