@@ -311,10 +311,6 @@ pub struct GigView {
     pub seller_name: String,
 }
 
-fn db_error(e: sqlx::Error) -> ApiError {
-    ApiError::internal(format!("database: {e}"))
-}
-
 const VIEW: &str = "SELECT g.gig_id, g.seller_id, g.title, g.price_cents, g.status, COALESCE(s.name, '') AS seller_name
     FROM gigs g LEFT JOIN sellers s ON s.user_id = g.seller_id";
 
@@ -334,9 +330,9 @@ async fn get_gig(
         .bind(&id)
         .fetch_optional(db.pool())
         .await
-        .map_err(db_error)?;
+        .map_err(ApiError::from)?;
     match row {
-        Some(r) => Ok(Json(view_of(&r).map_err(db_error)?)),
+        Some(r) => Ok(Json(view_of(&r).map_err(ApiError::from)?)),
         None => Err(ApiError::not_found(format!("no gig {id}"))),
     }
 }
@@ -362,12 +358,12 @@ async fn list_gigs(
     .bind(&seller)
     .fetch_all(db.pool())
     .await
-    .map_err(db_error)?;
+    .map_err(ApiError::from)?;
     Ok(Json(
         rows.iter()
             .map(view_of)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(db_error)?,
+            .map_err(ApiError::from)?,
     ))
 }
 

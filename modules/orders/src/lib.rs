@@ -347,10 +347,6 @@ pub fn handlers(worker: Worker) -> Worker {
         .on("user.deleted", user_deleted)
 }
 
-fn db_error(e: sqlx::Error) -> ApiError {
-    ApiError::internal(format!("database: {e}"))
-}
-
 async fn get_order(
     State(db): State<Database>,
     ValidPath(id): ValidPath<String>,
@@ -360,9 +356,9 @@ async fn get_order(
         .bind(&id)
         .fetch_optional(db.pool())
         .await
-        .map_err(db_error)?;
+        .map_err(ApiError::from)?;
     match row {
-        Some(r) => Ok(Json(order_of(&r).map_err(db_error)?)),
+        Some(r) => Ok(Json(order_of(&r).map_err(ApiError::from)?)),
         None => Err(ApiError::not_found(format!("no order {id}"))),
     }
 }
@@ -388,12 +384,12 @@ async fn list_orders(
     .bind(&buyer)
     .fetch_all(db.pool())
     .await
-    .map_err(db_error)?;
+    .map_err(ApiError::from)?;
     Ok(Json(
         rows.iter()
             .map(order_of)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(db_error)?,
+            .map_err(ApiError::from)?,
     ))
 }
 

@@ -226,10 +226,6 @@ pub struct UserPage {
     pub next: Option<String>,
 }
 
-fn db_error(e: sqlx::Error) -> ApiError {
-    ApiError::internal(format!("database: {e}"))
-}
-
 fn user_of(r: &chimera_sdk::sqlx::any::AnyRow) -> Result<User, sqlx::Error> {
     Ok(User {
         user_id: r.try_get("user_id")?,
@@ -248,9 +244,9 @@ async fn get_user(
             .bind(&id)
             .fetch_optional(db.pool())
             .await
-            .map_err(db_error)?;
+            .map_err(ApiError::from)?;
     match row {
-        Some(r) => Ok(Json(user_of(&r).map_err(db_error)?)),
+        Some(r) => Ok(Json(user_of(&r).map_err(ApiError::from)?)),
         None => Err(ApiError::not_found(format!("no user {id}"))),
     }
 }
@@ -271,12 +267,12 @@ async fn list_users(
         .bind(i64::from(limit) + 1)
         .fetch_all(db.pool())
         .await
-        .map_err(db_error)?;
+        .map_err(ApiError::from)?;
     let mut items = rows
         .iter()
         .map(user_of)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(db_error)?;
+        .map_err(ApiError::from)?;
     let next = if items.len() > limit as usize {
         items.truncate(limit as usize);
         items.last().map(|u| u.user_id.clone())

@@ -64,6 +64,13 @@ impl ApiError {
     }
 }
 
+impl From<sqlx::Error> for ApiError {
+    /// A database failure is the head's fault: a 500, details in the log.
+    fn from(e: sqlx::Error) -> Self {
+        Self::internal(format!("database: {e}"))
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
