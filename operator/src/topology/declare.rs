@@ -46,6 +46,45 @@ pub(crate) fn arguments(queue: &PlannedQueue) -> FieldTable {
     table
 }
 
+/// Binds `queue` to `exchange` with `key`.
+pub(crate) async fn bind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    key: &str,
+) -> Result<(), BrokerError> {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp_error(format!("binding {queue} to {exchange} ({key})")))
+}
+
+/// Removes the binding of `queue` to `exchange` with `key`.
+pub(crate) async fn unbind(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    key: &str,
+) -> Result<(), BrokerError> {
+    channel
+        .queue_unbind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(amqp_error(format!(
+            "unbinding {queue} from {exchange} ({key})"
+        )))
+}
+
 /// Opens an AMQP connection to the endpoint.
 pub async fn connect(endpoint: &BrokerEndpoint) -> Result<Connection, BrokerError> {
     Connection::connect(&endpoint.amqp_url, ConnectionProperties::default())
@@ -122,35 +161,12 @@ async fn apply_diff(channel: &Channel, report: &mut ApplyReport) -> Result<(), B
             .map_err(amqp_error(format!("declaring queue {}", queue.name)))?;
         report.queues_declared += 1;
     }
-    for binding in &report.diff.missing_bindings {
-        channel
-            .queue_bind(
-                binding.destination.as_str().into(),
-                binding.source.as_str().into(),
-                binding.routing_key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp_error(format!(
-                "binding {} to {} ({})",
-                binding.destination, binding.source, binding.routing_key
-            )))?;
+    for b in &report.diff.missing_bindings {
+        bind(channel, &b.destination, &b.source, &b.routing_key).await?;
         report.bindings_created += 1;
     }
-    for binding in &report.diff.stale_bindings {
-        channel
-            .queue_unbind(
-                binding.destination.as_str().into(),
-                binding.source.as_str().into(),
-                binding.routing_key.as_str().into(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp_error(format!(
-                "unbinding {} from {} ({})",
-                binding.destination, binding.source, binding.routing_key
-            )))?;
+    for b in &report.diff.stale_bindings {
+        unbind(channel, &b.destination, &b.source, &b.routing_key).await?;
         report.bindings_removed += 1;
     }
     Ok(())
@@ -279,18 +295,7 @@ pub async fn release(
             }
         } else {
             for b in &foreign_bindings {
-                channel
-                    .queue_unbind(
-                        b.destination.as_str().into(),
-                        b.source.as_str().into(),
-                        b.routing_key.as_str().into(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(amqp_error(format!(
-                        "unbinding {} from {}",
-                        b.destination, b.source
-                    )))?;
+                unbind(&channel, &b.destination, &b.source, &b.routing_key).await?;
                 report.bindings_removed += 1;
             }
         }

@@ -21,7 +21,7 @@
 use std::time::{Duration, Instant};
 
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
@@ -29,7 +29,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
 use super::broker::{ActualQueue, BrokerEndpoint, BrokerError, ManagementClient};
-use super::declare::{amqp_error, arguments, connect};
+use super::declare::{amqp_error, arguments, bind, connect, unbind};
 use super::diff::diff;
 use super::plan::{PlannedBinding, PlannedQueue, TopologyPlan};
 
@@ -135,16 +135,7 @@ async fn bind_all(
     bindings: &[&PlannedBinding],
 ) -> Result<(), BrokerError> {
     for b in bindings {
-        channel
-            .queue_bind(
-                queue.into(),
-                b.source.as_str().into(),
-                b.routing_key.as_str().into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp_error(format!("binding {queue} to {}", b.source)))?;
+        bind(channel, queue, &b.source, &b.routing_key).await?;
     }
     Ok(())
 }
@@ -155,15 +146,7 @@ async fn unbind_all(
     bindings: &[&PlannedBinding],
 ) -> Result<(), BrokerError> {
     for b in bindings {
-        channel
-            .queue_unbind(
-                queue.into(),
-                b.source.as_str().into(),
-                b.routing_key.as_str().into(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp_error(format!("unbinding {queue} from {}", b.source)))?;
+        unbind(channel, queue, &b.source, &b.routing_key).await?;
     }
     Ok(())
 }
