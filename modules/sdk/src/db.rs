@@ -166,7 +166,11 @@ impl Database {
                 Backend::Sqlite => 8,
                 Backend::MySql => 16,
             })
-            .acquire_timeout(Duration::from_secs(10));
+            .acquire_timeout(Duration::from_secs(10))
+            // A SQLite connection is a file handle in this process: it cannot go stale, and a
+            // ping before each use would cost a round trip to its thread. A MySQL connection
+            // can (server restarts, idle timeouts), so it is checked.
+            .test_before_acquire(backend == Backend::MySql);
         let options = if backend == Backend::Sqlite {
             options.after_connect(|conn, _| {
                 Box::pin(async move {

@@ -29,29 +29,72 @@ fn monotonic_micros() -> i64 {
     }
 }
 
-/// Writes `envelope` for `exchange` into the outbox, inside the handler's transaction.
+/// An event waiting to be written to the outbox with the rest of its transaction.
+#[derive(Clone, Debug)]
+pub struct PendingEvent {
+    id: String,
+    exchange: String,
+    routing_key: String,
+    body: String,
+    traceparent: Option<String>,
+    /// Taken when the event is emitted, so events keep the order their handlers emitted them.
+    created_at: i64,
+}
+
+impl PendingEvent {
+    /// `envelope` for `exchange`, caused by the message whose trace is `trace`.
+    pub fn new(exchange: &str, envelope: &Envelope, trace: Option<TraceParent>) -> Self {
+        Self {
+            id: envelope.id.to_string(),
+            exchange: exchange.to_owned(),
+            routing_key: envelope.kind.clone(),
+            body: String::from_utf8_lossy(&envelope.encode()).into_owned(),
+            traceparent: trace.map(|t| t.to_string()),
+            created_at: monotonic_micros(),
+        }
+    }
+}
+
+/// Rows per insert statement (7 parameters each: well under SQLite's and MySQL's limits).
+const INSERT_CHUNK: usize = 500;
+
+/// Writes `envelope` for `exchange` into the outbox, inside the caller's transaction.
 pub async fn enqueue(
     tx: &mut Transaction<'_, Any>,
     exchange: &str,
     envelope: &Envelope,
     trace: Option<TraceParent>,
 ) -> Result<(), DbError> {
-    let now = monotonic_micros();
-    sqlx::query(
-        "INSERT INTO chimera_outbox (id, exchange_name, routing_key, body, traceparent, status, attempts, created_at, next_attempt_at)
-         VALUES (?, ?, ?, ?, ?, 'pending', 0, ?, ?)",
-    )
-    .bind(envelope.id.to_string())
-    .bind(exchange)
-    .bind(envelope.kind.as_str())
-    .bind(String::from_utf8_lossy(&envelope.encode()).into_owned())
-    .bind(trace.map(|t| t.to_string()))
-    .bind(now)
-    .bind(now)
-    .execute(&mut **tx)
-    .await
-    .map(|_| ())
-    .map_err(|cause| DbError::Query { what: "write to the outbox", cause })
+    enqueue_all(tx, &[PendingEvent::new(exchange, envelope, trace)]).await
+}
+
+/// Writes `events` into the outbox inside the caller's transaction, a chunk per statement.
+pub async fn enqueue_all(
+    tx: &mut Transaction<'_, Any>,
+    events: &[PendingEvent],
+) -> Result<(), DbError> {
+    for chunk in events.chunks(INSERT_CHUNK) {
+        let sql = format!(
+            "INSERT INTO chimera_outbox (id, exchange_name, routing_key, body, traceparent, status, attempts, created_at, next_attempt_at) VALUES {}",
+            vec!["(?, ?, ?, ?, ?, 'pending', 0, ?, ?)"; chunk.len()].join(", ")
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for e in chunk {
+            query = query
+                .bind(e.id.as_str())
+                .bind(e.exchange.as_str())
+                .bind(e.routing_key.as_str())
+                .bind(e.body.as_str())
+                .bind(e.traceparent.as_deref())
+                .bind(e.created_at)
+                .bind(e.created_at);
+        }
+        query
+            .execute(&mut **tx)
+            .await
+            .map_err(q("write to the outbox"))?;
+    }
+    Ok(())
 }
 
 /// How the relay works.

@@ -30,6 +30,7 @@ use crate::config::WorkerConfig;
 use crate::db::{Database, DbError, WriteTransaction};
 use crate::envelope::{ATTEMPT, Envelope, ORIGINAL_ROUTING_KEY, REASON, TRACEPARENT, TraceParent};
 use crate::http::{HttpMetrics, MessageLabels};
+use crate::outbox::PendingEvent;
 use crate::{inbox, outbox};
 
 /// Why a handler did not complete.
@@ -57,13 +58,14 @@ impl From<sqlx::Error> for HandlerError {
 
 /// What a handler works with: the message, the open transaction, and a way to emit events.
 pub struct Context {
-    envelope: Envelope,
+    envelope: Arc<Envelope>,
     attempt: i64,
     last_attempt: bool,
     tx: WriteTransaction,
     trace: TraceParent,
-    events_exchange: String,
-    emitted: usize,
+    events_exchange: Arc<str>,
+    /// Events emitted so far, written to the outbox with the batch (one statement for all).
+    events: Vec<PendingEvent>,
 }
 
 impl Context {
@@ -86,7 +88,7 @@ impl Context {
     /// The payload as `T`; a payload that does not fit is a [`HandlerError::Reject`] naming
     /// what is wrong.
     pub fn data<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
-        serde_json::from_value(self.envelope.data.clone()).map_err(|e| {
+        T::deserialize(&self.envelope.data).map_err(|e| {
             HandlerError::Reject(format!("invalid {} payload: {e}", self.envelope.kind))
         })
     }
@@ -96,18 +98,16 @@ impl Context {
         &mut self.tx
     }
 
-    /// Emits an event of this domain: written to the outbox in the same transaction, published
-    /// by the relay after commit, carrying this message's trace.
+    /// Emits an event of this domain: written to the outbox in the same transaction as the
+    /// handler's writes (with the rest of the batch, when the handler succeeds), published by
+    /// the relay after commit, carrying this message's trace.
     pub async fn emit(&mut self, kind: &str, data: serde_json::Value) -> Result<(), HandlerError> {
         let event = Envelope::new(kind, data);
-        outbox::enqueue(
-            &mut self.tx,
+        self.events.push(PendingEvent::new(
             &self.events_exchange,
             &event,
             Some(self.trace.child()),
-        )
-        .await?;
-        self.emitted += 1;
+        ));
         Ok(())
     }
 }
@@ -151,7 +151,7 @@ pub struct Worker {
     metrics: Option<HttpMetrics>,
     consumer_name: String,
     config: WorkerConfig,
-    events_exchange: String,
+    events_exchange: Arc<str>,
 }
 
 /// Worker failures that stop it.
@@ -192,7 +192,7 @@ impl Worker {
             metrics: None,
             consumer_name: consumer_name.into(),
             config,
-            events_exchange: events_exchange.into(),
+            events_exchange: Arc::from(events_exchange.into()),
         }
     }
 
@@ -350,65 +350,91 @@ impl Worker {
             delivery,
             attempt,
             trace,
-            envelope,
+            envelope: Arc::new(envelope),
             handler,
         })
     }
 
+    /// Runs the handlers of a batch in one transaction, then records the inbox rows and writes
+    /// the emitted events with one statement each. The first pass takes no savepoints; if a
+    /// handler fails, that pass is rolled back and the batch runs again with a savepoint around
+    /// each message, so a failing handler undoes only its own work. Failures are rare, so most
+    /// batches pay two statements plus the handlers' own.
     async fn handle_batch(
         &self,
         db: &Database,
         prepared: &[Prepared],
     ) -> Result<(Vec<Result<HandleResult, HandlerError>>, usize), DbError> {
+        if let Some(done) = self.handle_batch_once(db, prepared, false).await? {
+            return Ok(done);
+        }
+        tracing::debug!(
+            messages = prepared.len(),
+            "a handler failed; running the batch again with a savepoint per message"
+        );
+        // With savepoints a pass always completes (a failing handler is undone on its own).
+        self.handle_batch_once(db, prepared, true)
+            .await?
+            .ok_or(DbError::Closed)
+    }
+
+    /// One pass over the batch. Without savepoints, returns None (after rolling back) as soon
+    /// as a handler fails.
+    async fn handle_batch_once(
+        &self,
+        db: &Database,
+        prepared: &[Prepared],
+        savepoints: bool,
+    ) -> Result<Option<(Vec<Result<HandleResult, HandlerError>>, usize)>, DbError> {
         let q = |what: &'static str| move |cause| DbError::Query { what, cause };
         let mut tx = db.begin().await?;
+        let ids: Vec<String> = prepared.iter().map(|p| p.envelope.id.to_string()).collect();
+        let mut seen = inbox::handled(&mut tx, &self.consumer_name, &ids).await?;
         let mut results = Vec::with_capacity(prepared.len());
-        let mut emitted = 0;
-        for p in prepared {
-            sqlx::query("SAVEPOINT chimera_message")
-                .execute(&mut **tx)
-                .await
-                .map_err(q("savepoint"))?;
-            let first = match inbox::record(&mut tx, &self.consumer_name, &p.envelope).await {
-                Ok(first) => first,
-                Err(e) => {
-                    undo(&mut tx).await?;
-                    results.push(Err(HandlerError::from(e)));
-                    continue;
-                }
-            };
-            if !first {
-                sqlx::query("RELEASE SAVEPOINT chimera_message")
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(q("release"))?;
+        let mut handled: Vec<(&str, &str)> = Vec::with_capacity(prepared.len());
+        let mut events = Vec::new();
+        for (p, id) in prepared.iter().zip(&ids) {
+            // Handled before, or twice in this batch (a publisher that sent it twice).
+            if !seen.insert(id.clone()) {
                 results.push(Ok(HandleResult::Duplicate));
                 continue;
+            }
+            if savepoints {
+                sqlx::query("SAVEPOINT chimera_message")
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(q("savepoint"))?;
             }
             let last_attempt = p.attempt >= i64::from(self.config.max_attempts)
                 || usize::try_from(p.attempt).unwrap_or(usize::MAX)
                     > self.config.retry_delays_seconds.len();
             let mut ctx = Context {
-                envelope: p.envelope.clone(),
+                envelope: Arc::clone(&p.envelope),
                 attempt: p.attempt,
                 last_attempt,
                 tx,
                 trace: p.trace,
-                events_exchange: self.events_exchange.clone(),
-                emitted: 0,
+                events_exchange: Arc::clone(&self.events_exchange),
+                events: Vec::new(),
             };
             let span = tracing::info_span!("handle", kind = %p.envelope.kind, id = %p.envelope.id, attempt = p.attempt, trace_id = %format!("{:032x}", p.trace.trace_id));
             let result = tracing::Instrument::instrument(p.handler.handle(&mut ctx), span).await;
-            let n = ctx.emitted;
             tx = ctx.tx;
             match result {
                 Ok(()) => {
-                    sqlx::query("RELEASE SAVEPOINT chimera_message")
-                        .execute(&mut **tx)
-                        .await
-                        .map_err(q("release"))?;
-                    emitted += n;
+                    if savepoints {
+                        sqlx::query("RELEASE SAVEPOINT chimera_message")
+                            .execute(&mut **tx)
+                            .await
+                            .map_err(q("release"))?;
+                    }
+                    events.extend(ctx.events);
+                    handled.push((id.as_str(), p.envelope.kind.as_str()));
                     results.push(Ok(HandleResult::Committed));
+                }
+                Err(_) if !savepoints => {
+                    tx.rollback().await.map_err(q("rollback"))?;
+                    return Ok(None);
                 }
                 Err(e) => {
                     undo(&mut tx).await?;
@@ -416,8 +442,13 @@ impl Worker {
                 }
             }
         }
+        // A unique violation here means another consumer handled one of these messages at
+        // the same time: nothing commits, the batch returns to the queue, and its redelivery
+        // finds them in the inbox.
+        inbox::record_all(&mut tx, &self.consumer_name, &handled).await?;
+        outbox::enqueue_all(&mut tx, &events).await?;
         tx.commit().await.map_err(q("commit"))?;
-        Ok((results, emitted))
+        Ok(Some((results, events.len())))
     }
 
     /// Settles the outcome of a handled message: retry, dead-letter, or nothing more to do.
@@ -434,7 +465,7 @@ impl Worker {
                 self.dead_letter(
                     publisher,
                     &p.delivery,
-                    Some(&p.envelope),
+                    Some(p.envelope.as_ref()),
                     p.attempt,
                     &reason,
                 )
@@ -445,7 +476,7 @@ impl Worker {
                 if p.attempt < i64::from(self.config.max_attempts)
                     && n <= self.config.retry_delays_seconds.len()
                 {
-                    let mut retry = Outgoing::new("", p.envelope.clone());
+                    let mut retry = Outgoing::new("", Envelope::clone(&p.envelope));
                     retry.routing_key = self.config.retry_queue(n);
                     retry.attempt = u32::try_from(p.attempt + 1).unwrap_or(u32::MAX);
                     retry.trace = Some(p.trace);
@@ -457,7 +488,7 @@ impl Worker {
                     self.dead_letter(
                         publisher,
                         &p.delivery,
-                        Some(&p.envelope),
+                        Some(p.envelope.as_ref()),
                         p.attempt,
                         &reason,
                     )
@@ -573,7 +604,7 @@ struct Prepared {
     delivery: Delivery,
     attempt: i64,
     trace: TraceParent,
-    envelope: Envelope,
+    envelope: Arc<Envelope>,
     handler: Arc<dyn Handler>,
 }
 

@@ -123,27 +123,30 @@ fn register(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
             .and(valid_name(&cmd.name))
             .and(valid_email(&cmd.email))
             .map_err(reject)?;
-        let exists = sqlx::query("SELECT 1 FROM users WHERE user_id = ?")
-            .bind(&cmd.user_id)
-            .fetch_optional(&mut **ctx.tx())
-            .await?;
-        if exists.is_some() {
-            return Err(reject(format!(
-                "user {} is already registered",
-                cmd.user_id
-            )));
-        }
         let user = User {
             user_id: cmd.user_id,
             name: cmd.name.trim().to_owned(),
             email: cmd.email,
         };
-        sqlx::query("INSERT INTO users (user_id, name, email, deleted) VALUES (?, ?, ?, 0)")
-            .bind(&user.user_id)
-            .bind(&user.name)
-            .bind(&user.email)
-            .execute(&mut **ctx.tx())
-            .await?;
+        // The primary key says whether the id is taken: one statement instead of a read and a
+        // write.
+        let inserted =
+            sqlx::query("INSERT INTO users (user_id, name, email, deleted) VALUES (?, ?, ?, 0)")
+                .bind(&user.user_id)
+                .bind(&user.name)
+                .bind(&user.email)
+                .execute(&mut **ctx.tx())
+                .await;
+        match inserted {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(reject(format!(
+                    "user {} is already registered",
+                    user.user_id
+                )));
+            }
+            Err(e) => return Err(e.into()),
+        }
         ctx.emit(
             "user.registered",
             serde_json::to_value(&user).unwrap_or_default(),
