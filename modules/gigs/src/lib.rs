@@ -9,7 +9,7 @@
 use chimera_sdk::axum::extract::State;
 use chimera_sdk::axum::routing::get;
 use chimera_sdk::axum::{Json, Router};
-use chimera_sdk::db::{Database, Migration};
+use chimera_sdk::db::{Columns, Database, Migration, Param};
 use chimera_sdk::futures::future::BoxFuture;
 use chimera_sdk::head::Module;
 use chimera_sdk::http::{ApiError, ValidPath, ValidQuery};
@@ -92,13 +92,13 @@ pub fn valid_price(cents: i64) -> Result<(), String> {
     Ok(())
 }
 
-fn gig_of(r: &chimera_sdk::sqlx::any::AnyRow) -> Result<Gig, sqlx::Error> {
+fn gig_of(r: &impl Columns) -> Result<Gig, sqlx::Error> {
     Ok(Gig {
-        gig_id: r.try_get("gig_id")?,
-        seller_id: r.try_get("seller_id")?,
-        title: r.try_get("title")?,
-        price_cents: r.try_get("price_cents")?,
-        status: r.try_get("status")?,
+        gig_id: r.get("gig_id")?,
+        seller_id: r.get("seller_id")?,
+        title: r.get("title")?,
+        price_cents: r.get("price_cents")?,
+        status: r.get("status")?,
     })
 }
 
@@ -314,10 +314,10 @@ pub struct GigView {
 const VIEW: &str = "SELECT g.gig_id, g.seller_id, g.title, g.price_cents, g.status, COALESCE(s.name, '') AS seller_name
     FROM gigs g LEFT JOIN sellers s ON s.user_id = g.seller_id";
 
-fn view_of(r: &chimera_sdk::sqlx::any::AnyRow) -> Result<GigView, sqlx::Error> {
+fn view_of(r: &impl Columns) -> Result<GigView, sqlx::Error> {
     Ok(GigView {
         gig: gig_of(r)?,
-        seller_name: r.try_get("seller_name")?,
+        seller_name: r.get("seller_name")?,
     })
 }
 
@@ -326,9 +326,8 @@ async fn get_gig(
     ValidPath(id): ValidPath<String>,
 ) -> Result<Json<GigView>, ApiError> {
     valid_id(&id).map_err(ApiError::bad_request)?;
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!("{VIEW} WHERE g.gig_id = ?")))
-        .bind(&id)
-        .fetch_optional(db.pool())
+    let row = db
+        .read_optional(&format!("{VIEW} WHERE g.gig_id = ?"), &[Param::from(&id)])
         .await
         .map_err(ApiError::from)?;
     match row {
@@ -352,13 +351,11 @@ async fn list_gigs(
         ));
     };
     valid_id(&seller).map_err(ApiError::bad_request)?;
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "{VIEW} WHERE g.seller_id = ? ORDER BY g.gig_id LIMIT 1000"
-    )))
-    .bind(&seller)
-    .fetch_all(db.pool())
-    .await
-    .map_err(ApiError::from)?;
+    let sql = format!("{VIEW} WHERE g.seller_id = ? ORDER BY g.gig_id LIMIT 1000");
+    let rows = db
+        .read_all(&sql, &[Param::from(&seller)])
+        .await
+        .map_err(ApiError::from)?;
     Ok(Json(
         rows.iter()
             .map(view_of)

@@ -14,7 +14,7 @@
 use chimera_sdk::axum::extract::State;
 use chimera_sdk::axum::routing::get;
 use chimera_sdk::axum::{Json, Router};
-use chimera_sdk::db::{Database, Migration};
+use chimera_sdk::db::{Columns, Database, Migration, Param};
 use chimera_sdk::futures::future::BoxFuture;
 use chimera_sdk::head::Module;
 use chimera_sdk::http::{ApiError, ValidPath, ValidQuery};
@@ -100,18 +100,20 @@ fn reject(message: impl Into<String>) -> HandlerError {
     HandlerError::Reject(message.into())
 }
 
-fn order_of(r: &chimera_sdk::sqlx::any::AnyRow) -> Result<Order, sqlx::Error> {
+fn order_of(r: &impl Columns) -> Result<Order, sqlx::Error> {
     Ok(Order {
-        order_id: r.try_get("order_id")?,
-        gig_id: r.try_get("gig_id")?,
-        buyer_id: r.try_get("buyer_id")?,
-        price_cents: r.try_get("price_cents")?,
-        status: r.try_get("status")?,
-        reason: r.try_get("reason")?,
+        order_id: r.get("order_id")?,
+        gig_id: r.get("gig_id")?,
+        buyer_id: r.get("buyer_id")?,
+        price_cents: r.get("price_cents")?,
+        status: r.get("status")?,
+        reason: r.get("reason")?,
     })
 }
 
 const COLUMNS: &str = "SELECT order_id, gig_id, buyer_id, price_cents, status, reason FROM orders";
+const BY_ID: &str =
+    "SELECT order_id, gig_id, buyer_id, price_cents, status, reason FROM orders WHERE order_id = ?";
 
 async fn load(ctx: &mut Context, order_id: &str) -> Result<Option<Order>, HandlerError> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!("{COLUMNS} WHERE order_id = ?")))
@@ -352,9 +354,8 @@ async fn get_order(
     ValidPath(id): ValidPath<String>,
 ) -> Result<Json<Order>, ApiError> {
     valid_id(&id).map_err(ApiError::bad_request)?;
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!("{COLUMNS} WHERE order_id = ?")))
-        .bind(&id)
-        .fetch_optional(db.pool())
+    let row = db
+        .read_optional(BY_ID, &[Param::from(&id)])
         .await
         .map_err(ApiError::from)?;
     match row {
@@ -378,13 +379,11 @@ async fn list_orders(
         ));
     };
     valid_id(&buyer).map_err(ApiError::bad_request)?;
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "{COLUMNS} WHERE buyer_id = ? ORDER BY order_id LIMIT 1000"
-    )))
-    .bind(&buyer)
-    .fetch_all(db.pool())
-    .await
-    .map_err(ApiError::from)?;
+    let sql = format!("{COLUMNS} WHERE buyer_id = ? ORDER BY order_id LIMIT 1000");
+    let rows = db
+        .read_all(&sql, &[Param::from(&buyer)])
+        .await
+        .map_err(ApiError::from)?;
     Ok(Json(
         rows.iter()
             .map(order_of)

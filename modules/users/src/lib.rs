@@ -8,7 +8,7 @@
 use chimera_sdk::axum::extract::State;
 use chimera_sdk::axum::routing::get;
 use chimera_sdk::axum::{Json, Router};
-use chimera_sdk::db::{Database, Migration};
+use chimera_sdk::db::{Columns, Database, Migration, Param};
 use chimera_sdk::futures::future::BoxFuture;
 use chimera_sdk::head::Module;
 use chimera_sdk::http::{ApiError, ValidPath, ValidQuery};
@@ -229,11 +229,11 @@ pub struct UserPage {
     pub next: Option<String>,
 }
 
-fn user_of(r: &chimera_sdk::sqlx::any::AnyRow) -> Result<User, sqlx::Error> {
+fn user_of(r: &impl Columns) -> Result<User, sqlx::Error> {
     Ok(User {
-        user_id: r.try_get("user_id")?,
-        name: r.try_get("name")?,
-        email: r.try_get("email")?,
+        user_id: r.get("user_id")?,
+        name: r.get("name")?,
+        email: r.get("email")?,
     })
 }
 
@@ -242,12 +242,13 @@ async fn get_user(
     ValidPath(id): ValidPath<String>,
 ) -> Result<Json<User>, ApiError> {
     valid_id(&id).map_err(ApiError::bad_request)?;
-    let row =
-        sqlx::query("SELECT user_id, name, email FROM users WHERE user_id = ? AND deleted = 0")
-            .bind(&id)
-            .fetch_optional(db.pool())
-            .await
-            .map_err(ApiError::from)?;
+    let row = db
+        .read_optional(
+            "SELECT user_id, name, email FROM users WHERE user_id = ? AND deleted = 0",
+            &[Param::from(&id)],
+        )
+        .await
+        .map_err(ApiError::from)?;
     match row {
         Some(r) => Ok(Json(user_of(&r).map_err(ApiError::from)?)),
         None => Err(ApiError::not_found(format!("no user {id}"))),
@@ -265,10 +266,11 @@ async fn list_users(
         )));
     }
     let after = page.after.unwrap_or_default();
-    let rows = sqlx::query("SELECT user_id, name, email FROM users WHERE deleted = 0 AND user_id > ? ORDER BY user_id LIMIT ?")
-        .bind(&after)
-        .bind(i64::from(limit) + 1)
-        .fetch_all(db.pool())
+    let rows = db
+        .read_all(
+            "SELECT user_id, name, email FROM users WHERE deleted = 0 AND user_id > ? ORDER BY user_id LIMIT ?",
+            &[Param::from(&after), Param::from(i64::from(limit) + 1)],
+        )
         .await
         .map_err(ApiError::from)?;
     let mut items = rows

@@ -71,6 +71,13 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+impl From<crate::db::DbError> for ApiError {
+    /// Likewise for the SDK's database errors.
+    fn from(e: crate::db::DbError) -> Self {
+        Self::internal(e.to_string())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {

@@ -5,8 +5,13 @@
 //! SQL here is written once for both: `?` placeholders, portable types, one statement per
 //! migration.
 
+mod read;
+
 use std::sync::Arc;
 use std::time::Duration;
+
+pub use read::{ColumnValue, Columns, Param, Record};
+use read::{SqliteReaders, any_record, bind_all};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -31,6 +36,9 @@ pub enum DbError {
     /// The database handle was closed.
     #[error("the database handle is closed")]
     Closed,
+    /// A read on SQLite's in-process connections failed.
+    #[error("database read failed: {0}")]
+    Read(#[source] rusqlite::Error),
     /// A query failed.
     #[error("database query failed ({what}): {cause}")]
     Query {
@@ -103,6 +111,8 @@ pub struct Database {
     backend: Backend,
     /// SQLite's single writer, as an async lock (None on MySQL).
     writer: Option<Arc<Semaphore>>,
+    /// Read-only connections used in place (SQLite files only).
+    readers: Option<Arc<SqliteReaders>>,
 }
 
 /// A write transaction (holding this process's SQLite write lock, if any, until it ends).
@@ -134,6 +144,17 @@ impl std::ops::DerefMut for WriteTransaction {
     fn deref_mut(&mut self) -> &mut Self::Target {
         &mut self.tx
     }
+}
+
+/// The file behind a SQLite URL; None for an in-memory database (which only the pool's
+/// connections share).
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    use std::str::FromStr as _;
+    if !url.starts_with("sqlite:") || url.contains(":memory:") || url.contains("mode=memory") {
+        return None;
+    }
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
+    Some(options.get_filename().to_path_buf())
 }
 
 fn backend_of(url: &str) -> Result<Backend, DbError> {
@@ -185,10 +206,12 @@ impl Database {
         };
         let pool = options.connect(&url).await.map_err(DbError::Connect)?;
         let writer = (backend == Backend::Sqlite).then(|| Arc::new(Semaphore::new(1)));
+        let readers = sqlite_file(&url).map(|path| Arc::new(SqliteReaders::new(path)));
         let db = Self {
             pool,
             backend,
             writer,
+            readers,
         };
         db.migrate(module).await?;
         Ok(db)
@@ -278,6 +301,54 @@ impl Database {
             tx,
             _permit: permit,
         })
+    }
+
+    /// Reads at most one row: the query heads' lookups (see [`Record`] and [`Columns`]).
+    pub async fn read_optional(
+        &self,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<Option<Record>, DbError> {
+        Ok(self.read(sql, params, 1).await?.into_iter().next())
+    }
+
+    /// Reads every row; keep the query bounded (a key or a LIMIT): on SQLite it runs on the
+    /// calling thread.
+    pub async fn read_all(&self, sql: &str, params: &[Param]) -> Result<Vec<Record>, DbError> {
+        self.read(sql, params, usize::MAX).await
+    }
+
+    async fn read(
+        &self,
+        sql: &str,
+        params: &[Param],
+        limit: usize,
+    ) -> Result<Vec<Record>, DbError> {
+        if let Some(readers) = &self.readers {
+            return readers.read(sql, params, limit).map_err(DbError::Read);
+        }
+        let query = bind_all(sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())), params);
+        let q = |cause| DbError::Query {
+            what: "read",
+            cause,
+        };
+        if limit == 1 {
+            Ok(query
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(q)?
+                .map(any_record)
+                .into_iter()
+                .collect())
+        } else {
+            Ok(query
+                .fetch_all(&self.pool)
+                .await
+                .map_err(q)?
+                .into_iter()
+                .map(any_record)
+                .collect())
+        }
     }
 
     /// The pool, for the module's own queries.
