@@ -21,6 +21,9 @@ enum Command {
         /// Messages per run.
         #[arg(long, default_value_t = 20_000)]
         messages: usize,
+        /// Rounds (baseline then pipeline each); the median ratio is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// AMQP URL of the broker (its management API must be on the usual port or given).
         #[arg(long, env = "CHIMERA_AMQP_URL")]
         amqp: String,
@@ -47,9 +50,10 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Worker {
             messages,
+            rounds,
             amqp,
             management,
-        } => runtime.block_on(worker::run(messages, &amqp, management.as_deref())),
+        } => runtime.block_on(worker::run(messages, rounds, &amqp, management.as_deref())),
         Command::Query {
             seconds,
             concurrency,

@@ -20,12 +20,14 @@ use chimera_sdk::http::HttpMetrics;
 use chimera_sdk::outbox::{RelaySettings, run_relay};
 use chimera_sdk::sqlx;
 use chimera_sdk::sqlx::Row;
-use chimera_sdk::worker::{Context, HandlerError, Worker};
+use chimera_sdk::worker::{Context, HandlerError, Outcome, Worker};
 use chimera_testenv::{TestDatabase, TestVhost, unique_name};
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use lapin::BasicProperties;
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Deserialize;
@@ -57,7 +59,12 @@ fn open(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
             .execute(&mut **ctx.tx())
             .await?;
         ctx.emit("account.opened", serde_json::json!({"id": cmd.id}))
-            .await
+            .await?;
+        // Fails after writing and emitting: what it did must be undone, and only that.
+        if cmd.owner == "!" {
+            return Err(HandlerError::Reject("refused after writing".into()));
+        }
+        Ok(())
     })
 }
 
@@ -324,6 +331,125 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
         stop_relay.notify_one();
         relay.await.unwrap();
         probe.close(200, "done".into()).await.ok();
+        connection.close(200, "done".into()).await.ok();
+    }
+}
+
+/// One batch, dispatched as such: what succeeded commits once, a duplicate inside the batch
+/// changes nothing, and a handler that fails after writing and emitting leaves no row and no
+/// event behind (the batch reruns with a savepoint per message).
+#[tokio::test]
+async fn a_batch_commits_what_succeeded_and_undoes_only_what_failed() {
+    for backend in ["sqlite", "mariadb"] {
+        let tdb = if backend == "sqlite" {
+            TestDatabase::sqlite("batch")
+        } else {
+            TestDatabase::mysql("batch").await
+        };
+        let vhost = TestVhost::create("batch");
+        let endpoint = BrokerEndpoint::new(&vhost.amqp_url, Some(vhost.management_url())).unwrap();
+        apply(&endpoint, &plan(&modules_from_yaml(BANK).0))
+            .await
+            .unwrap();
+        let db = Database::connect(&tdb.url, MIGRATIONS).await.unwrap();
+        let connection = connect(&vhost.amqp_url, &unique_name("batch"))
+            .await
+            .unwrap();
+        let publisher = Publisher::open(&connection).await.unwrap();
+        let send = |kind: &str, data: serde_json::Value| {
+            Outgoing::new("chimera.bank.commands", Envelope::new(kind, data))
+        };
+        let a1 = send(
+            "account.open",
+            serde_json::json!({"id": "a1", "owner": "Ada"}),
+        );
+        let batch = [
+            a1.clone(),
+            a1.clone(),
+            send(
+                "account.open",
+                serde_json::json!({"id": "b1", "owner": "!"}),
+            ),
+            send(
+                "account.open",
+                serde_json::json!({"id": "a2", "owner": "Bob"}),
+            ),
+            send("account.flaky", serde_json::json!({})),
+        ];
+        publisher.publish_all(&batch, true).await.unwrap();
+
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .basic_qos(20, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                "chimera.bank.worker".into(),
+                "batch".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut deliveries = Vec::new();
+        while deliveries.len() < batch.len() {
+            let next = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .expect("the published commands arrive")
+                .unwrap()
+                .unwrap();
+            deliveries.push(next);
+        }
+        let worker = Worker::new(worker_config(), "bank", "chimera.bank.events")
+            .on("account.open", open)
+            .on("account.flaky", flaky);
+        let outcomes: Vec<Outcome> = worker
+            .dispatch_batch(&db, &publisher, &Notify::new(), deliveries)
+            .await
+            .into_iter()
+            .map(|(_, o)| o)
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                Outcome::Handled,
+                Outcome::Duplicate,
+                Outcome::DeadLettered("refused after writing".into()),
+                Outcome::Handled,
+                Outcome::Retried(1),
+            ],
+            "{backend}"
+        );
+        let ids: Vec<String> = sqlx::query("SELECT id FROM accounts ORDER BY id")
+            .fetch_all(db.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get("id").unwrap())
+            .collect();
+        assert_eq!(ids, ["a1", "a2"], "{backend}: b1's row undone");
+        let events: Vec<String> = sqlx::query("SELECT body FROM chimera_outbox")
+            .fetch_all(db.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get::<String, _>("body").unwrap())
+            .collect();
+        assert_eq!(events.len(), 2, "{backend}: b1's event undone: {events:?}");
+        assert!(events.iter().all(|e| !e.contains("\"b1\"")), "{events:?}");
+
+        // The same message in a later batch changes nothing.
+        publisher.publish(&a1, true).await.unwrap();
+        let again = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("the redelivery arrives")
+            .unwrap()
+            .unwrap();
+        let outcome = worker
+            .dispatch_batch(&db, &publisher, &Notify::new(), vec![again])
+            .await;
+        assert_eq!(outcome[0].1, Outcome::Duplicate, "{backend}");
         connection.close(200, "done".into()).await.ok();
     }
 }

@@ -11,7 +11,7 @@ use sqlx::{Any, AnyPool, Row, Transaction};
 use tokio::sync::Notify;
 
 use crate::broker::{Outgoing, Publisher};
-use crate::db::{Backend, Database, DbError};
+use crate::db::{Backend, Columns, Database, DbError, Param};
 use crate::envelope::{Envelope, TraceParent};
 
 /// Microseconds since the epoch, strictly increasing within the process: rows written one after
@@ -153,6 +153,17 @@ pub fn retry_delay(base: Duration, attempt: i64) -> Duration {
     base.saturating_mul(factor).min(Duration::from_secs(300))
 }
 
+fn outbox_row(r: &impl Columns) -> Result<OutboxRow, sqlx::Error> {
+    Ok(OutboxRow {
+        id: r.get("id")?,
+        exchange: r.get("exchange_name")?,
+        routing_key: r.get("routing_key")?,
+        body: r.get("body")?,
+        traceparent: r.get("traceparent")?,
+        attempts: r.get("attempts")?,
+    })
+}
+
 /// Publishes the due pending rows once.
 ///
 /// On MySQL the rows are read `FOR UPDATE SKIP LOCKED` in the transaction that marks them, so
@@ -171,7 +182,7 @@ pub async fn relay_once(
         "SELECT id, exchange_name, routing_key, body, traceparent, attempts FROM chimera_outbox
          WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY created_at, id LIMIT ?";
     let mut held = None;
-    let rows = if db.backend() == Backend::MySql {
+    let rows: Vec<OutboxRow> = if db.backend() == Backend::MySql {
         let tx = held.insert(db.begin().await?);
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "{select} FOR UPDATE SKIP LOCKED"
@@ -180,33 +191,24 @@ pub async fn relay_once(
         .bind(settings.batch)
         .fetch_all(&mut ***tx)
         .await
-    } else {
-        sqlx::query(select)
-            .bind(now)
-            .bind(settings.batch)
-            .fetch_all(db.pool())
-            .await
-    }
-    .map_err(q("read the outbox"))?;
-    let rows: Vec<OutboxRow> = rows
+        .map_err(q("read the outbox"))?
         .iter()
-        .map(|r| {
-            Ok(OutboxRow {
-                id: r.try_get("id")?,
-                exchange: r.try_get("exchange_name")?,
-                routing_key: r.try_get("routing_key")?,
-                body: r.try_get("body")?,
-                traceparent: r.try_get("traceparent")?,
-                attempts: r.try_get("attempts")?,
-            })
-        })
-        .collect::<Result<_, sqlx::Error>>()
-        .map_err(q("decode outbox rows"))?;
+        .map(outbox_row)
+        .collect::<Result<_, _>>()
+    } else {
+        db.read_all(select, &[Param::Int(now), Param::Int(settings.batch)])
+            .await?
+            .iter()
+            .map(outbox_row)
+            .collect::<Result<_, _>>()
+    }
+    .map_err(q("decode outbox rows"))?;
     let mut report = RelayReport::default();
     if rows.is_empty() {
         return Ok(report);
     }
     let mut messages = Vec::with_capacity(rows.len());
+    let mut ids = Vec::with_capacity(rows.len());
     let mut undecodable = Vec::new();
     for row in &rows {
         match Envelope::decode(row.body.as_bytes()) {
@@ -215,6 +217,7 @@ pub async fn relay_once(
                 m.routing_key = row.routing_key.clone();
                 m.trace = row.traceparent.as_deref().and_then(TraceParent::parse);
                 messages.push(m);
+                ids.push(row.id.as_str());
             }
             Err(e) => undecodable.push((row.id.clone(), e.to_string())),
         }
@@ -230,11 +233,6 @@ pub async fn relay_once(
     }
     match published {
         Ok(()) => {
-            let ids: Vec<&str> = messages
-                .iter()
-                .filter_map(|m| rows.iter().find(|r| r.id == m.envelope.id.to_string()))
-                .map(|r| r.id.as_str())
-                .collect();
             let sql = format!(
                 "UPDATE chimera_outbox SET status = 'sent', attempts = attempts + 1 WHERE id IN ({})",
                 placeholders(ids.len())
