@@ -73,6 +73,32 @@ pub enum Command {
         #[arg(long = "amqp", env = "CHIMERA_AMQP_URL")]
         amqp: String,
     },
+    /// Run an autoscaling scenario in the reference model and score a policy (see
+    /// docs/autoscaling.md and bench/autoscale/).
+    Sim {
+        /// The scenario JSON (its trace CSV is read relative to it).
+        #[arg(long)]
+        scenario: PathBuf,
+        /// The policy.
+        #[arg(long, value_enum, default_value = "chimera")]
+        policy: crate::sim::policy::PolicyName,
+        /// The policy's knob: KEDA's messages per replica (default 20), KPA's target
+        /// utilisation in percent (default 70). Chimera has none.
+        #[arg(long)]
+        knob: Option<f64>,
+        /// Write `t_s,existing,ready` per second here.
+        #[arg(long)]
+        timeline: Option<PathBuf>,
+        /// Write the load and the head's backlog or latency per second here.
+        #[arg(long)]
+        signals: Option<PathBuf>,
+        /// Print the metrics as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Print every scaling decision with its reason.
+        #[arg(long)]
+        decisions: bool,
+    },
     /// Run the operator against the cluster of the current kubeconfig.
     Operator {
         /// Watch one namespace only (default: all namespaces).
@@ -200,6 +226,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { paths } => validate(&paths),
+        Command::Sim {
+            scenario,
+            policy,
+            knob,
+            timeline,
+            signals,
+            json,
+            decisions,
+        } => simulate(&SimArgs {
+            scenario,
+            policy,
+            knob,
+            timeline,
+            signals,
+            json,
+            decisions,
+        }),
         Command::Topology(TopologyCommand::Plan { paths, format }) => {
             let Some(modules) = read_modules(&paths)? else {
                 return Ok(ExitCode::FAILURE);
@@ -482,4 +525,62 @@ mod tests {
         use clap::CommandFactory;
         Cli::command().debug_assert();
     }
+}
+
+struct SimArgs {
+    scenario: PathBuf,
+    policy: crate::sim::policy::PolicyName,
+    knob: Option<f64>,
+    timeline: Option<PathBuf>,
+    signals: Option<PathBuf>,
+    json: bool,
+    decisions: bool,
+}
+
+fn simulate(args: &SimArgs) -> anyhow::Result<ExitCode> {
+    use crate::sim::{policy, run, scenario::Scenario, signals_csv, timeline_csv};
+    let scenario = Scenario::load(&args.scenario)?;
+    if args.knob.is_some() && args.policy == policy::PolicyName::Chimera {
+        anyhow::bail!("the chimera policy has no knob: it runs its one default configuration");
+    }
+    let knob = args.knob.or(args.policy.default_knob());
+    let name = format!("{:?}", args.policy).to_lowercase();
+    let result = run(
+        &scenario,
+        policy::build(args.policy, &scenario, knob),
+        &name,
+        knob,
+    );
+    let write = |path: &PathBuf, text: String| {
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+    };
+    if let Some(path) = &args.timeline {
+        write(path, timeline_csv(&result))?;
+    }
+    if let Some(path) = &args.signals {
+        write(path, signals_csv(&result, scenario.head))?;
+    }
+    if args.decisions {
+        for (t, replicas, reason) in &result.decisions {
+            eprintln!("t={t:>5}s -> {replicas:>3}: {reason}");
+        }
+    }
+    let m = &result.metrics;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(m)?);
+    } else {
+        println!(
+            "{} / {}{}: {} s over the SLO, {:.0} replica-seconds ({:.2} x the lower bound {:.0}), {} scale actions, peak {} replicas",
+            m.scenario,
+            m.policy,
+            m.knob.map(|k| format!(" ({k})")).unwrap_or_default(),
+            m.slo_violation_s,
+            m.replica_seconds,
+            m.cost_ratio,
+            m.lower_bound,
+            m.scale_actions,
+            m.peak_replicas
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -3,8 +3,10 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod autoscale;
 pub mod cli;
 pub mod controller;
+pub mod sim;
 pub mod topology;
 pub mod workloads;
 

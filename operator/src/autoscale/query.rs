@@ -1,0 +1,325 @@
+//! The query law: replicas that hold a latency percentile under its target.
+//!
+//! Latency alone cannot size a head (it is flat until the replicas saturate, then explodes), so
+//! the law learns what one replica can serve: the request rate per replica measured while the
+//! latency was near or over the target (the replicas were saturated) is its capacity κ. The
+//! demand λ is the completion rate plus the growth of the in-flight count (requests piling up
+//! are demand not yet served: Little's law, in-flight = rate × latency). Then the head needs
+//! `λ / (κ·u)` replicas, u a utilisation that keeps the percentile below the target; while the
+//! percentile is over the target, at least `ready × percentile/target` (capped at 2×). Scale-out
+//! is immediate; scale-in is slow and bounded: only after the smaller count has been enough for
+//! a whole window, at most a quarter at a time, and not within a cooldown of the last change.
+
+use std::collections::VecDeque;
+
+use super::histogram::Histogram;
+use super::series::Recent;
+use super::{Bounds, Decision, Replicas, ceil_replicas};
+
+/// Percentiles and rates are measured over this many seconds.
+const WINDOW_S: f64 = 3.0;
+/// Utilisation of the measured capacity the law plans for.
+const UTILISATION: f64 = 0.9;
+/// A percentile above this share of the target means the replicas are saturated.
+const HOT: f64 = 0.8;
+/// Weight of a new saturated sample in the capacity estimate.
+const CAPACITY_GAIN: f64 = 0.5;
+/// Scale-in follows the highest recommendation of this many seconds.
+const SCALE_IN_WINDOW_S: f64 = 30.0;
+/// No scale-in sooner than this after the last change.
+const SCALE_IN_COOLDOWN_S: f64 = 15.0;
+/// Largest share of replicas removed at once.
+const SCALE_IN_STEP: f64 = 0.25;
+/// Fewest requests in a window for its percentile to count.
+const MIN_REQUESTS: f64 = 20.0;
+/// Seconds within which requests piled up beyond the target should be served.
+const QUEUE_DRAIN_S: f64 = 2.0;
+
+/// The module's settings for its query head.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QuerySettings {
+    /// Replica bounds.
+    pub bounds: Bounds,
+    /// The percentile held, 0..1 (`spec.query.autoscale.latency.percentile` / 100).
+    pub quantile: f64,
+    /// Its target, in seconds.
+    pub target_seconds: f64,
+    /// Seconds a new replica takes to serve (measured from pods; a default until then).
+    pub startup_seconds: f64,
+}
+
+/// What the control plane measures about a query head at one moment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuerySignals {
+    /// Seconds since an arbitrary origin.
+    pub now: f64,
+    /// The request-duration histogram summed over the head's pods (cumulative).
+    pub latency: Histogram,
+    /// Requests being served now, summed over the pods.
+    pub in_flight: f64,
+    /// The head's replicas.
+    pub replicas: Replicas,
+}
+
+/// The query law with what it has learned.
+#[derive(Clone, Debug)]
+pub struct QueryLaw {
+    settings: QuerySettings,
+    history: VecDeque<QuerySignals>,
+    /// Requests per second one replica serves when saturated.
+    capacity: Option<f64>,
+    recommendations: Recent,
+    last_change_at: f64,
+    last_desired: Option<u32>,
+}
+
+impl QueryLaw {
+    /// A law that has measured nothing yet.
+    pub fn new(settings: QuerySettings) -> Self {
+        Self {
+            settings,
+            history: VecDeque::new(),
+            capacity: None,
+            recommendations: Recent::default(),
+            last_change_at: f64::NEG_INFINITY,
+            last_desired: None,
+        }
+    }
+
+    /// Requests per second per replica measured at saturation, so far.
+    pub fn capacity(&self) -> Option<f64> {
+        self.capacity
+    }
+
+    /// Learns from `s` and decides the replicas.
+    pub fn decide(&mut self, s: &QuerySignals) -> Decision {
+        self.history.push_back(s.clone());
+        while self
+            .history
+            .front()
+            .is_some_and(|h| s.now - h.now > WINDOW_S + 1e-9)
+            && self.history.len() > 2
+        {
+            self.history.pop_front();
+        }
+        let current = s.replicas.existing;
+        let Some(oldest) = self.history.front().filter(|h| s.now > h.now) else {
+            return self.hold(s, "first measurement".to_owned(), "no data yet".to_owned());
+        };
+        let dt = s.now - oldest.now;
+        let window = s.latency.since(&oldest.latency);
+        let completions = window.total / dt;
+        // Demand: completions plus the growth of the in-flight count, over the window and over
+        // the last interval alone (a surge shows there first).
+        let mut demand = completions + ((s.in_flight - oldest.in_flight) / dt).max(0.0);
+        if let Some(last) = self.history.iter().rev().nth(1).filter(|h| s.now > h.now) {
+            let dt = s.now - last.now;
+            let recent = s.latency.since(&last.latency).total / dt
+                + ((s.in_flight - last.in_flight) / dt).max(0.0);
+            demand = demand.max(recent);
+        }
+        let percentile = (window.total >= MIN_REQUESTS)
+            .then(|| window.quantile(self.settings.quantile))
+            .flatten();
+        let target = self.settings.target_seconds;
+        let label = format!("p{}", self.settings.quantile * 100.0);
+        let signal = match percentile {
+            Some(p) => format!(
+                "{label} {:.0} ms (target {:.0} ms), {completions:.1} req/s, {:.1} in flight",
+                p * 1000.0,
+                target * 1000.0,
+                s.in_flight
+            ),
+            None => format!("{completions:.1} req/s, too few requests for a {label}"),
+        };
+        // Capacity per replica, from windows where the replicas did not change.
+        let ready = s.replicas.ready;
+        if ready > 0 && oldest.replicas.ready == ready && window.total >= MIN_REQUESTS {
+            let per_replica = completions / f64::from(ready);
+            let hot = percentile.is_some_and(|p| p > target * HOT);
+            self.capacity = match self.capacity {
+                None if hot => Some(per_replica),
+                Some(k) if hot => Some(k + CAPACITY_GAIN * (per_replica - k)),
+                Some(k) if per_replica > k => Some(per_replica),
+                other => other,
+            };
+        }
+        let over = percentile.map_or(1.0, |p| p / target);
+        let (need, why) = match self.capacity {
+            Some(k) if k > 0.0 => {
+                // Requests beyond what the target latency holds (Little's law: a head at the
+                // target holds demand × target in flight) wait in queues; more pile up until
+                // replicas ordered now serve. Both must be served within QUEUE_DRAIN_S.
+                let queued = (s.in_flight - demand * target).max(0.0);
+                let growth = (demand - k * f64::from(ready)).max(0.0)
+                    * self.settings.startup_seconds.max(0.0);
+                let backlog = if queued > 0.0 || growth > 0.0 {
+                    queued + growth
+                } else {
+                    0.0
+                };
+                let sized = (demand + backlog / QUEUE_DRAIN_S) / (k * UTILISATION);
+                let mut need = ceil_replicas(sized).max(1);
+                let mut why = format!(
+                    "{sized:.1} replicas serve {demand:.1} req/s and {backlog:.0} queued at {k:.1} req/s each ({:.0} % utilisation)",
+                    UTILISATION * 100.0
+                );
+                if over > 1.0 {
+                    let pushed = ceil_replicas(f64::from(ready.max(1)) * over.min(2.0));
+                    if pushed > need {
+                        need = pushed;
+                        why = format!("{why}; {label} over target: {need}");
+                    }
+                }
+                (need, why)
+            }
+            _ if over > 1.0 => (
+                ceil_replicas(f64::from(current.max(1)) * over.min(2.0)),
+                format!("{label} over target before any capacity was measured"),
+            ),
+            _ => (
+                current.max(1),
+                "capacity not measured yet (latency under target)".to_owned(),
+            ),
+        };
+        self.recommendations
+            .push(s.now, f64::from(need), SCALE_IN_WINDOW_S * 2.0);
+        let desired = if need >= current {
+            need
+        } else if s.now - self.last_change_at < SCALE_IN_COOLDOWN_S {
+            current
+        } else {
+            let recent = self
+                .recommendations
+                .max_since(s.now, SCALE_IN_WINDOW_S)
+                .map_or(current, ceil_replicas);
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let step_floor = (f64::from(current) * (1.0 - SCALE_IN_STEP)).floor() as u32;
+            recent.max(step_floor).max(need).min(current)
+        };
+        let bounded = self.settings.bounds.clamp(desired);
+        let reason = match (bounded == desired, desired.cmp(&need)) {
+            (false, _) => format!("{why}; bounded to {bounded} by replicas.min/max"),
+            (true, std::cmp::Ordering::Greater) => {
+                format!("{why}; scaling in slowly (holding {desired})")
+            }
+            _ => why,
+        };
+        if self.last_desired != Some(bounded) {
+            self.last_change_at = s.now;
+            self.last_desired = Some(bounded);
+        }
+        Decision {
+            desired: bounded,
+            reason,
+            signal,
+        }
+    }
+
+    fn hold(&mut self, s: &QuerySignals, reason: String, signal: String) -> Decision {
+        let desired = self.settings.bounds.clamp(s.replicas.existing);
+        self.last_desired.get_or_insert(desired);
+        Decision {
+            desired,
+            reason,
+            signal,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: [f64; 8] = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0];
+
+    fn settings() -> QuerySettings {
+        QuerySettings {
+            bounds: Bounds { min: 1, max: 40 },
+            quantile: 0.95,
+            target_seconds: 0.1,
+            startup_seconds: 8.0,
+        }
+    }
+
+    struct Feed {
+        law: QueryLaw,
+        hist: Histogram,
+        t: f64,
+    }
+
+    impl Feed {
+        fn new() -> Self {
+            Self {
+                law: QueryLaw::new(settings()),
+                hist: Histogram::empty(&B),
+                t: 0.0,
+            }
+        }
+
+        /// One second of `rate` requests at `latency` seconds, with `replicas`.
+        fn second(&mut self, rate: f64, latency: f64, in_flight: f64, replicas: u32) -> Decision {
+            self.t += 1.0;
+            self.hist.observe_n(latency, rate);
+            self.law.decide(&QuerySignals {
+                now: self.t,
+                latency: self.hist.clone(),
+                in_flight,
+                replicas: Replicas {
+                    existing: replicas,
+                    ready: replicas,
+                },
+            })
+        }
+    }
+
+    #[test]
+    fn holds_while_healthy_and_nothing_is_known() {
+        let mut f = Feed::new();
+        for _ in 0..10 {
+            let d = f.second(100.0, 0.02, 2.0, 2);
+            assert_eq!(d.desired, 2, "{}", d.reason);
+        }
+        assert!(
+            f.law.capacity().is_some(),
+            "a lower bound is learned only when saturated"
+        );
+    }
+
+    #[test]
+    fn saturation_teaches_capacity_and_scales_out() {
+        let mut f = Feed::new();
+        let mut d = f.second(400.0, 0.3, 120.0, 2);
+        for _ in 0..4 {
+            d = f.second(400.0, 0.3, 120.0, 2);
+        }
+        // 200 req/s per replica at saturation; 400 req/s need 400/(200·0.9) -> 3, and the
+        // percentile at 3× the target pushes to 2× the ready replicas.
+        assert!(d.desired >= 4, "{} {}", d.desired, d.reason);
+        let k = f.law.capacity().unwrap();
+        assert!((k - 200.0).abs() < 1.0, "{k}");
+    }
+
+    #[test]
+    fn scale_in_is_slow_and_bounded() {
+        let mut f = Feed::new();
+        // Learn a capacity of 100 req/s per replica at saturation.
+        for _ in 0..5 {
+            f.second(1000.0, 0.15, 20.0, 10);
+        }
+        let mut seen = Vec::new();
+        for _ in 0..120 {
+            let d = f.second(100.0, 0.02, 2.0, *seen.last().unwrap_or(&10));
+            seen.push(d.desired);
+        }
+        assert_eq!(seen[10], 10, "holds first: {seen:?}");
+        assert!(*seen.last().unwrap() <= 3, "{seen:?}");
+        for w in seen.windows(2) {
+            assert!(w[1] <= w[0], "never up while the load is flat: {seen:?}");
+            assert!(
+                f64::from(w[1]) >= f64::from(w[0]) * 0.75 - 1.0,
+                "bounded steps: {seen:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! The worker law: replicas from queue depth, arrival rate and the service rate measured from
+//! acks.
+//!
+//! With λ the arrival rate, μ the rate one replica acks at, B the backlog (ready + unacked) and
+//! T the drain target, the head needs `λ/μ` replicas to keep up and `B/(μ·T')` more to drain the
+//! backlog in time. T' leaves room for the pods' start-up: the backlog keeps growing until new
+//! replicas serve, so that growth is counted in B and subtracted from T. Scale-out is immediate
+//! (scale from zero too); scale-in waits until the smaller count has been enough for a while and
+//! never drops below what the unacked messages need.
+
+use super::series::{Counter, Recent};
+use super::{Bounds, Decision, Replicas, ceil_replicas};
+
+/// Rates (arrivals) are measured over this many seconds.
+const RATE_WINDOW_S: f64 = 5.0;
+/// Scale-in follows the highest recommendation of this many seconds.
+const SCALE_IN_WINDOW_S: f64 = 30.0;
+/// Spare capacity over the arrival rate, for noise.
+const HEADROOM: f64 = 0.05;
+/// Share of the drain target the law plans to use (the rest is margin).
+const DRAIN_MARGIN: f64 = 0.8;
+/// Seconds without any work before a head allowed to scale to zero does.
+const IDLE_TO_ZERO_S: f64 = 30.0;
+/// Weight of a new saturated sample in the service-rate estimate.
+const SERVICE_RATE_GAIN: f64 = 0.3;
+
+/// The module's settings for its worker head.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WorkerSettings {
+    /// Replica bounds.
+    pub bounds: Bounds,
+    /// Seconds within which the backlog should be drained (`spec.worker.autoscale.drainSeconds`).
+    pub drain_seconds: f64,
+    /// Seconds a new replica takes to serve (measured from pods; a default until then).
+    pub startup_seconds: f64,
+    /// Messages one replica holds unacknowledged (`spec.worker.prefetch`).
+    pub prefetch: u32,
+}
+
+/// What the control plane measures about a worker head at one moment.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WorkerSignals {
+    /// Seconds since an arbitrary origin.
+    pub now: f64,
+    /// Messages waiting in the worker queue.
+    pub ready_messages: f64,
+    /// Messages delivered to consumers and not yet acknowledged.
+    pub unacked_messages: f64,
+    /// Messages acknowledged so far (a counter).
+    pub acked_total: f64,
+    /// The head's replicas.
+    pub replicas: Replicas,
+}
+
+/// The worker law with what it has learned so far (rates, the service rate, recent advice).
+#[derive(Clone, Debug)]
+pub struct WorkerLaw {
+    settings: WorkerSettings,
+    /// Arrivals so far, as backlog + acked.
+    inflow: Counter,
+    previous: Option<WorkerSignals>,
+    /// Messages per second one replica acks when it has work waiting.
+    service_rate: Option<f64>,
+    recommendations: Recent,
+    last_work_at: Option<f64>,
+}
+
+impl WorkerLaw {
+    /// A law that has measured nothing yet.
+    pub fn new(settings: WorkerSettings) -> Self {
+        Self {
+            settings,
+            inflow: Counter::new(120.0),
+            previous: None,
+            service_rate: None,
+            recommendations: Recent::default(),
+            last_work_at: None,
+        }
+    }
+
+    /// The per-replica service rate measured so far.
+    pub fn service_rate(&self) -> Option<f64> {
+        self.service_rate
+    }
+
+    /// Learns from `s` and decides the replicas.
+    pub fn decide(&mut self, s: &WorkerSignals) -> Decision {
+        let backlog = (s.ready_messages + s.unacked_messages).max(0.0);
+        self.inflow.push(s.now, backlog + s.acked_total);
+        self.learn_service_rate(s, backlog);
+        self.previous = Some(*s);
+        let arrivals = self.inflow.rate(RATE_WINDOW_S).unwrap_or(0.0).max(0.0);
+        if backlog > 0.0 || arrivals > 0.0 {
+            self.last_work_at = Some(s.now);
+        }
+        let current = s.replicas.existing;
+        let signal = format!(
+            "backlog {backlog:.0} (ready {:.0}, unacked {:.0}), arrivals {arrivals:.1}/s",
+            s.ready_messages, s.unacked_messages
+        );
+        let (need, why) = self.need(s, backlog, arrivals);
+        self.recommendations
+            .push(s.now, f64::from(need), SCALE_IN_WINDOW_S * 2.0);
+        let (desired, why) = if need >= current {
+            (need, why)
+        } else {
+            // Scale in only to what has been enough for the whole window, and not below
+            // what the messages being handled need.
+            let recent = self
+                .recommendations
+                .max_since(s.now, SCALE_IN_WINDOW_S)
+                .map_or(current, ceil_replicas);
+            let holding =
+                ceil_replicas(s.unacked_messages / f64::from(self.settings.prefetch.max(1)));
+            let floor = recent.max(holding).max(need);
+            if floor >= current {
+                (
+                    current,
+                    format!(
+                        "{why}; holding {current} until {need} has been enough for {SCALE_IN_WINDOW_S:.0} s"
+                    ),
+                )
+            } else {
+                (floor, format!("{why}; scaling in"))
+            }
+        };
+        let bounded = self.settings.bounds.clamp(desired);
+        let reason = if bounded == desired {
+            why
+        } else {
+            format!("{why}; bounded to {bounded} by replicas.min/max")
+        };
+        Decision {
+            desired: bounded,
+            reason,
+            signal,
+        }
+    }
+
+    /// Updates the service rate from the acks since the previous signals: a sample counts
+    /// fully only when the replicas had work waiting the whole time (otherwise it says how
+    /// fast they were asked to go, a lower bound).
+    fn learn_service_rate(&mut self, s: &WorkerSignals, backlog: f64) {
+        let Some(prev) = self.previous else { return };
+        let dt = s.now - prev.now;
+        let replicas = prev.replicas.ready.min(s.replicas.ready);
+        if dt <= 0.0 || replicas == 0 {
+            return;
+        }
+        let acked = (s.acked_total - prev.acked_total).max(0.0);
+        let per_replica = acked / dt / f64::from(replicas);
+        let prev_backlog = prev.ready_messages + prev.unacked_messages;
+        let saturated = acked > 0.0 && prev_backlog >= acked && backlog >= acked;
+        self.service_rate = match self.service_rate {
+            _ if per_replica <= 0.0 => self.service_rate,
+            Some(mu) if saturated => Some(mu + SERVICE_RATE_GAIN * (per_replica - mu)),
+            None => Some(per_replica),
+            Some(mu) => Some(mu.max(per_replica)),
+        };
+    }
+
+    fn need(&self, s: &WorkerSignals, backlog: f64, arrivals: f64) -> (u32, String) {
+        let current = s.replicas.existing;
+        let idle_for = self.last_work_at.map_or(f64::INFINITY, |t| s.now - t);
+        if backlog <= 0.0 && arrivals <= 0.0 {
+            return if idle_for >= IDLE_TO_ZERO_S {
+                (0, format!("idle for {idle_for:.0} s"))
+            } else {
+                (current.min(1), "no work now".to_owned())
+            };
+        }
+        let Some(mu) = self.service_rate.filter(|mu| *mu > 0.0) else {
+            return (
+                current.max(1),
+                format!("work waiting ({backlog:.0} messages); service rate not measured yet"),
+            );
+        };
+        let startup = self.settings.startup_seconds.max(0.0);
+        let target = self.settings.drain_seconds * DRAIN_MARGIN;
+        let capacity = mu * f64::from(s.replicas.ready);
+        // What piles up until replicas ordered now can serve.
+        let growth = (arrivals - capacity).max(0.0) * startup;
+        // A second of arrivals in the queue is normal flow, not backlog.
+        let excess = (backlog + growth - arrivals).max(0.0);
+        let drain_time = (target - startup).max(target * 0.25).max(1.0);
+        let keep_up = arrivals / mu * (1.0 + HEADROOM);
+        let drain = excess / (mu * drain_time);
+        let need = ceil_replicas(keep_up + drain).max(1);
+        (
+            need,
+            format!(
+                "{keep_up:.1} replicas keep up with {arrivals:.1}/s at {mu:.1}/s each, {drain:.1} drain {excess:.0} messages in {drain_time:.0} s"
+            ),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(min: u32, max: u32) -> WorkerSettings {
+        WorkerSettings {
+            bounds: Bounds { min, max },
+            drain_seconds: 30.0,
+            startup_seconds: 10.0,
+            prefetch: 100,
+        }
+    }
+
+    fn signals(now: f64, ready: f64, unacked: f64, acked: f64, replicas: u32) -> WorkerSignals {
+        WorkerSignals {
+            now,
+            ready_messages: ready,
+            unacked_messages: unacked,
+            acked_total: acked,
+            replicas: Replicas {
+                existing: replicas,
+                ready: replicas,
+            },
+        }
+    }
+
+    #[test]
+    fn scales_from_zero_at_once() {
+        let mut law = WorkerLaw::new(settings(0, 10));
+        let d = law.decide(&signals(0.0, 5.0, 0.0, 0.0, 0));
+        assert_eq!(d.desired, 1, "{}", d.reason);
+        assert!(d.reason.contains("not measured"), "{}", d.reason);
+    }
+
+    #[test]
+    fn keeps_up_with_arrivals_at_the_measured_rate() {
+        let mut law = WorkerLaw::new(settings(1, 40));
+        // 2 replicas saturated: 100 acks/s, so 50/s each; 300/s arriving.
+        let (mut acked, mut backlog) = (0.0, 500.0);
+        let mut d = law.decide(&signals(0.0, backlog - 200.0, 200.0, acked, 2));
+        for t in 1..=10 {
+            acked += 100.0;
+            backlog += 200.0;
+            d = law.decide(&signals(f64::from(t), backlog - 200.0, 200.0, acked, 2));
+        }
+        let mu = law.service_rate().unwrap();
+        assert!((mu - 50.0).abs() < 1.0, "{mu}");
+        // 6 keep up, the growing backlog needs more.
+        assert!(d.desired >= 7, "{} {}", d.desired, d.reason);
+        assert!(d.desired <= 40);
+    }
+
+    #[test]
+    fn waits_before_scaling_in_and_then_does() {
+        let mut law = WorkerLaw::new(settings(1, 40));
+        let mut acked = 0.0;
+        // 10 replicas, 100/s arriving and acked at once: little need.
+        let mut last = None;
+        for t in 0..=60 {
+            acked += 100.0;
+            let d = law.decide(&signals(f64::from(t), 0.0, 20.0, acked, 10));
+            if t == 5 {
+                assert_eq!(d.desired, 10, "holds at first: {}", d.reason);
+            }
+            last = Some(d);
+        }
+        let d = last.unwrap();
+        assert!(d.desired < 10, "scaled in after the window: {}", d.reason);
+    }
+
+    #[test]
+    fn idles_to_zero_only_when_allowed_and_after_a_while() {
+        for (min, expect) in [(0, 0), (1, 1)] {
+            let mut law = WorkerLaw::new(settings(min, 5));
+            let mut d = law.decide(&signals(0.0, 0.0, 0.0, 0.0, 1));
+            assert_eq!(d.desired, 1);
+            for t in 1..=80 {
+                d = law.decide(&signals(f64::from(t), 0.0, 0.0, 0.0, 1));
+            }
+            assert_eq!(d.desired, expect, "{}", d.reason);
+        }
+    }
+
+    #[test]
+    fn bounds_are_reported() {
+        let mut law = WorkerLaw::new(settings(1, 2));
+        let mut acked = 0.0;
+        let mut d = law.decide(&signals(0.0, 1000.0, 100.0, acked, 2));
+        for t in 1..5 {
+            acked += 100.0;
+            d = law.decide(&signals(
+                f64::from(t),
+                1000.0 + 500.0 * f64::from(t),
+                100.0,
+                acked,
+                2,
+            ));
+        }
+        assert_eq!(d.desired, 2);
+        assert!(d.reason.contains("bounded"), "{}", d.reason);
+    }
+}
