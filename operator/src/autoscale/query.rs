@@ -22,18 +22,21 @@ const WINDOW_S: f64 = 3.0;
 const UTILISATION: f64 = 0.9;
 /// A percentile above this share of the target means the replicas are saturated.
 const HOT: f64 = 0.8;
+/// A percentile above this share of the target means the replicas are close to saturation:
+/// the first such measurement gives a capacity (a lower bound, planned at 100 %).
+const WARM: f64 = 0.5;
 /// Weight of a new saturated sample in the capacity estimate.
 const CAPACITY_GAIN: f64 = 0.5;
 /// Scale-in follows the highest recommendation of this many seconds.
 const SCALE_IN_WINDOW_S: f64 = 30.0;
 /// No scale-in sooner than this after the last change.
-const SCALE_IN_COOLDOWN_S: f64 = 15.0;
+const SCALE_IN_COOLDOWN_S: f64 = 10.0;
 /// Largest share of replicas removed at once.
-const SCALE_IN_STEP: f64 = 0.25;
+const SCALE_IN_STEP: f64 = 0.5;
 /// Fewest requests in a window for its percentile to count.
 const MIN_REQUESTS: f64 = 20.0;
 /// Seconds within which requests piled up beyond the target should be served.
-const QUEUE_DRAIN_S: f64 = 2.0;
+const QUEUE_DRAIN_S: f64 = 1.0;
 
 /// The module's settings for its query head.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -66,8 +69,10 @@ pub struct QuerySignals {
 pub struct QueryLaw {
     settings: QuerySettings,
     history: VecDeque<QuerySignals>,
-    /// Requests per second one replica serves when saturated.
+    /// Requests per second one replica serves when saturated, and whether it was measured at
+    /// saturation (or is a lower bound from near it).
     capacity: Option<f64>,
+    saturated: bool,
     recommendations: Recent,
     last_change_at: f64,
     last_desired: Option<u32>,
@@ -80,6 +85,7 @@ impl QueryLaw {
             settings,
             history: VecDeque::new(),
             capacity: None,
+            saturated: false,
             recommendations: Recent::default(),
             last_change_at: f64::NEG_INFINITY,
             last_desired: None,
@@ -136,15 +142,20 @@ impl QueryLaw {
         let ready = s.replicas.ready;
         if ready > 0 && oldest.replicas.ready == ready && window.total >= MIN_REQUESTS {
             let per_replica = completions / f64::from(ready);
-            let hot = percentile.is_some_and(|p| p > target * HOT);
+            let level = percentile.map_or(0.0, |p| p / target);
             self.capacity = match self.capacity {
-                None if hot => Some(per_replica),
-                Some(k) if hot => Some(k + CAPACITY_GAIN * (per_replica - k)),
-                Some(k) if per_replica > k => Some(per_replica),
+                None if level > HOT => Some(per_replica),
+                Some(k) if level > HOT => Some(k + CAPACITY_GAIN * (per_replica - k)),
+                None if level > WARM => Some(per_replica),
+                Some(k) if level <= WARM && per_replica > k => Some(per_replica),
                 other => other,
             };
+            self.saturated |= level > HOT;
         }
         let over = percentile.map_or(1.0, |p| p / target);
+        // What the demand alone needs (without draining queues), for the scale-in window: a
+        // queue is drained once, it does not hold replicas afterwards.
+        let mut steady = None;
         let (need, why) = match self.capacity {
             Some(k) if k > 0.0 => {
                 // Requests beyond what the target latency holds (Little's law: a head at the
@@ -158,11 +169,14 @@ impl QueryLaw {
                 } else {
                     0.0
                 };
-                let sized = (demand + backlog / QUEUE_DRAIN_S) / (k * UTILISATION);
+                // A capacity measured below saturation is a lower bound: planned at 100 %.
+                let utilisation = if self.saturated { UTILISATION } else { 1.0 };
+                let sized = (demand + backlog / QUEUE_DRAIN_S) / (k * utilisation);
+                steady = Some(ceil_replicas(demand / (k * utilisation)).max(1));
                 let mut need = ceil_replicas(sized).max(1);
                 let mut why = format!(
                     "{sized:.1} replicas serve {demand:.1} req/s and {backlog:.0} queued at {k:.1} req/s each ({:.0} % utilisation)",
-                    UTILISATION * 100.0
+                    utilisation * 100.0
                 );
                 if over > 1.0 {
                     let pushed = ceil_replicas(f64::from(ready.max(1)) * over.min(2.0));
@@ -182,8 +196,11 @@ impl QueryLaw {
                 "capacity not measured yet (latency under target)".to_owned(),
             ),
         };
-        self.recommendations
-            .push(s.now, f64::from(need), SCALE_IN_WINDOW_S * 2.0);
+        self.recommendations.push(
+            s.now,
+            f64::from(steady.unwrap_or(need)),
+            SCALE_IN_WINDOW_S * 2.0,
+        );
         let desired = if need >= current {
             need
         } else if s.now - self.last_change_at < SCALE_IN_COOLDOWN_S {

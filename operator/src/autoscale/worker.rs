@@ -2,11 +2,12 @@
 //! acks.
 //!
 //! With λ the arrival rate, μ the rate one replica acks at, B the backlog (ready + unacked) and
-//! T the drain target, the head needs `λ/μ` replicas to keep up and `B/(μ·T')` more to drain the
-//! backlog in time. T' leaves room for the pods' start-up: the backlog keeps growing until new
-//! replicas serve, so that growth is counted in B and subtracted from T. Scale-out is immediate
-//! (scale from zero too); scale-in waits until the smaller count has been enough for a while and
-//! never drops below what the unacked messages need.
+//! T the drain target, the head needs `λ/μ` replicas to keep up with arrivals and `B/(μ·T')` to
+//! handle what is queued within T' (the queue is FIFO: the newest message waits for exactly
+//! that), whichever is more. T' leaves room for the pods' start-up: the backlog keeps growing
+//! until new replicas serve, so that growth is counted in B and the start-up subtracted from T.
+//! Scale-out is immediate (scale from zero too); scale-in waits until the smaller count has been
+//! enough for a while and never drops below what the unacked messages need.
 
 use super::series::{Counter, Recent};
 use super::{Bounds, Decision, Replicas, ceil_replicas};
@@ -184,14 +185,18 @@ impl WorkerLaw {
         let excess = (backlog + growth - arrivals).max(0.0);
         let drain_time = (target - startup).max(target * 0.25).max(1.0);
         let keep_up = arrivals / mu * (1.0 + HEADROOM);
+        // Enough capacity that what is queued now (and what piles up until new replicas
+        // serve) is handled within the drain time: FIFO, so the newest message waits for it.
         let drain = excess / (mu * drain_time);
-        let need = ceil_replicas(keep_up + drain).max(1);
-        (
-            need,
+        let need = ceil_replicas(keep_up.max(drain)).max(1);
+        let why = if drain > keep_up {
             format!(
-                "{keep_up:.1} replicas keep up with {arrivals:.1}/s at {mu:.1}/s each, {drain:.1} drain {excess:.0} messages in {drain_time:.0} s"
-            ),
-        )
+                "{drain:.1} replicas at {mu:.1}/s each handle {excess:.0} queued messages within {drain_time:.0} s (arrivals {arrivals:.1}/s)"
+            )
+        } else {
+            format!("{keep_up:.1} replicas keep up with {arrivals:.1}/s at {mu:.1}/s each")
+        };
+        (need, why)
     }
 }
 
