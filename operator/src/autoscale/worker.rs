@@ -62,6 +62,8 @@ pub struct WorkerLaw {
     previous: Option<WorkerSignals>,
     /// Messages per second one replica acks when it has work waiting.
     service_rate: Option<f64>,
+    /// Whether that rate was measured with work waiting (otherwise it is a lower bound).
+    service_rate_measured: bool,
     recommendations: Recent,
     last_work_at: Option<f64>,
 }
@@ -74,6 +76,7 @@ impl WorkerLaw {
             inflow: Counter::new(120.0),
             previous: None,
             service_rate: None,
+            service_rate_measured: false,
             recommendations: Recent::default(),
             last_work_at: None,
         }
@@ -91,7 +94,8 @@ impl WorkerLaw {
         self.learn_service_rate(s, backlog);
         self.previous = Some(*s);
         let arrivals = self.inflow.rate(RATE_WINDOW_S).unwrap_or(0.0).max(0.0);
-        if backlog > 0.0 || arrivals > 0.0 {
+        // Idle time counts from the first measurement, or the last work seen.
+        if backlog > 0.0 || arrivals > 0.0 || self.last_work_at.is_none() {
             self.last_work_at = Some(s.now);
         }
         let current = s.replicas.existing;
@@ -154,10 +158,14 @@ impl WorkerLaw {
         let saturated = acked > 0.0 && prev_backlog >= acked && backlog >= acked;
         self.service_rate = match self.service_rate {
             _ if per_replica <= 0.0 => self.service_rate,
-            Some(mu) if saturated => Some(mu + SERVICE_RATE_GAIN * (per_replica - mu)),
+            Some(mu) if saturated && self.service_rate_measured => {
+                Some(mu + SERVICE_RATE_GAIN * (per_replica - mu))
+            }
+            _ if saturated => Some(per_replica),
             None => Some(per_replica),
             Some(mu) => Some(mu.max(per_replica)),
         };
+        self.service_rate_measured |= saturated && per_replica > 0.0;
     }
 
     fn need(&self, s: &WorkerSignals, backlog: f64, arrivals: f64) -> (u32, String) {
@@ -184,7 +192,9 @@ impl WorkerLaw {
         // A second of arrivals in the queue is normal flow, not backlog.
         let excess = (backlog + growth - arrivals).max(0.0);
         let drain_time = (target - startup).max(target * 0.25).max(1.0);
-        let keep_up = arrivals / mu * (1.0 + HEADROOM);
+        // A rate seen without work waiting is a lower bound: no headroom on top of it.
+        let headroom = if self.service_rate_measured { HEADROOM } else { 0.0 };
+        let keep_up = arrivals / mu * (1.0 + headroom);
         // Enough capacity that what is queued now (and what piles up until new replicas
         // serve) is handled within the drain time: FIFO, so the newest message waits for it.
         let drain = excess / (mu * drain_time);
@@ -256,18 +266,34 @@ mod tests {
     fn waits_before_scaling_in_and_then_does() {
         let mut law = WorkerLaw::new(settings(1, 40));
         let mut acked = 0.0;
-        // 10 replicas, 100/s arriving and acked at once: little need.
+        // 10 replicas with work waiting: 50/s each.
+        for t in 0..5 {
+            acked += 500.0;
+            law.decide(&signals(f64::from(t), 1000.0, 1000.0, acked, 10));
+        }
+        // Then 100/s arriving and acked at once: 3 replicas would do.
         let mut last = None;
-        for t in 0..=60 {
+        for t in 5..=60 {
             acked += 100.0;
             let d = law.decide(&signals(f64::from(t), 0.0, 20.0, acked, 10));
-            if t == 5 {
+            if t == 10 {
                 assert_eq!(d.desired, 10, "holds at first: {}", d.reason);
             }
             last = Some(d);
         }
         let d = last.unwrap();
-        assert!(d.desired < 10, "scaled in after the window: {}", d.reason);
+        assert!(d.desired <= 4, "scaled in after the window: {}", d.reason);
+    }
+
+    #[test]
+    fn a_rate_seen_without_backlog_is_only_a_lower_bound() {
+        let mut law = WorkerLaw::new(settings(1, 40));
+        let mut acked = 0.0;
+        for t in 0..=60 {
+            acked += 100.0;
+            let d = law.decide(&signals(f64::from(t), 0.0, 20.0, acked, 10));
+            assert_eq!(d.desired, 10, "t={t}: {}", d.reason);
+        }
     }
 
     #[test]
