@@ -122,6 +122,16 @@ pub enum Command {
             env = "CHIMERA_DEFAULT_BROKER_SECRET"
         )]
         default_broker_secret: String,
+        /// The autoscaler's tick in milliseconds; 0 turns the autoscaler off (replicas then
+        /// stay within spec bounds where they are).
+        #[arg(long, default_value_t = 1000, env = "CHIMERA_AUTOSCALE_INTERVAL_MS")]
+        autoscale_interval_ms: u64,
+        /// Seconds a new pod takes to serve, which the control laws plan around.
+        #[arg(long, default_value_t = 10.0)]
+        pod_startup_seconds: f64,
+        /// Where to serve /metrics and /healthz (empty: nowhere).
+        #[arg(long, default_value = "0.0.0.0:9090", env = "CHIMERA_METRICS_ADDR")]
+        metrics_addr: String,
     },
 }
 
@@ -333,6 +343,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             management_url,
             topology_resync_seconds,
             default_broker_secret,
+            autoscale_interval_ms,
+            pod_startup_seconds,
+            metrics_addr,
         } => {
             init_tracing(cli.log_format);
             let broker = amqp_url
@@ -349,6 +362,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 topology_resync: Some(std::time::Duration::from_secs(
                     topology_resync_seconds.max(1),
                 )),
+                autoscale: (autoscale_interval_ms > 0).then(|| crate::scaler::ScalerSettings {
+                    interval: std::time::Duration::from_millis(autoscale_interval_ms),
+                    startup_seconds: pod_startup_seconds.max(0.0),
+                }),
+                metrics_addr: if metrics_addr.is_empty() {
+                    None
+                } else {
+                    Some(metrics_addr.parse().with_context(|| {
+                        format!("--metrics-addr {metrics_addr:?} is not HOST:PORT")
+                    })?)
+                },
             };
             let client = kube::Client::try_default().await.context(
                 "connecting to Kubernetes (is KUBECONFIG set? `scripts/dev-env up` prints it)",

@@ -6,6 +6,7 @@ pub mod api;
 pub mod autoscale;
 pub mod cli;
 pub mod controller;
+pub mod scaler;
 pub mod sim;
 pub mod topology;
 pub mod workloads;
@@ -69,6 +70,9 @@ pub enum Error {
     /// A ChimeraModule without a namespace (the CRD is namespaced, so the cache is corrupt).
     #[error("ChimeraModule has no namespace")]
     NotNamespaced,
+    /// The autoscaler or the metrics endpoint could not start.
+    #[error("autoscaler: {0}")]
+    Autoscaler(String),
     /// An applied object came back without the labels the builders put on it.
     #[error("object {0} does not carry the chimera.dev/head label of a declared head")]
     UnexpectedObject(String),
@@ -93,6 +97,7 @@ impl Error {
             },
             Error::NotNamespaced => "not_namespaced",
             Error::UnexpectedObject(_) => "unexpected_object",
+            Error::Autoscaler(_) => "autoscaler",
         }
     }
 

@@ -7,4 +7,4 @@ pub mod status;
 pub mod validation;
 
 pub use spec::*;
-pub use status::{ChimeraModuleStatus, HeadStatus};
+pub use status::{AutoscalingStatus, ChimeraModuleStatus, HeadStatus, ScalingDecision};

@@ -24,6 +24,40 @@ pub struct ChimeraModuleStatus {
     /// The worker head's replicas; absent when the module has no worker head.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<HeadStatus>,
+    /// The autoscaler's last decision per head (written by the autoscaler alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// The autoscaler's last decisions.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// The query head's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<ScalingDecision>,
+    /// The worker head's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<ScalingDecision>,
+}
+
+/// One head's scaling decision: what the control law wanted, from what it measured, and why.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingDecision {
+    /// Replicas the law wants.
+    pub desired_replicas: i32,
+    /// Replicas the Deployment had when it decided.
+    pub current_replicas: i32,
+    /// What it measured (queue depth and rates, or the latency percentile).
+    pub signal: String,
+    /// Why, with the numbers.
+    pub reason: String,
+    /// When it decided (RFC 3339).
+    pub time: String,
+    /// Whether the metrics were missing or stale (replicas are then held).
+    #[serde(default)]
+    pub metrics_stale: bool,
 }
 
 /// Replica counts of one head, as its Deployment reports them.

@@ -162,8 +162,7 @@ impl QueryLaw {
             if level <= WARM
                 && let Some(mean) = window.mean()
             {
-                self.calm_latency
-                    .push(s.now, mean, SERVICE_TIME_WINDOW_S);
+                self.calm_latency.push(s.now, mean, SERVICE_TIME_WINDOW_S);
             }
         }
         let service_time = self.calm_latency.min_since(s.now, SERVICE_TIME_WINDOW_S);

@@ -165,7 +165,13 @@ impl WorkerLaw {
             None => Some(per_replica),
             Some(mu) => Some(mu.max(per_replica)),
         };
-        self.service_rate_measured |= saturated && per_replica > 0.0;
+        let learned = saturated && per_replica > 0.0 && !self.service_rate_measured;
+        self.service_rate_measured |= learned;
+        if learned {
+            // Advice given before the rate was known (one replica per prefetch of backlog)
+            // must not hold replicas now that the law can size the head.
+            self.recommendations = Recent::default();
+        }
     }
 
     fn need(&self, s: &WorkerSignals, backlog: f64, arrivals: f64) -> (u32, String) {
@@ -179,9 +185,15 @@ impl WorkerLaw {
             };
         }
         let Some(mu) = self.service_rate.filter(|mu| *mu > 0.0) else {
+            // Nothing measured yet (a cold start): one replica per prefetch-full of waiting
+            // messages, so each new consumer has work at once.
+            let holding = ceil_replicas(backlog / f64::from(self.settings.prefetch.max(1)));
             return (
-                current.max(1),
-                format!("work waiting ({backlog:.0} messages); service rate not measured yet"),
+                current.max(1).max(holding),
+                format!(
+                    "{backlog:.0} messages waiting, service rate not measured yet: one replica per {} (prefetch)",
+                    self.settings.prefetch
+                ),
             );
         };
         let startup = self.settings.startup_seconds.max(0.0);
@@ -193,7 +205,11 @@ impl WorkerLaw {
         let excess = (backlog + growth - arrivals).max(0.0);
         let drain_time = (target - startup).max(target * 0.25).max(1.0);
         // A rate seen without work waiting is a lower bound: no headroom on top of it.
-        let headroom = if self.service_rate_measured { HEADROOM } else { 0.0 };
+        let headroom = if self.service_rate_measured {
+            HEADROOM
+        } else {
+            0.0
+        };
         let keep_up = arrivals / mu * (1.0 + headroom);
         // Enough capacity that what is queued now (and what piles up until new replicas
         // serve) is handled within the drain time: FIFO, so the newest message waits for it.

@@ -5,6 +5,7 @@ mod reconcile;
 pub mod status;
 pub mod topology;
 
+pub(crate) use reconcile::publish;
 pub use reconcile::{Context, FIELD_MANAGER, REPLICAS_MANAGER, STATUS_MANAGER, reconcile};
 
 use std::sync::Arc;
@@ -61,6 +62,11 @@ pub struct OperatorConfig {
     pub broker: Option<BrokerEndpoint>,
     /// Drift check period of the topology (default 30 s).
     pub topology_resync: Option<Duration>,
+    /// The autoscaler's settings; None runs no autoscaler (replicas then stay where the
+    /// reconciler holds them, within bounds).
+    pub autoscale: Option<crate::scaler::ScalerSettings>,
+    /// Where to serve `/metrics` and `/healthz`; None serves nothing.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Longest wait between retries of a failing module.
@@ -106,6 +112,68 @@ fn error_policy(module: Arc<ChimeraModule>, error: &Error, ctx: Arc<Context>) ->
     Action::requeue(delay)
 }
 
+/// Starts the autoscaler next to the controller, on the controller's module store and a
+/// reflector of the Deployments the operator owns; returns its metrics.
+fn start_autoscaler(
+    ctx: &Arc<Context>,
+    scope: &Scope,
+    modules: kube::runtime::reflector::Store<ChimeraModule>,
+    owned: watcher::Config,
+    settings: crate::scaler::ScalerSettings,
+) -> Result<crate::scaler::metrics::AutoscalerMetrics, Error> {
+    use kube::runtime::WatchStreamExt;
+    use kube::runtime::reflector;
+    let (deployments, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(scope.api::<Deployment>(ctx.client.clone()), owned),
+    )
+    .default_backoff();
+    tokio::spawn(stream.for_each(|_| futures::future::ready(())));
+    let pods = crate::scaler::sources::PodMetrics::new(ctx.client.clone())
+        .map_err(|e| Error::Autoscaler(e.to_string()))?;
+    let scaler = Arc::new(crate::scaler::Scaler::new(
+        Arc::clone(ctx),
+        Arc::new(crate::scaler::sources::RabbitMq::default()),
+        Arc::new(pods),
+        settings,
+    ));
+    let metrics = scaler.metrics.clone();
+    tokio::spawn(scaler.run(modules, deployments));
+    info!(
+        interval_ms = settings.interval.as_millis(),
+        "autoscaler started"
+    );
+    Ok(metrics)
+}
+
+/// Serves `/metrics` (the autoscaler's) and `/healthz` in the background.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    metrics: Option<crate::scaler::metrics::AutoscalerMetrics>,
+) -> Result<(), Error> {
+    use chimera_sdk::axum::{Router, routing::get};
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Autoscaler(format!("cannot listen on {addr}: {e}")))?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let text = metrics.as_ref().map(|m| m.render()).unwrap_or_default();
+                async move { text }
+            }),
+        );
+    info!(%addr, "serving /metrics and /healthz");
+    tokio::spawn(async move {
+        if let Err(error) = chimera_sdk::axum::serve(listener, app).await {
+            warn!(%error, "the metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
 /// Fails with instructions when the ChimeraModule CRD is not installed.
 async fn check_crd_installed(api: &Api<ChimeraModule>) -> Result<(), Error> {
     api.list(&ListParams::default().limit(1))
@@ -136,6 +204,19 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=chimera-operator");
     info!(scope = ?config.scope, "chimera operator started");
     let controller = Controller::new(modules.clone(), watcher::Config::default());
+    let metrics = match config.autoscale {
+        Some(settings) => Some(start_autoscaler(
+            &ctx,
+            &config.scope,
+            controller.store(),
+            owned.clone(),
+            settings,
+        )?),
+        None => None,
+    };
+    if let Some(addr) = config.metrics_addr {
+        serve_metrics(addr, metrics).await?;
+    }
     // A module's findings depend on the other modules of its namespace (who publishes what):
     // any module change re-plans its neighbours.
     let store = controller.store();

@@ -380,6 +380,12 @@ async fn write_status(
 ) -> Result<(), Error> {
     let namespace = module.namespace().ok_or(Error::NotNamespaced)?;
     let modules: Api<ChimeraModule> = Api::namespaced(client.clone(), &namespace);
+    // status.autoscaling belongs to the autoscaler's field manager: never sent from here, so
+    // a status computed from an older read cannot overwrite a newer decision.
+    let status = crate::api::ChimeraModuleStatus {
+        autoscaling: None,
+        ..status.clone()
+    };
     let patch = json!({
         "apiVersion": "chimera.dev/v1alpha1",
         "kind": "ChimeraModule",
@@ -430,7 +436,7 @@ fn truncate_note(mut note: String) -> String {
 }
 
 /// Publishes an Event on the module; a failure to publish is logged, never fatal.
-pub(super) async fn publish(
+pub(crate) async fn publish(
     recorder: &Recorder,
     module: &ChimeraModule,
     type_: EventType,

@@ -162,6 +162,9 @@ pub fn desired_status(
     let mut status = ChimeraModuleStatus {
         observed_generation: generation,
         domain: Some(module.domain().to_owned()),
+        // The autoscaler's own part, carried so that comparing shows no change (it is never
+        // written from here: see reconcile::write_status).
+        autoscaling: previous.and_then(|p| p.autoscaling.clone()),
         ..ChimeraModuleStatus::default()
     };
     for head in Head::ALL {

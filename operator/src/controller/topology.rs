@@ -114,7 +114,10 @@ fn broker_reason(error: &BrokerError) -> &'static str {
 
 /// The broker a module declares on: its own (`spec.broker.secretRef`, with an optional
 /// `managementUrl` key in the same Secret) or the operator's.
-async fn endpoint_for(module: &ChimeraModule, ctx: &Context) -> Result<BrokerEndpoint, Verdict> {
+pub(crate) async fn endpoint_for(
+    module: &ChimeraModule,
+    ctx: &Context,
+) -> Result<BrokerEndpoint, Verdict> {
     let Some(broker) = &module.spec.broker else {
         return ctx.broker.clone().ok_or_else(|| {
             Verdict::new(

@@ -87,6 +87,20 @@ pub struct ActualQueue {
     /// Consumers attached (None: not reported yet).
     #[serde(default)]
     pub consumers: Option<u64>,
+    /// Message counters since the queue was declared (None: not reported yet).
+    #[serde(default)]
+    pub message_stats: Option<MessageStats>,
+}
+
+/// Cumulative message counters of a queue.
+#[derive(Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct MessageStats {
+    /// Messages acknowledged by consumers.
+    #[serde(default)]
+    pub ack: Option<u64>,
+    /// Messages published into the queue.
+    #[serde(default)]
+    pub publish: Option<u64>,
 }
 
 impl ActualQueue {

@@ -271,6 +271,7 @@ mod tests {
                     messages_ready: Some(0),
                     messages_unacknowledged: Some(0),
                     consumers: Some(0),
+                    message_stats: None,
                 })
                 .collect(),
             bindings,
@@ -392,6 +393,7 @@ mod tests {
             messages_ready: Some(3),
             messages_unacknowledged: Some(0),
             consumers: Some(0),
+            message_stats: None,
         });
         let d = diff(&p, &state);
         assert_eq!(d.migrating, ["chimera.users.worker"]);
