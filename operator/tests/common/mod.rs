@@ -97,6 +97,23 @@ impl Harness {
         Self::with_operator_config(prefix, None, config).await
     }
 
+    /// A namespace, the CRD and an operator with a broker and the autoscaler on a 1 s tick,
+    /// serving its /metrics on `metrics_addr`.
+    pub async fn with_autoscaling_operator(
+        prefix: &str,
+        broker: BrokerEndpoint,
+        metrics_addr: std::net::SocketAddr,
+    ) -> Self {
+        let config = OperatorConfig {
+            broker: Some(broker),
+            topology_resync: Some(Duration::from_secs(1)),
+            autoscale: Some(chimera_operator::scaler::ScalerSettings::default()),
+            metrics_addr: Some(metrics_addr),
+            ..OperatorConfig::default()
+        };
+        Self::with_operator_config(prefix, None, config).await
+    }
+
     async fn with_operator_config(
         prefix: &str,
         operator_client: Option<Client>,
