@@ -530,27 +530,6 @@ fn print_report(file: &Path, report: &DocumentReport) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secret_refs_parse_with_a_default_key() {
-        let r = parse_secret_key_ref("mq").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((r.name.as_str(), r.key.as_str()), ("mq", "url"));
-        let r = parse_secret_key_ref("mq/amqp").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((r.name.as_str(), r.key.as_str()), ("mq", "amqp"));
-        assert!(parse_secret_key_ref("/x").is_err());
-        assert!(parse_secret_key_ref("x/").is_err());
-    }
-
-    #[test]
-    fn the_cli_definition_is_consistent() {
-        use clap::CommandFactory;
-        Cli::command().debug_assert();
-    }
-}
-
 struct SimArgs {
     scenario: PathBuf,
     policy: crate::sim::policy::PolicyName,
@@ -607,4 +586,25 @@ fn simulate(args: &SimArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_refs_parse_with_a_default_key() {
+        let r = parse_secret_key_ref("mq").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.name.as_str(), r.key.as_str()), ("mq", "url"));
+        let r = parse_secret_key_ref("mq/amqp").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.name.as_str(), r.key.as_str()), ("mq", "amqp"));
+        assert!(parse_secret_key_ref("/x").is_err());
+        assert!(parse_secret_key_ref("x/").is_err());
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 }
