@@ -75,30 +75,7 @@ pub enum Command {
     },
     /// Run an autoscaling scenario in the reference model and score a policy (see
     /// docs/autoscaling.md and bench/autoscale/).
-    Sim {
-        /// The scenario JSON (its trace CSV is read relative to it).
-        #[arg(long)]
-        scenario: PathBuf,
-        /// The policy.
-        #[arg(long, value_enum, default_value = "chimera")]
-        policy: crate::sim::policy::PolicyName,
-        /// The policy's knob: KEDA's messages per replica (default 20), KPA's target
-        /// utilisation in percent (default 70). Chimera has none.
-        #[arg(long)]
-        knob: Option<f64>,
-        /// Write `t_s,existing,ready` per second here.
-        #[arg(long)]
-        timeline: Option<PathBuf>,
-        /// Write the load and the head's backlog or latency per second here.
-        #[arg(long)]
-        signals: Option<PathBuf>,
-        /// Print the metrics as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Print every scaling decision with its reason.
-        #[arg(long)]
-        decisions: bool,
-    },
+    Sim(SimArgs),
     /// Run the operator against the cluster of the current kubeconfig.
     Operator {
         /// Watch one namespace only (default: all namespaces).
@@ -236,23 +213,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { paths } => validate(&paths),
-        Command::Sim {
-            scenario,
-            policy,
-            knob,
-            timeline,
-            signals,
-            json,
-            decisions,
-        } => simulate(&SimArgs {
-            scenario,
-            policy,
-            knob,
-            timeline,
-            signals,
-            json,
-            decisions,
-        }),
+        Command::Sim(args) => simulate(&args),
         Command::Topology(TopologyCommand::Plan { paths, format }) => {
             let Some(modules) = read_modules(&paths)? else {
                 return Ok(ExitCode::FAILURE);
@@ -530,13 +491,30 @@ fn print_report(file: &Path, report: &DocumentReport) {
     }
 }
 
-struct SimArgs {
+/// `chimera sim`
+#[derive(Debug, clap::Args)]
+pub struct SimArgs {
+    /// The scenario JSON (its trace CSV is read relative to it).
+    #[arg(long)]
     scenario: PathBuf,
+    /// The policy.
+    #[arg(long, value_enum, default_value = "chimera")]
     policy: crate::sim::policy::PolicyName,
+    /// The policy's knob: KEDA's messages per replica (default 20), KPA's target
+    /// utilisation in percent (default 70). Chimera has none.
+    #[arg(long)]
     knob: Option<f64>,
+    /// Write `t_s,existing,ready` per second here.
+    #[arg(long)]
     timeline: Option<PathBuf>,
+    /// Write the load and the head's backlog or latency per second here.
+    #[arg(long)]
     signals: Option<PathBuf>,
+    /// Print the metrics as JSON.
+    #[arg(long)]
     json: bool,
+    /// Print every scaling decision with its reason.
+    #[arg(long)]
     decisions: bool,
 }
 

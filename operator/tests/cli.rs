@@ -1,4 +1,4 @@
-//! The `chimera` binary as a user runs it: `crd` and `validate`.
+//! The `chimera` binary as a user runs it: `crd`, `validate` and `sim`.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -87,4 +87,45 @@ fn chimera_testenv_free_name() -> String {
         std::thread::current().id()
     )
     .replace(['(', ')'], "")
+}
+
+#[test]
+fn sim_scores_a_scenario_and_writes_its_timeline() {
+    let dir = std::env::temp_dir().join(chimera_testenv_free_name());
+    std::fs::create_dir_all(&dir).unwrap();
+    let timeline = dir.join("timeline.csv");
+    let scenario = repo("bench/autoscale/scenarios/worker-step-x5.json");
+    let (code, out) = chimera(&[
+        "sim",
+        "--scenario",
+        &scenario,
+        "--policy",
+        "keda",
+        "--knob",
+        "50",
+        "--json",
+        "--timeline",
+        timeline.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let metrics: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for key in ["slo_violation_s", "replica_seconds", "lower_bound", "scale_actions"] {
+        assert!(metrics[key].is_number(), "{key} in {metrics}");
+    }
+    assert_eq!(metrics["policy"], "keda");
+    assert_eq!(metrics["knob"], 50.0);
+    let csv = std::fs::read_to_string(&timeline).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(lines.next(), Some("t_s,existing,ready"));
+    let seconds = lines.count();
+    assert!(seconds > 1000, "one row per second: {seconds}");
+    std::fs::remove_dir_all(&dir).ok();
+
+    // Bad input says what is wrong.
+    let (code, out) = chimera(&["sim", "--scenario", &scenario, "--knob", "5"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("no knob"), "{out}");
+    let (code, out) = chimera(&["sim", "--scenario", &repo("README.md")]);
+    assert_ne!(code, 0);
+    assert!(out.contains("is not a scenario"), "{out}");
 }
