@@ -109,7 +109,12 @@ fn sim_scores_a_scenario_and_writes_its_timeline() {
     ]);
     assert_eq!(code, 0, "{out}");
     let metrics: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    for key in ["slo_violation_s", "replica_seconds", "lower_bound", "scale_actions"] {
+    for key in [
+        "slo_violation_s",
+        "replica_seconds",
+        "lower_bound",
+        "scale_actions",
+    ] {
         assert!(metrics[key].is_number(), "{key} in {metrics}");
     }
     assert_eq!(metrics["policy"], "keda");
