@@ -73,6 +73,20 @@ pub enum Command {
         #[arg(long = "amqp", env = "CHIMERA_AMQP_URL")]
         amqp: String,
     },
+    /// Run the modules of a directory on this machine: broker, topology, heads as processes,
+    /// balancers, autoscaling and a dashboard (see README).
+    Up(crate::local::UpArgs),
+    /// Marketplace traffic against a running `chimera up`, at a rate that follows a profile.
+    Load(crate::local::load::LoadArgs),
+    /// What a running `chimera up` runs: heads, replicas, queues, latencies, base URLs.
+    Status {
+        /// The state directory of that `chimera up`.
+        #[arg(long, default_value = ".chimera")]
+        state_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run an autoscaling scenario in the reference model and score a policy (see
     /// docs/autoscaling.md and bench/autoscale/).
     Sim(SimArgs),
@@ -214,6 +228,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Validate { paths } => validate(&paths),
         Command::Sim(args) => simulate(&args),
+        Command::Up(args) => crate::local::up(args).await,
+        Command::Load(args) => {
+            let summary = crate::local::load::load(&args).await?;
+            crate::local::load::print(&summary, args.json)?;
+            Ok(if summary.errors == 0 && summary.read_errors == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Status { state_dir, json } => status(&state_dir, json).await,
         Command::Topology(TopologyCommand::Plan { paths, format }) => {
             let Some(modules) = read_modules(&paths)? else {
                 return Ok(ExitCode::FAILURE);
@@ -489,6 +514,57 @@ fn print_report(file: &Path, report: &DocumentReport) {
     for error in &report.errors {
         println!("{}: {what}: {error}", file.display());
     }
+}
+
+async fn status(state_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    use crate::local::snapshot::{Snapshot, UpFile};
+    let up = UpFile::read(state_dir)?;
+    let url = format!("{}/api/status", up.dashboard);
+    let snapshot: Snapshot = reqwest::get(&url)
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .with_context(|| format!("chimera up (pid {}) does not answer at {url}", up.pid))?
+        .json()
+        .await
+        .context("reading chimera up's status")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&snapshot)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "chimera up: {} s, broker {}, dashboard {}",
+        snapshot.uptime_s.round(),
+        snapshot.broker,
+        up.dashboard
+    );
+    for m in &snapshot.modules {
+        for h in &m.heads {
+            let detail = match (&h.url, &h.queue) {
+                (Some(url), _) => {
+                    let latency = h
+                        .history
+                        .last()
+                        .and_then(|p| p.latency_ms)
+                        .map(|l| {
+                            format!(", p50 {:.1} ms p95 {:.1} ms p99 {:.1} ms", l[0], l[1], l[2])
+                        })
+                        .unwrap_or_default();
+                    format!("{url}{latency}")
+                }
+                (None, Some(queue)) => format!(
+                    "{queue}: {} messages",
+                    h.queue_depth.map_or("?".to_owned(), |d| format!("{d:.0}"))
+                ),
+                (None, None) => String::new(),
+            };
+            let reason = h.decisions.last().map(|d| d.reason.as_str()).unwrap_or("");
+            println!(
+                "{:<10} {:<6} {:>2}/{:<2} ready  [{}..{}]  {detail}\n{:>22}{reason}",
+                m.domain, h.head, h.ready, h.replicas, h.min, h.max, ""
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `chimera sim`

@@ -6,6 +6,7 @@ pub mod api;
 pub mod autoscale;
 pub mod cli;
 pub mod controller;
+pub mod local;
 pub mod scaler;
 pub mod sim;
 pub mod topology;

@@ -54,6 +54,7 @@ fn value(text: &str) -> Option<f64> {
 pub fn parse(text: &str) -> Result<Scrape, ExpositionError> {
     let mut buckets: BTreeMap<u64, (f64, f64)> = BTreeMap::new(); // bound bits -> (bound, count)
     let (mut total, mut sum, mut in_flight, mut seen) = (0.0, 0.0, 0.0, false);
+    let mut in_flight_seen = false;
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -82,6 +83,7 @@ pub fn parse(text: &str) -> Result<Scrape, ExpositionError> {
         let labels = label_text.map(labels).unwrap_or_default();
         if series == IN_FLIGHT {
             in_flight += number;
+            in_flight_seen = true;
             continue;
         }
         let Some(part) = series.strip_prefix(DURATION) else {
@@ -110,6 +112,13 @@ pub fn parse(text: &str) -> Result<Scrape, ExpositionError> {
         }
     }
     if !seen {
+        // A head that has served nothing yet exports the gauge but no histogram series.
+        if in_flight_seen {
+            return Ok(Scrape {
+                latency: Histogram::empty(&chimera_sdk::http::BUCKETS),
+                in_flight,
+            });
+        }
         return Err(ExpositionError::NoHistogram);
     }
     let mut bounds: Vec<(f64, f64)> = buckets.into_values().collect();
@@ -160,10 +169,10 @@ chimera_http_requests_in_flight 3
 
     #[test]
     fn missing_histogram_and_garbage_are_errors() {
-        assert_eq!(
-            parse("chimera_http_requests_in_flight 1\n"),
-            Err(ExpositionError::NoHistogram)
-        );
+        assert_eq!(parse("# nothing\n"), Err(ExpositionError::NoHistogram));
+        // An idle head: the gauge, no histogram series yet.
+        let idle = parse("chimera_http_requests_in_flight 0\n").unwrap();
+        assert_eq!(idle.latency.total, 0.0);
         assert!(matches!(
             parse("chimera_http_request_duration_seconds_count{route=\"/x\"} nope\n"),
             Err(ExpositionError::BadLine(_))

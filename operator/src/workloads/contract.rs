@@ -11,34 +11,51 @@ use crate::topology::names;
 #[derive(Clone, Debug, PartialEq)]
 pub struct ContractEnv(pub Vec<EnvVar>);
 
-fn plain(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.to_owned(),
-        value: Some(value.into()),
-        value_from: None,
-    }
+/// Where a contract variable's value comes from, independent of where the head runs: a pod
+/// (a Secret reference, a field of the pod) or a local process (`chimera up` resolves them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ContractValue {
+    /// The value itself.
+    Plain(String),
+    /// A key of a Secret in the module's namespace.
+    Secret(SecretKeyRef),
+    /// A field of the pod (`metadata.name`, `metadata.namespace`).
+    Field(&'static str),
 }
 
-fn from_secret(name: &str, secret: &SecretKeyRef) -> EnvVar {
-    EnvVar {
-        name: name.to_owned(),
+fn plain(name: &str, value: impl Into<String>) -> (String, ContractValue) {
+    (name.to_owned(), ContractValue::Plain(value.into()))
+}
+
+fn from_secret(name: &str, secret: &SecretKeyRef) -> (String, ContractValue) {
+    (name.to_owned(), ContractValue::Secret(secret.clone()))
+}
+
+fn from_field(name: &str, path: &'static str) -> (String, ContractValue) {
+    (name.to_owned(), ContractValue::Field(path))
+}
+
+fn env_var((name, value): (String, ContractValue)) -> EnvVar {
+    let from = |source: EnvVarSource| EnvVar {
+        name: name.clone(),
         value: None,
-        value_from: Some(EnvVarSource {
+        value_from: Some(source),
+    };
+    match value {
+        ContractValue::Plain(v) => EnvVar {
+            name: name.clone(),
+            value: Some(v),
+            value_from: None,
+        },
+        ContractValue::Secret(secret) => from(EnvVarSource {
             secret_key_ref: Some(SecretKeySelector {
-                name: secret.name.clone(),
-                key: secret.key.clone(),
+                name: secret.name,
+                key: secret.key,
                 optional: Some(false),
             }),
             ..EnvVarSource::default()
         }),
-    }
-}
-
-fn from_field(name: &str, path: &str) -> EnvVar {
-    EnvVar {
-        name: name.to_owned(),
-        value: None,
-        value_from: Some(EnvVarSource {
+        ContractValue::Field(path) => from(EnvVarSource {
             field_ref: Some(ObjectFieldSelector {
                 field_path: path.to_owned(),
                 api_version: None,
@@ -48,7 +65,7 @@ fn from_field(name: &str, path: &str) -> EnvVar {
     }
 }
 
-/// Builds the contract environment of `head` for `module`.
+/// Builds the contract environment of `head` for `module`, as container variables.
 ///
 /// `default_broker` is used when the module names no broker of its own; `port` is the head's
 /// HTTP port.
@@ -58,6 +75,21 @@ pub fn contract_env(
     port: i32,
     default_broker: &SecretKeyRef,
 ) -> ContractEnv {
+    ContractEnv(
+        contract_values(module, head, port, default_broker)
+            .into_iter()
+            .map(env_var)
+            .collect(),
+    )
+}
+
+/// The contract variables of `head` for `module` and where their values come from.
+pub fn contract_values(
+    module: &ChimeraModule,
+    head: Head,
+    port: i32,
+    default_broker: &SecretKeyRef,
+) -> Vec<(String, ContractValue)> {
     let domain = module.domain();
     let spec = &module.spec;
     let mut env = vec![
@@ -111,7 +143,7 @@ pub fn contract_env(
             plain("CHIMERA_COMMANDS", spec.commands.join(",")),
         ]);
     }
-    ContractEnv(env)
+    env
 }
 
 #[cfg(test)]

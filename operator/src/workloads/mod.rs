@@ -9,7 +9,7 @@ mod labels;
 mod pdb;
 mod service;
 
-pub use contract::{ContractEnv, contract_env};
+pub use contract::{ContractEnv, ContractValue, contract_env, contract_values};
 pub use deployment::{deployment, initial_replicas};
 pub use labels::{Head, MANAGED_BY, head_labels, module_selector, selector_labels};
 

@@ -1,0 +1,470 @@
+//! One head of one module under `chimera up`: its replicas as supervised processes (restarted
+//! with backoff when they die), their readiness, the control law deciding how many there are,
+//! and, for a query head, the balancer in front of them.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::balancer::Backends;
+use super::plan::{LocalContext, head_args, replica_env};
+use super::process::{Replica, ReplicaSpec};
+use crate::api::ChimeraModule;
+use crate::autoscale::histogram::Histogram;
+use crate::autoscale::query::{QueryLaw, QuerySettings, QuerySignals};
+use crate::autoscale::worker::{WorkerLaw, WorkerSettings, WorkerSignals};
+use crate::autoscale::{Bounds, Decision, Replicas};
+use crate::scaler::sources::{MergedLatency, QueueSample};
+use crate::workloads::Head;
+
+/// Longest wait before restarting a replica that keeps dying.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Decisions kept for the dashboard.
+const DECISIONS_KEPT: usize = 50;
+
+enum Slot {
+    Running {
+        replica: Replica,
+        since: Instant,
+        ready: bool,
+    },
+    Waiting {
+        until: Instant,
+        restarts: u32,
+    },
+}
+
+/// A decision as the dashboard and `chimera status` show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecisionRecord {
+    /// Seconds since `chimera up` started.
+    pub at: f64,
+    /// Replicas decided.
+    pub desired: u32,
+    /// Why.
+    pub reason: String,
+    /// What was measured.
+    pub signal: String,
+}
+
+/// One head's runner.
+pub struct HeadRunner {
+    /// The module.
+    pub module: ChimeraModule,
+    /// Which head.
+    pub head: Head,
+    program: PathBuf,
+    local: LocalContext,
+    logs: PathBuf,
+    echo: bool,
+    slots: Vec<(u32, u16, Slot)>, // (replica number, port, state)
+    law: Law,
+    /// The balancer's backends (query heads).
+    pub backends: Backends,
+    /// The balancer's address (query heads).
+    pub front: Option<SocketAddr>,
+    /// Recent decisions, newest last.
+    pub decisions: VecDeque<DecisionRecord>,
+    /// The latest signal values for the dashboard.
+    pub last_queue: Option<QueueSample>,
+    /// The latest percentiles (p50, p95, p99) in seconds.
+    pub last_latency: Option<[f64; 3]>,
+    /// The latest request rate.
+    pub last_rate: Option<f64>,
+    /// Restarts so far.
+    pub restarts: u32,
+    grace: Duration,
+    /// Recent merged histograms, for the dashboard's percentiles.
+    history: VecDeque<(f64, Histogram)>,
+}
+
+enum Law {
+    Worker(WorkerLaw),
+    Query(QueryLaw, MergedLatency),
+}
+
+/// Bounds of a head from its spec.
+fn bounds(module: &ChimeraModule, head: Head) -> Bounds {
+    let (min, max) = match head {
+        Head::Query => module
+            .spec
+            .query
+            .as_ref()
+            .map_or((1, 1), |q| (q.replicas.min, q.replicas.max)),
+        Head::Worker => module
+            .spec
+            .worker
+            .as_ref()
+            .map_or((0, 1), |w| (w.replicas.min, w.replicas.max)),
+    };
+    Bounds {
+        min: u32::try_from(min).unwrap_or(0),
+        max: u32::try_from(max).unwrap_or(1),
+    }
+}
+
+impl HeadRunner {
+    /// A runner with no replica yet.
+    pub fn new(
+        module: ChimeraModule,
+        head: Head,
+        program: PathBuf,
+        local: LocalContext,
+        logs: PathBuf,
+        echo: bool,
+        startup_seconds: f64,
+    ) -> Self {
+        let b = bounds(&module, head);
+        let law = match head {
+            Head::Worker => {
+                let w = module.spec.worker.as_ref();
+                Law::Worker(WorkerLaw::new(WorkerSettings {
+                    bounds: b,
+                    drain_seconds: w.map_or(30.0, |w| w.autoscale.drain_seconds as f64),
+                    startup_seconds,
+                    prefetch: w.map_or(100, |w| u32::try_from(w.prefetch).unwrap_or(1)),
+                }))
+            }
+            Head::Query => {
+                let latency = module
+                    .spec
+                    .query
+                    .as_ref()
+                    .map(|q| q.autoscale.latency.clone())
+                    .unwrap_or_default();
+                Law::Query(
+                    QueryLaw::new(QuerySettings {
+                        bounds: b,
+                        quantile: latency.percentile / 100.0,
+                        target_seconds: latency.target_ms as f64 / 1000.0,
+                        startup_seconds,
+                    }),
+                    MergedLatency::default(),
+                )
+            }
+        };
+        let grace = match head {
+            Head::Worker => module
+                .spec
+                .worker
+                .as_ref()
+                .map_or(60, |w| w.termination_grace_period_seconds),
+            Head::Query => module
+                .spec
+                .query
+                .as_ref()
+                .and_then(|q| q.termination_grace_period_seconds)
+                .unwrap_or(30),
+        };
+        Self {
+            module,
+            head,
+            program,
+            local,
+            logs,
+            echo,
+            slots: Vec::new(),
+            law,
+            backends: Backends::default(),
+            front: None,
+            decisions: VecDeque::new(),
+            last_queue: None,
+            last_latency: None,
+            last_rate: None,
+            restarts: 0,
+            grace: Duration::from_secs(u64::try_from(grace).unwrap_or(30)),
+            history: VecDeque::new(),
+        }
+    }
+
+    /// The replica count bounds.
+    pub fn bounds(&self) -> Bounds {
+        bounds(&self.module, self.head)
+    }
+
+    /// Replicas that exist (running or waiting to restart) and those ready.
+    pub fn replicas(&self) -> Replicas {
+        Replicas {
+            existing: u32::try_from(self.slots.len()).unwrap_or(u32::MAX),
+            ready: u32::try_from(
+                self.slots
+                    .iter()
+                    .filter(|(_, _, s)| matches!(s, Slot::Running { ready: true, .. }))
+                    .count(),
+            )
+            .unwrap_or(0),
+        }
+    }
+
+    /// HTTP addresses of the ready replicas.
+    pub fn ready_addrs(&self) -> Vec<SocketAddr> {
+        self.slots
+            .iter()
+            .filter(|(_, _, s)| matches!(s, Slot::Running { ready: true, .. }))
+            .map(|(_, port, _)| SocketAddr::from(([127, 0, 0, 1], *port)))
+            .collect()
+    }
+
+    /// Process ids of the running replicas (for crash recovery).
+    pub fn pids(&self) -> Vec<u32> {
+        self.slots
+            .iter()
+            .filter_map(|(_, _, s)| match s {
+                Slot::Running { replica, .. } => Some(replica.pid),
+                Slot::Waiting { .. } => None,
+            })
+            .collect()
+    }
+
+    fn label(&self, n: u32) -> String {
+        format!("{}/{}/{n}", self.module.domain(), self.head.as_str())
+    }
+
+    async fn start(&self, n: u32, port: u16) -> Result<Replica, String> {
+        let env = replica_env(&self.module, self.head, n, port, &self.local, &|k| {
+            std::env::var(k).ok()
+        })
+        .map_err(|e| e.to_string())?;
+        let spec = ReplicaSpec {
+            label: self.label(n),
+            program: self.program.clone(),
+            args: head_args(&self.module, self.head),
+            env,
+            log_file: self.logs.join(format!(
+                "{}-{}-{n}.log",
+                self.module.domain(),
+                self.head.as_str()
+            )),
+            echo: self.echo,
+        };
+        Replica::start(spec)
+            .await
+            .map_err(|e| format!("cannot start {}: {e}", self.program.display()))
+    }
+
+    /// Grows or shrinks to `desired` replicas: new ones start, the highest-numbered stop
+    /// gracefully (SIGTERM; a worker finishes its messages in flight).
+    pub async fn resize(&mut self, desired: u32) {
+        while self.slots.len() > desired as usize {
+            if let Some((_, _, slot)) = self.slots.pop()
+                && let Slot::Running { replica, .. } = slot
+            {
+                let grace = self.grace;
+                tokio::spawn(replica.stop(grace));
+            }
+        }
+        while self.slots.len() < desired as usize {
+            let n = (1..)
+                .find(|n| self.slots.iter().all(|(m, _, _)| m != n))
+                .unwrap_or(1);
+            let port = free_port();
+            let slot = match self.start(n, port).await {
+                Ok(replica) => Slot::Running {
+                    replica,
+                    since: Instant::now(),
+                    ready: false,
+                },
+                Err(error) => {
+                    eprintln!("{:>18} | {error}", self.label(n));
+                    Slot::Waiting {
+                        until: Instant::now() + Duration::from_secs(1),
+                        restarts: 1,
+                    }
+                }
+            };
+            self.slots.push((n, port, slot));
+        }
+        self.backends.set(self.ready_addrs());
+    }
+
+    /// Restarts replicas that died (with backoff) and probes readiness.
+    pub async fn supervise(&mut self, http: &reqwest::Client) {
+        for i in 0..self.slots.len() {
+            let (n, port) = (self.slots[i].0, self.slots[i].1);
+            let next = match &mut self.slots[i].2 {
+                Slot::Running {
+                    replica,
+                    since,
+                    ready,
+                } => match replica.exited() {
+                    Some(status) => {
+                        let restarts = if since.elapsed() > MAX_BACKOFF { 1 } else { 2 };
+                        let wait = backoff(restarts);
+                        eprintln!(
+                            "{:>18} | exited ({status}); restarting in {}s",
+                            self.label(n),
+                            wait.as_secs()
+                        );
+                        self.restarts += 1;
+                        Some(Slot::Waiting {
+                            until: Instant::now() + wait,
+                            restarts,
+                        })
+                    }
+                    None => {
+                        *ready = http
+                            .get(format!("http://127.0.0.1:{port}/readyz"))
+                            .send()
+                            .await
+                            .is_ok_and(|r| r.status().is_success());
+                        None
+                    }
+                },
+                Slot::Waiting { until, restarts } if Instant::now() >= *until => {
+                    let restarts = *restarts;
+                    Some(match self.start(n, port).await {
+                        Ok(replica) => Slot::Running {
+                            replica,
+                            since: Instant::now(),
+                            ready: false,
+                        },
+                        Err(error) => {
+                            eprintln!("{:>18} | {error}", self.label(n));
+                            Slot::Waiting {
+                                until: Instant::now() + backoff(restarts + 1),
+                                restarts: restarts + 1,
+                            }
+                        }
+                    })
+                }
+                Slot::Waiting { .. } => None,
+            };
+            if let Some(next) = next {
+                self.slots[i].2 = next;
+            }
+        }
+        self.backends.set(self.ready_addrs());
+    }
+
+    /// Runs the law on a worker queue sample (None: unavailable) and returns its decision.
+    pub fn decide_worker(&mut self, now: f64, sample: Result<QueueSample, String>) -> Decision {
+        let replicas = self.replicas();
+        let decision = match (&mut self.law, sample) {
+            (Law::Worker(law), Ok(s)) => {
+                self.last_queue = Some(s);
+                law.decide(&WorkerSignals {
+                    now,
+                    ready_messages: s.ready,
+                    unacked_messages: s.unacked,
+                    acked_total: s.acked_total,
+                    replicas,
+                })
+            }
+            (_, Err(e)) => hold(replicas.existing, &e),
+            (Law::Query(..), Ok(_)) => hold(replicas.existing, "not a worker head"),
+        };
+        self.record(now, &decision);
+        decision
+    }
+
+    /// Scrapes the ready replicas and runs the query law.
+    pub async fn decide_query(&mut self, now: f64, http: &reqwest::Client) -> Decision {
+        let replicas = self.replicas();
+        let mut scrapes = Vec::new();
+        for addr in self.ready_addrs() {
+            let text = match http.get(format!("http://{addr}/metrics")).send().await {
+                Ok(r) => r.text().await.ok(),
+                Err(_) => None,
+            };
+            if let Some(s) = text.and_then(|t| crate::scaler::exposition::parse(&t).ok()) {
+                scrapes.push((addr.to_string(), s));
+            }
+        }
+        let decision = match &mut self.law {
+            Law::Query(law, merged) => match merged.update(&scrapes) {
+                Some((latency, in_flight)) => {
+                    let d = law.decide(&QuerySignals {
+                        now,
+                        latency: latency.clone(),
+                        in_flight,
+                        replicas,
+                    });
+                    self.track_latency(now, latency);
+                    d
+                }
+                // Nothing ready yet: hold (and start at least one when the head has none).
+                None => hold(replicas.existing.max(1), "no ready replica to read"),
+            },
+            Law::Worker(_) => hold(replicas.existing, "not a query head"),
+        };
+        self.record(now, &decision);
+        decision
+    }
+
+    fn track_latency(&mut self, now: f64, latency: Histogram) {
+        self.history.push_back((now, latency));
+        while self.history.len() > 4 {
+            self.history.pop_front();
+        }
+        if let (Some((t0, old)), Some((t1, new))) = (self.history.front(), self.history.back())
+            && t1 > t0
+        {
+            let window = new.since(old);
+            self.last_rate = Some(window.total / (t1 - t0));
+            self.last_latency = match (
+                window.quantile(0.5),
+                window.quantile(0.95),
+                window.quantile(0.99),
+            ) {
+                (Some(a), Some(b), Some(c)) => Some([a, b, c]),
+                _ => None,
+            };
+        }
+    }
+
+    fn record(&mut self, now: f64, decision: &Decision) {
+        let changed = self
+            .decisions
+            .back()
+            .is_none_or(|d| d.desired != decision.desired);
+        if changed {
+            self.decisions.push_back(DecisionRecord {
+                at: now,
+                desired: decision.desired,
+                reason: decision.reason.clone(),
+                signal: decision.signal.clone(),
+            });
+            while self.decisions.len() > DECISIONS_KEPT {
+                self.decisions.pop_front();
+            }
+        }
+    }
+
+    /// Stops every replica gracefully.
+    pub async fn stop_all(&mut self) {
+        let grace = self.grace;
+        let stops: Vec<_> = self
+            .slots
+            .drain(..)
+            .filter_map(|(_, _, s)| match s {
+                Slot::Running { replica, .. } => Some(replica.stop(grace)),
+                Slot::Waiting { .. } => None,
+            })
+            .collect();
+        futures::future::join_all(stops).await;
+        self.backends.set(Vec::new());
+    }
+}
+
+fn backoff(restarts: u32) -> Duration {
+    Duration::from_secs(1u64 << restarts.min(5)).min(MAX_BACKOFF)
+}
+
+fn hold(current: u32, why: &str) -> Decision {
+    Decision {
+        desired: current,
+        reason: format!("metrics unavailable, holding {current}: {why}"),
+        signal: "none".to_owned(),
+    }
+}
+
+/// A port the kernel has just handed out (released at once for the replica to bind).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}

@@ -1,0 +1,408 @@
+//! `chimera load`: marketplace traffic at a rate that follows a profile. Commands (register
+//! users, publish gigs, place, deliver and complete orders) go to the broker with confirms;
+//! reads go to the query heads' stable URLs. A line per second shows progress; a summary ends.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use serde_json::json;
+
+use super::snapshot::{Snapshot, UpFile};
+use chimera_sdk::broker::{Outgoing, Publisher, connect};
+use chimera_sdk::envelope::Envelope;
+
+/// `chimera load` options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LoadArgs {
+    /// `step`, `ramp`, `burst`, or a CSV file `t_s,rate` (rate in commands per second).
+    #[arg(long, default_value = "step")]
+    pub profile: String,
+    /// How long, e.g. `60s`, `2m`.
+    #[arg(long, default_value = "60s")]
+    pub duration: String,
+    /// Peak commands per second (reads follow at the same rate).
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// The state directory of the `chimera up` to drive.
+    #[arg(long, default_value = ".chimera")]
+    pub state_dir: PathBuf,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A rate profile: commands per second at second t of d.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Profile {
+    /// A fifth of the rate, then the rate for the middle third, then a fifth again.
+    Step,
+    /// From zero to the rate.
+    Ramp,
+    /// A tenth of the rate, with the full rate between 20 % and 40 % of the run.
+    Burst,
+    /// Per-second rates from a file (the last one holds).
+    File(Vec<f64>),
+}
+
+impl Profile {
+    /// Parses `step`, `ramp`, `burst` or a CSV path.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        Ok(match text {
+            "step" => Self::Step,
+            "ramp" => Self::Ramp,
+            "burst" => Self::Burst,
+            path => {
+                let csv = std::fs::read_to_string(path).with_context(|| {
+                    format!("--profile {path:?}: not step, ramp, burst or a readable CSV file")
+                })?;
+                let trace = crate::sim::scenario::parse_trace(&csv, u32::MAX.min(86_400))
+                    .map_err(|e| anyhow::anyhow!("--profile {path}: {e}"))?;
+                let last = trace
+                    .iter()
+                    .rposition(|s| s.rate > 0.0)
+                    .map_or(0, |i| i + 1);
+                Self::File(trace[..last].iter().map(|s| s.rate).collect())
+            }
+        })
+    }
+
+    /// Commands per second at `t` of `duration` seconds, for a peak of `peak`.
+    pub fn rate(&self, t: f64, duration: f64, peak: f64) -> f64 {
+        let x = if duration > 0.0 { t / duration } else { 0.0 };
+        match self {
+            Self::Step if (1.0 / 3.0..2.0 / 3.0).contains(&x) => peak,
+            Self::Step => peak / 5.0,
+            Self::Ramp => peak * x.clamp(0.0, 1.0),
+            Self::Burst if (0.2..0.4).contains(&x) => peak,
+            Self::Burst => peak / 10.0,
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            Self::File(rates) => rates
+                .get(t.max(0.0) as usize)
+                .or(rates.last())
+                .copied()
+                .unwrap_or(0.0),
+        }
+    }
+}
+
+/// Parses `90`, `90s`, `2m`, `1h`.
+pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((text, "s"), |i| text.split_at(i));
+    let n: f64 = number
+        .parse()
+        .with_context(|| format!("--duration {text:?}: expected e.g. 60s, 2m"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => anyhow::bail!("--duration {text:?}: unknown unit {other:?} (s, m, h)"),
+    };
+    Ok(Duration::from_secs_f64(seconds.max(0.0)))
+}
+
+/// The next command of the marketplace flow: a mix of registrations, gigs and orders that only
+/// refers to what earlier commands created (so the commands are valid).
+#[derive(Debug, Default)]
+pub struct Flow {
+    run: String,
+    step: u64,
+    users: u64,
+    gigs: u64,
+    orders: u64,
+    delivered: u64,
+    completed: u64,
+}
+
+impl Flow {
+    /// A flow whose ids carry `run`.
+    pub fn new(run: &str) -> Self {
+        Self {
+            run: run.to_owned(),
+            ..Self::default()
+        }
+    }
+
+    /// The next command: (domain, type, data).
+    pub fn next(&mut self) -> (&'static str, &'static str, serde_json::Value) {
+        let run = &self.run;
+        self.step += 1;
+        let choice = self.step % 10;
+        if self.users < 2 || choice < 3 {
+            self.users += 1;
+            let n = self.users;
+            return (
+                "users",
+                "user.register",
+                json!({"user_id": format!("u-{run}-{n}"), "name": format!("User {n}"), "email": format!("u{n}@load.example")}),
+            );
+        }
+        if self.gigs < 1 || choice < 5 {
+            self.gigs += 1;
+            let (n, seller) = (self.gigs, 1 + self.gigs % self.users);
+            return (
+                "gigs",
+                "gig.publish",
+                json!({"gig_id": format!("g-{run}-{n}"), "seller_id": format!("u-{run}-{seller}"), "title": format!("Gig {n}"), "price_cents": 1000 + n}),
+            );
+        }
+        if choice < 8 || self.orders <= self.delivered {
+            self.orders += 1;
+            let (n, gig, buyer) = (
+                self.orders,
+                1 + self.orders % self.gigs,
+                1 + (self.orders * 7) % self.users,
+            );
+            return (
+                "orders",
+                "order.place",
+                json!({"order_id": format!("o-{run}-{n}"), "gig_id": format!("g-{run}-{gig}"), "buyer_id": format!("u-{run}-{buyer}")}),
+            );
+        }
+        if self.delivered <= self.completed || choice < 9 {
+            self.delivered += 1;
+            return (
+                "orders",
+                "order.deliver",
+                json!({"order_id": format!("o-{run}-{}", self.delivered)}),
+            );
+        }
+        self.completed += 1;
+        (
+            "orders",
+            "order.complete",
+            json!({"order_id": format!("o-{run}-{}", self.completed)}),
+        )
+    }
+
+    /// A read of something created: (domain, path).
+    pub fn read(&self) -> (&'static str, String) {
+        let run = &self.run;
+        match self.step % 3 {
+            0 if self.orders > 0 => (
+                "orders",
+                format!("/orders/o-{run}-{}", 1 + self.step % self.orders),
+            ),
+            1 if self.gigs > 0 => (
+                "gigs",
+                format!("/gigs/g-{run}-{}", 1 + self.step % self.gigs),
+            ),
+            _ => (
+                "users",
+                format!("/users/u-{run}-{}", 1 + self.step % self.users.max(1)),
+            ),
+        }
+    }
+}
+
+/// The end of a run.
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    /// Commands sent.
+    pub sent: u64,
+    /// Commands the broker confirmed.
+    pub confirmed: u64,
+    /// Commands not confirmed, and failed reads.
+    pub errors: u64,
+    /// Reads done.
+    pub reads: u64,
+    /// Reads that were not 2xx/404.
+    pub read_errors: u64,
+    /// Read latency p50, ms.
+    pub read_p50_ms: f64,
+    /// Read latency p99, ms.
+    pub read_p99_ms: f64,
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs the load against the `chimera up` of `state_dir`.
+pub async fn load(args: &LoadArgs) -> anyhow::Result<Summary> {
+    let profile = Profile::parse(&args.profile)?;
+    let duration = parse_duration(&args.duration)?.as_secs_f64();
+    let up = UpFile::read(&args.state_dir)?;
+    let snapshot: Snapshot = reqwest::get(format!("{}/api/status", up.dashboard))
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .with_context(|| format!("chimera up does not answer at {}", up.dashboard))?
+        .json()
+        .await?;
+    let urls: std::collections::BTreeMap<String, String> = snapshot
+        .modules
+        .iter()
+        .flat_map(|m| {
+            m.heads
+                .iter()
+                .filter_map(|h| h.url.clone().map(|u| (m.domain.clone(), u)))
+        })
+        .collect();
+    let amqp = up.amqp_url.clone();
+    let connection = connect(&amqp, "chimera-load")
+        .await
+        .with_context(|| "connecting to chimera up's broker")?;
+    let publisher = Publisher::open(&connection).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let mut flow = Flow::new(&format!(
+        "{:x}",
+        std::process::id() ^ u32::try_from(jiff_now_ms() % 1_000_000).unwrap_or(0)
+    ));
+    let (mut summary, mut latencies) = (Summary::default(), Vec::new());
+    let started = Instant::now();
+    let (mut owed, mut last_print, tick) = (0.0, 0.0, 0.1);
+    let reads = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::<Result<f64, ()>>::new()));
+    while started.elapsed().as_secs_f64() < duration {
+        let t = started.elapsed().as_secs_f64();
+        owed += profile.rate(t, duration, args.rate) * tick;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let n = owed.floor() as usize;
+        owed -= n as f64;
+        let mut batch = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (domain, kind, data) = flow.next();
+            batch.push(Outgoing::new(
+                format!("chimera.{domain}.commands"),
+                Envelope::new(kind, data),
+            ));
+            let (domain, path) = flow.read();
+            if let Some(base) = urls.get(domain) {
+                let (http, url, reads) = (http.clone(), format!("{base}{path}"), reads.clone());
+                tokio::spawn(async move {
+                    let sent = Instant::now();
+                    let ok = http
+                        .get(&url)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success() || r.status() == 404);
+                    let ms = sent.elapsed().as_secs_f64() * 1000.0;
+                    reads.lock().await.push(if ok { Ok(ms) } else { Err(()) });
+                });
+            }
+        }
+        summary.sent += batch.len() as u64;
+        match publisher.publish_all(&batch, false).await {
+            Ok(()) => summary.confirmed += batch.len() as u64,
+            Err(error) => {
+                summary.errors += batch.len() as u64;
+                eprintln!("chimera load: {error}");
+            }
+        }
+        if t - last_print >= 1.0 {
+            last_print = t;
+            eprintln!(
+                "t={:>4.0}s  rate {:>6.1}/s  sent {:>7}  confirmed {:>7}  errors {}",
+                t,
+                profile.rate(t, duration, args.rate),
+                summary.sent,
+                summary.confirmed,
+                summary.errors
+            );
+        }
+        tokio::time::sleep(Duration::from_secs_f64(tick)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for r in reads.lock().await.drain(..) {
+        summary.reads += 1;
+        match r {
+            Ok(ms) => latencies.push(ms),
+            Err(()) => summary.read_errors += 1,
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    summary.read_p50_ms = percentile(&latencies, 0.5);
+    summary.read_p99_ms = percentile(&latencies, 0.99);
+    connection.close(200, "done".into()).await.ok();
+    Ok(summary)
+}
+
+fn jiff_now_ms() -> u64 {
+    u64::try_from(k8s_openapi::jiff::Timestamp::now().as_millisecond()).unwrap_or(0)
+}
+
+/// Prints a summary.
+pub fn print(summary: &Summary, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(summary)?);
+    } else {
+        println!(
+            "sent {}, confirmed {}, errors {}; reads {} ({} failed), p50 {:.1} ms, p99 {:.1} ms",
+            summary.sent,
+            summary.confirmed,
+            summary.errors,
+            summary.reads,
+            summary.read_errors,
+            summary.read_p50_ms,
+            summary.read_p99_ms
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_follow_their_shape() {
+        assert_eq!(Profile::Step.rate(0.0, 90.0, 100.0), 20.0);
+        assert_eq!(Profile::Step.rate(45.0, 90.0, 100.0), 100.0);
+        assert_eq!(Profile::Ramp.rate(45.0, 90.0, 100.0), 50.0);
+        assert_eq!(Profile::Burst.rate(27.0, 90.0, 100.0), 100.0);
+        assert_eq!(Profile::Burst.rate(60.0, 90.0, 100.0), 10.0);
+        assert_eq!(Profile::File(vec![1.0, 5.0]).rate(7.0, 90.0, 100.0), 5.0);
+        assert!(Profile::parse("nope.csv").is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("2 weeks").is_err());
+    }
+
+    #[test]
+    fn the_flow_only_refers_to_what_exists() {
+        let mut f = Flow::new("t");
+        let mut users = std::collections::BTreeSet::new();
+        let mut gigs = std::collections::BTreeSet::new();
+        let mut placed = std::collections::BTreeSet::new();
+        let mut delivered = std::collections::BTreeSet::new();
+        for _ in 0..500 {
+            let (_, kind, d) = f.next();
+            let s = |k: &str| d[k].as_str().unwrap().to_owned();
+            match kind {
+                "user.register" => assert!(users.insert(s("user_id"))),
+                "gig.publish" => {
+                    assert!(users.contains(&s("seller_id")));
+                    gigs.insert(s("gig_id"));
+                }
+                "order.place" => {
+                    assert!(gigs.contains(&s("gig_id")) && users.contains(&s("buyer_id")));
+                    placed.insert(s("order_id"));
+                }
+                "order.deliver" => {
+                    assert!(placed.contains(&s("order_id")));
+                    delivered.insert(s("order_id"));
+                }
+                "order.complete" => assert!(delivered.contains(&s("order_id")), "{d}"),
+                other => panic!("{other}"),
+            }
+        }
+        assert!(gigs.len() > 50 && placed.len() > 50 && !delivered.is_empty());
+    }
+}
