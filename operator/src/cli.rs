@@ -557,7 +557,7 @@ async fn status(state_dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
                 ),
                 (None, None) => String::new(),
             };
-            let reason = h.decisions.last().map(|d| d.reason.as_str()).unwrap_or("");
+            let reason = h.current.as_ref().map(|d| d.reason.as_str()).unwrap_or("");
             println!(
                 "{:<10} {:<6} {:>2}/{:<2} ready  [{}..{}]  {detail}\n{:>22}{reason}",
                 m.domain, h.head, h.ready, h.replicas, h.min, h.max, ""

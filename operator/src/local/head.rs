@@ -66,8 +66,10 @@ pub struct HeadRunner {
     pub backends: Backends,
     /// The balancer's address (query heads).
     pub front: Option<SocketAddr>,
-    /// Recent decisions, newest last.
+    /// Recent changes of the replica count, newest last.
     pub decisions: VecDeque<DecisionRecord>,
+    /// The latest decision (every tick).
+    pub current: Option<DecisionRecord>,
     /// The latest signal values for the dashboard.
     pub last_queue: Option<QueueSample>,
     /// The latest percentiles (p50, p95, p99) in seconds.
@@ -171,6 +173,7 @@ impl HeadRunner {
             backends: Backends::default(),
             front: None,
             decisions: VecDeque::new(),
+            current: None,
             last_queue: None,
             last_latency: None,
             last_rate: None,
@@ -416,17 +419,19 @@ impl HeadRunner {
     }
 
     fn record(&mut self, now: f64, decision: &Decision) {
+        let record = DecisionRecord {
+            at: now,
+            desired: decision.desired,
+            reason: decision.reason.clone(),
+            signal: decision.signal.clone(),
+        };
         let changed = self
             .decisions
             .back()
             .is_none_or(|d| d.desired != decision.desired);
+        self.current = Some(record.clone());
         if changed {
-            self.decisions.push_back(DecisionRecord {
-                at: now,
-                desired: decision.desired,
-                reason: decision.reason.clone(),
-                signal: decision.signal.clone(),
-            });
+            self.decisions.push_back(record);
             while self.decisions.len() > DECISIONS_KEPT {
                 self.decisions.pop_front();
             }

@@ -199,8 +199,12 @@ impl Flow {
 }
 
 /// The end of a run.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
 pub struct Summary {
+    /// The run's id, in every id it created (`u-<run>-<n>`, `g-...`, `o-...`).
+    pub run: String,
+    /// Commands confirmed, by type.
+    pub commands: std::collections::BTreeMap<String, u64>,
     /// Commands sent.
     pub sent: u64,
     /// Commands the broker confirmed.
@@ -258,11 +262,16 @@ pub async fn load(args: &LoadArgs) -> anyhow::Result<Summary> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
-    let mut flow = Flow::new(&format!(
+    let run = format!(
         "{:x}",
         std::process::id() ^ u32::try_from(jiff_now_ms() % 1_000_000).unwrap_or(0)
-    ));
-    let (mut summary, mut latencies) = (Summary::default(), Vec::new());
+    );
+    let mut flow = Flow::new(&run);
+    let mut summary = Summary {
+        run,
+        ..Summary::default()
+    };
+    let mut latencies = Vec::new();
     let started = Instant::now();
     let (mut owed, mut last_print, tick) = (0.0, 0.0, 0.1);
     let reads = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::<Result<f64, ()>>::new()));
@@ -273,8 +282,10 @@ pub async fn load(args: &LoadArgs) -> anyhow::Result<Summary> {
         let n = owed.floor() as usize;
         owed -= n as f64;
         let mut batch = Vec::with_capacity(n);
+        let mut kinds = Vec::with_capacity(n);
         for _ in 0..n {
             let (domain, kind, data) = flow.next();
+            kinds.push(kind);
             batch.push(Outgoing::new(
                 format!("chimera.{domain}.commands"),
                 Envelope::new(kind, data),
@@ -296,7 +307,12 @@ pub async fn load(args: &LoadArgs) -> anyhow::Result<Summary> {
         }
         summary.sent += batch.len() as u64;
         match publisher.publish_all(&batch, false).await {
-            Ok(()) => summary.confirmed += batch.len() as u64,
+            Ok(()) => {
+                summary.confirmed += batch.len() as u64;
+                for kind in kinds {
+                    *summary.commands.entry(kind.to_owned()).or_default() += 1;
+                }
+            }
             Err(error) => {
                 summary.errors += batch.len() as u64;
                 eprintln!("chimera load: {error}");

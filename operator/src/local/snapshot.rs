@@ -68,7 +68,10 @@ pub struct HeadView {
     pub latency_target: Option<(f64, f64)>,
     /// Restarts of crashed replicas.
     pub restarts: u32,
-    /// Recent decisions, newest last.
+    /// The latest decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<Decision>,
+    /// Recent changes of the replica count, newest last.
     pub decisions: Vec<Decision>,
     /// History, oldest first.
     pub history: Vec<Point>,
@@ -204,6 +207,7 @@ impl Snapshot {
                     (l.target_ms as f64, l.percentile)
                 }),
                 restarts: runner.restarts,
+                current: runner.current.as_ref().map(Decision::from),
                 decisions: runner.decisions.iter().map(Decision::from).collect(),
                 history: history.iter().cloned().collect(),
             });

@@ -1,0 +1,363 @@
+//! `chimera up` end to end, as a user runs it: the examples on a real RabbitMQ, a load burst
+//! from `chimera load`, a worker head scaling out and back in, every command processed exactly
+//! once (counted through the query heads), the dashboard's charts drawn in headless Chromium,
+//! and nothing left running after SIGTERM.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chimera_operator::local::load::Summary;
+use chimera_operator::local::snapshot::{Snapshot, UpFile};
+use chimera_testenv::{TestVhost, free_port, unique_name};
+
+fn bin_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_chimera"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+/// Three consecutive ports nobody listens on.
+fn free_ports(n: u16) -> u16 {
+    loop {
+        let base = free_port();
+        if base < 60000
+            && (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+        {
+            return base;
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+struct Up {
+    child: Child,
+    state: PathBuf,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        if let Ok(file) = UpFile::read(&self.state) {
+            for pid in file.pids {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+async fn snapshot(dashboard: &str) -> Option<Snapshot> {
+    reqwest::get(format!("{dashboard}/api/status"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Waits until the users query head lists exactly `expected` users whose id starts with
+/// `prefix`, and returns the count.
+async fn count_users(http: &reqwest::Client, base: &str, prefix: &str, expected: u64) -> u64 {
+    wait_for(
+        &format!("{expected} users {prefix}*"),
+        Duration::from_secs(60),
+        || async {
+            let (mut seen, mut after) = (0u64, prefix.to_owned());
+            loop {
+                let page: serde_json::Value = http
+                    .get(format!("{base}/users?limit=500&after={after}"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                let items = page["items"].as_array()?;
+                seen += items
+                    .iter()
+                    .filter(|u| {
+                        u["user_id"]
+                            .as_str()
+                            .is_some_and(|id| id.starts_with(prefix))
+                    })
+                    .count() as u64;
+                match page["next"].as_str() {
+                    Some(next) if next.starts_with(prefix) => after = next.to_owned(),
+                    _ => break,
+                }
+            }
+            (seen == expected).then_some(seen)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn chimera_up_runs_scales_and_stops_cleanly() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    for program in ["users", "gigs", "orders"] {
+        assert!(
+            bin_dir().join(program).is_file(),
+            "the module program {program} is not built in {}: run `cargo build -p chimera-users -p chimera-gigs -p chimera-orders` (scripts/test does)",
+            bin_dir().display()
+        );
+    }
+    let vhost = TestVhost::create("up");
+    let state = std::env::temp_dir().join(unique_name("chimera-up"));
+    let dashboard_port = free_port();
+    let base = free_ports(3);
+    let child = Command::new(env!("CARGO_BIN_EXE_chimera"))
+        .args(["up", "-f"])
+        .arg(repo("examples/marketplace"))
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--dashboard-port", &dashboard_port.to_string()])
+        .args(["--query-base-port", &base.to_string()])
+        .arg("--bin-dir")
+        .arg(bin_dir())
+        .arg("--quiet")
+        .env("CHIMERA_AMQP_URL", &vhost.amqp_url)
+        .env("CHIMERA_RABBITMQ_MANAGEMENT_URL", vhost.management_url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut up = Up {
+        child,
+        state: state.clone(),
+    };
+    let dashboard = format!("http://127.0.0.1:{dashboard_port}");
+    let ready = wait_for(
+        "every query head ready",
+        Duration::from_secs(60),
+        || async {
+            let s = snapshot(&dashboard).await?;
+            let queries: Vec<_> = s
+                .modules
+                .iter()
+                .flat_map(|m| m.heads.iter().filter(|h| h.head == "query"))
+                .collect();
+            (queries.len() == 3 && queries.iter().all(|h| h.ready >= 1)).then_some(s)
+        },
+    )
+    .await;
+    let users_url = ready
+        .modules
+        .iter()
+        .find(|m| m.domain == "users")
+        .and_then(|m| m.heads.iter().find_map(|h| h.url.clone()))
+        .unwrap();
+    let minimum: std::collections::BTreeMap<String, u32> = ready
+        .modules
+        .iter()
+        .flat_map(|m| {
+            m.heads
+                .iter()
+                .filter(|h| h.head == "worker")
+                .map(|h| (m.domain.clone(), h.min.max(1)))
+        })
+        .collect();
+
+    // `chimera status` finds it.
+    let status = Command::new(env!("CARGO_BIN_EXE_chimera"))
+        .args(["status", "--json", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let parsed: Snapshot = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(parsed.modules.len(), 3);
+
+    // 3,000 registrations at once, while the users worker idles at zero replicas.
+    let connection = chimera_sdk::broker::connect(&vhost.amqp_url, "up-test")
+        .await
+        .unwrap();
+    let publisher = chimera_sdk::broker::Publisher::open(&connection)
+        .await
+        .unwrap();
+    let burst_run = unique_name("b");
+    let burst: Vec<_> = (0..3000)
+        .map(|i| {
+            chimera_sdk::broker::Outgoing::new(
+                "chimera.users.commands",
+                chimera_sdk::envelope::Envelope::new(
+                    "user.register",
+                    serde_json::json!({"user_id": format!("u-{burst_run}-{i}"), "name": "Burst", "email": "b@example.com"}),
+                ),
+            )
+        })
+        .collect();
+    publisher.publish_all(&burst, true).await.unwrap();
+    let scaled = wait_for(
+        "the users worker scales out",
+        Duration::from_secs(30),
+        || async {
+            let s = snapshot(&dashboard).await?;
+            let users = s.modules.iter().find(|m| m.domain == "users")?;
+            let worker = users.heads.iter().find(|h| h.head == "worker")?;
+            (worker.replicas > 1).then_some(worker.replicas)
+        },
+    )
+    .await;
+    eprintln!("users worker scaled out to {scaled}");
+    connection.close(200, "done".into()).await.ok();
+
+    // Marketplace traffic, from a second process, as a user would run it.
+    let load = tokio::task::spawn_blocking({
+        let state = state.clone();
+        move || {
+            Command::new(env!("CARGO_BIN_EXE_chimera"))
+                .args([
+                    "load",
+                    "--profile",
+                    "burst",
+                    "--rate",
+                    "1000",
+                    "--duration",
+                    "15s",
+                    "--json",
+                    "--state-dir",
+                ])
+                .arg(&state)
+                .stderr(Stdio::null())
+                .output()
+                .unwrap()
+        }
+    });
+    let out = load.await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let summary: Summary = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary.sent, summary.confirmed);
+    assert!(summary.sent > 2000, "{summary:?}");
+
+    // The dashboard draws its charts (headless Chromium, no network beyond this machine).
+    let dom = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=4000",
+            "--dump-dom",
+        ])
+        .arg(format!("{dashboard}/"))
+        .output()
+        .expect("chromium is not installed: run scripts/install-tools (apt-get install chromium)");
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    let drawn = dom.matches("data-points=\"").count();
+    let nonempty = dom
+        .split("data-points=\"")
+        .skip(1)
+        .filter(|rest| {
+            rest.split('"')
+                .next()
+                .and_then(|n| n.parse::<u32>().ok())
+                .unwrap_or(0)
+                > 0
+        })
+        .count();
+    assert!(drawn >= 12, "12 charts (2 per head): {drawn}\n{dom}");
+    assert!(
+        nonempty >= 12,
+        "every chart shows data: {nonempty} of {drawn}"
+    );
+
+    // Every registration processed exactly once: the users query head lists them all, once
+    // (the burst's and the load's).
+    let http = reqwest::Client::new();
+    assert_eq!(
+        count_users(&http, &users_url, &format!("u-{burst_run}-"), 3000).await,
+        3000
+    );
+    let registered = summary.commands["user.register"];
+    let prefix = format!("u-{}-", summary.run);
+    let count = count_users(&http, &users_url, &prefix, registered).await;
+    assert_eq!(count, registered);
+    // Gigs: each one published is there.
+    let gigs_url = ready
+        .modules
+        .iter()
+        .find(|m| m.domain == "gigs")
+        .and_then(|m| m.heads.iter().find_map(|h| h.url.clone()))
+        .unwrap();
+    for n in [1, summary.commands["gig.publish"]] {
+        let r = http
+            .get(format!("{gigs_url}/gigs/g-{}-{n}", summary.run))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "gig {n}");
+    }
+
+    // The burst is over: the worker heads come back to their floor.
+    wait_for("worker heads back in", Duration::from_secs(90), || async {
+        let s = snapshot(&dashboard).await?;
+        s.modules
+            .iter()
+            .all(|m| {
+                m.heads
+                    .iter()
+                    .filter(|h| h.head == "worker")
+                    .all(|h| h.replicas <= minimum[&m.domain])
+            })
+            .then_some(())
+    })
+    .await;
+
+    // SIGTERM: everything stops, nothing is left behind.
+    let pids = UpFile::read(&state).unwrap().pids;
+    assert!(pids.len() >= 4, "{pids:?}");
+    Command::new("kill")
+        .args(["-TERM", &up.child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(status) = up.child.try_wait().unwrap() {
+            assert!(status.success(), "chimera up exited with {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "chimera up did not stop");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let left: Vec<u32> = pids.into_iter().filter(|p| alive(*p)).collect();
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    assert!(UpFile::read(&state).is_err(), "the state file is removed");
+    std::fs::remove_dir_all(&state).ok();
+}
