@@ -27,7 +27,7 @@ const DECISIONS_KEPT: usize = 50;
 
 enum Slot {
     Running {
-        replica: Replica,
+        replica: Box<Replica>,
         since: Instant,
         ready: bool,
     },
@@ -266,7 +266,7 @@ impl HeadRunner {
             let port = free_port();
             let slot = match self.start(n, port).await {
                 Ok(replica) => Slot::Running {
-                    replica,
+                    replica: Box::new(replica),
                     since: Instant::now(),
                     ready: false,
                 },
@@ -320,7 +320,7 @@ impl HeadRunner {
                     let restarts = *restarts;
                     Some(match self.start(n, port).await {
                         Ok(replica) => Slot::Running {
-                            replica,
+                            replica: Box::new(replica),
                             since: Instant::now(),
                             ready: false,
                         },

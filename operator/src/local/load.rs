@@ -57,7 +57,7 @@ impl Profile {
                 let csv = std::fs::read_to_string(path).with_context(|| {
                     format!("--profile {path:?}: not step, ramp, burst or a readable CSV file")
                 })?;
-                let trace = crate::sim::scenario::parse_trace(&csv, u32::MAX.min(86_400))
+                let trace = crate::sim::scenario::parse_trace(&csv, 86_400)
                     .map_err(|e| anyhow::anyhow!("--profile {path}: {e}"))?;
                 let last = trace
                     .iter()
@@ -127,7 +127,7 @@ impl Flow {
     }
 
     /// The next command: (domain, type, data).
-    pub fn next(&mut self) -> (&'static str, &'static str, serde_json::Value) {
+    pub fn next_command(&mut self) -> (&'static str, &'static str, serde_json::Value) {
         let run = &self.run;
         self.step += 1;
         let choice = self.step % 10;
@@ -284,7 +284,7 @@ pub async fn load(args: &LoadArgs) -> anyhow::Result<Summary> {
         let mut batch = Vec::with_capacity(n);
         let mut kinds = Vec::with_capacity(n);
         for _ in 0..n {
-            let (domain, kind, data) = flow.next();
+            let (domain, kind, data) = flow.next_command();
             kinds.push(kind);
             batch.push(Outgoing::new(
                 format!("chimera.{domain}.commands"),
@@ -399,7 +399,7 @@ mod tests {
         let mut placed = std::collections::BTreeSet::new();
         let mut delivered = std::collections::BTreeSet::new();
         for _ in 0..500 {
-            let (_, kind, d) = f.next();
+            let (_, kind, d) = f.next_command();
             let s = |k: &str| d[k].as_str().unwrap().to_owned();
             match kind {
                 "user.register" => assert!(users.insert(s("user_id"))),
