@@ -138,11 +138,21 @@ async fn chimera_up_runs_scales_and_stops_cleanly() {
     }
     let vhost = TestVhost::create("up");
     let state = std::env::temp_dir().join(unique_name("chimera-up"));
+    // A copy of the examples, so that the test can edit one.
+    let modules = state.with_extension("modules");
+    std::fs::create_dir_all(&modules).unwrap();
+    for name in ["users", "gigs", "orders"] {
+        std::fs::copy(
+            repo(&format!("examples/marketplace/{name}.yaml")),
+            modules.join(format!("{name}.yaml")),
+        )
+        .unwrap();
+    }
     let dashboard_port = free_port();
     let base = free_ports(3);
     let child = Command::new(env!("CARGO_BIN_EXE_chimera"))
         .args(["up", "-f"])
-        .arg(repo("examples/marketplace"))
+        .arg(&modules)
         .arg("--state-dir")
         .arg(&state)
         .args(["--dashboard-port", &dashboard_port.to_string()])
@@ -340,6 +350,47 @@ async fn chimera_up_runs_scales_and_stops_cleanly() {
     })
     .await;
 
+    // An edited module is re-applied; the others keep their processes.
+    let before = snapshot(&dashboard).await.unwrap();
+    let pids_of = |s: &Snapshot, domain: &str| -> Vec<u32> {
+        s.modules
+            .iter()
+            .filter(|m| m.domain == domain)
+            .flat_map(|m| m.heads.iter().flat_map(|h| h.pids.clone()))
+            .collect()
+    };
+    let gigs_yaml = modules.join("gigs.yaml");
+    let text = std::fs::read_to_string(&gigs_yaml).unwrap();
+    assert!(text.contains("replicas: {min: 1, max: 5}"), "{text}");
+    std::fs::write(
+        &gigs_yaml,
+        text.replacen(
+            "replicas: {min: 1, max: 5}",
+            "replicas: {min: 2, max: 5}",
+            1,
+        ),
+    )
+    .unwrap();
+    wait_for(
+        "the gigs query head at 2 replicas",
+        Duration::from_secs(30),
+        || async {
+            let s = snapshot(&dashboard).await?;
+            let gigs = s.modules.iter().find(|m| m.domain == "gigs")?;
+            let query = gigs.heads.iter().find(|h| h.head == "query")?;
+            (query.replicas == 2 && query.min == 2).then_some(())
+        },
+    )
+    .await;
+    let after = snapshot(&dashboard).await.unwrap();
+    for domain in ["users", "orders"] {
+        assert_eq!(
+            pids_of(&before, domain),
+            pids_of(&after, domain),
+            "{domain} was not restarted"
+        );
+    }
+
     // SIGTERM: everything stops, nothing is left behind.
     let pids = UpFile::read(&state).unwrap().pids;
     assert!(pids.len() >= 4, "{pids:?}");
@@ -360,4 +411,5 @@ async fn chimera_up_runs_scales_and_stops_cleanly() {
     assert!(left.is_empty(), "processes left behind: {left:?}");
     assert!(UpFile::read(&state).is_err(), "the state file is removed");
     std::fs::remove_dir_all(&state).ok();
+    std::fs::remove_dir_all(&modules).ok();
 }

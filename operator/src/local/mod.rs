@@ -116,8 +116,9 @@ fn load_modules(dir: &Path) -> anyhow::Result<(Vec<ChimeraModule>, BTreeMap<Path
 
 struct Running {
     runners: Vec<HeadRunner>,
-    balancers: BTreeMap<String, tokio::task::JoinHandle<()>>, // domain -> task
-    ports: BTreeMap<String, u16>,                             // domain -> stable port
+    // domain -> (its balancer, where it listens, whom it serves): kept across reloads
+    balancers: BTreeMap<String, (tokio::task::JoinHandle<()>, SocketAddr, balancer::Backends)>,
+    ports: BTreeMap<String, u16>, // domain -> stable port
 }
 
 /// Runs until Ctrl-C / SIGTERM.
@@ -198,7 +199,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     .await;
     println!("chimera up: stopping");
     futures::future::join_all(running.runners.iter_mut().map(HeadRunner::stop_all)).await;
-    for task in running.balancers.values() {
+    for (task, _, _) in running.balancers.values() {
         task.abort();
     }
     if let Some(broker) = private {
@@ -345,19 +346,23 @@ async fn start_module(
         );
         if head == Head::Query {
             let domain = module.domain().to_owned();
-            let port = query_port(args, &mut running.ports, &domain);
-            let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-                .await
-                .with_context(|| format!("the query head of {domain} needs port {port}"))?;
-            runner.front = Some(listener.local_addr()?);
-            if let Some(old) = running.balancers.remove(&domain) {
-                old.abort();
+            // A reloaded module keeps its balancer (and port); its new replicas join it.
+            if let Some((_, addr, backends)) = running.balancers.get(&domain) {
+                runner.front = Some(*addr);
+                runner.backends = backends.clone();
+            } else {
+                let port = query_port(args, &mut running.ports, &domain);
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                    .await
+                    .with_context(|| format!("the query head of {domain} needs port {port}"))?;
+                let addr = listener.local_addr()?;
+                runner.front = Some(addr);
+                let task = tokio::spawn(balancer::serve(listener, runner.backends.clone()));
+                running
+                    .balancers
+                    .insert(domain.clone(), (task, addr, runner.backends.clone()));
+                println!("chimera up: {domain} query head on http://{addr}");
             }
-            running.balancers.insert(
-                domain.clone(),
-                tokio::spawn(balancer::serve(listener, runner.backends.clone())),
-            );
-            println!("chimera up: {domain} query head on http://127.0.0.1:{port}");
         }
         let bounds = runner.bounds();
         let initial = match head {
@@ -447,6 +452,20 @@ async fn reload_changed(
     for module in changed {
         start_module(args, state_dir, local, module, running).await?;
     }
+    // Balancers of query heads that are gone close.
+    let serving: Vec<String> = running
+        .runners
+        .iter()
+        .filter(|r| r.head == Head::Query)
+        .map(|r| r.module.domain().to_owned())
+        .collect();
+    running.balancers.retain(|domain, (task, _, _)| {
+        let keep = serving.contains(domain);
+        if !keep {
+            task.abort();
+        }
+        keep
+    });
     *modules = next;
     Ok(())
 }

@@ -68,6 +68,9 @@ pub struct HeadView {
     pub latency_target: Option<(f64, f64)>,
     /// Restarts of crashed replicas.
     pub restarts: u32,
+    /// Process ids of the running replicas.
+    #[serde(default)]
+    pub pids: Vec<u32>,
     /// The latest decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<Decision>,
@@ -207,6 +210,7 @@ impl Snapshot {
                     (l.target_ms as f64, l.percentile)
                 }),
                 restarts: runner.restarts,
+                pids: runner.pids(),
                 current: runner.current.as_ref().map(Decision::from),
                 decisions: runner.decisions.iter().map(Decision::from).collect(),
                 history: history.iter().cloned().collect(),
