@@ -413,3 +413,85 @@ async fn chimera_up_runs_scales_and_stops_cleanly() {
     std::fs::remove_dir_all(&state).ok();
     std::fs::remove_dir_all(&modules).ok();
 }
+
+fn start_up(state: &Path, modules: &Path, vhost: &TestVhost, dashboard_port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_chimera"))
+        .args(["up", "-f"])
+        .arg(modules)
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--dashboard-port", &dashboard_port.to_string()])
+        .args(["--query-base-port", &free_ports(1).to_string()])
+        .arg("--bin-dir")
+        .arg(bin_dir())
+        .arg("--quiet")
+        .env("CHIMERA_AMQP_URL", &vhost.amqp_url)
+        .env("CHIMERA_RABBITMQ_MANAGEMENT_URL", vhost.management_url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_second_up_after_a_crash_recovers() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    assert!(
+        bin_dir().join("users").is_file(),
+        "the module program users is not built: run `cargo build -p chimera-users`"
+    );
+    let vhost = TestVhost::create("up-crash");
+    let state = std::env::temp_dir().join(unique_name("chimera-up-crash"));
+    let modules = state.with_extension("modules");
+    std::fs::create_dir_all(&modules).unwrap();
+    std::fs::copy(
+        repo("examples/marketplace/users.yaml"),
+        modules.join("users.yaml"),
+    )
+    .unwrap();
+    let port = free_port();
+    let dashboard = format!("http://127.0.0.1:{port}");
+    let query_ready = || async {
+        let s = snapshot(&dashboard).await?;
+        let users = s.modules.iter().find(|m| m.domain == "users")?;
+        let query = users.heads.iter().find(|h| h.head == "query")?;
+        (query.ready >= 1).then(|| query.pids.clone())
+    };
+
+    let mut first = Up {
+        child: start_up(&state, &modules, &vhost, port),
+        state: state.clone(),
+    };
+    let orphans = wait_for("the first up serves", Duration::from_secs(60), query_ready).await;
+    // A crash: chimera up dies, its heads do not.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    assert!(
+        orphans.iter().all(|p| alive(*p)),
+        "the heads outlive the crash"
+    );
+    assert!(
+        UpFile::read(&state).is_ok(),
+        "the crash left its state file"
+    );
+
+    let mut second = Up {
+        child: start_up(&state, &modules, &vhost, port),
+        state: state.clone(),
+    };
+    let pids = wait_for("the second up serves", Duration::from_secs(60), query_ready).await;
+    assert!(
+        orphans.iter().all(|p| !alive(*p)),
+        "the second up stopped what the first left behind"
+    );
+    assert!(pids.iter().all(|p| !orphans.contains(p)));
+    Command::new("kill")
+        .args(["-TERM", &second.child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = second.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(pids.iter().all(|p| !alive(*p)), "nothing left behind");
+    std::fs::remove_dir_all(&state).ok();
+    std::fs::remove_dir_all(&modules).ok();
+}

@@ -113,9 +113,15 @@ pub fn terminate(pid: u32) {
         .status();
 }
 
-/// Whether a process with this id exists.
+/// Whether a process with this id exists (and is not a zombie waiting to be reaped).
 pub fn alive(pid: u32) -> bool {
-    pid != 0 && std::path::Path::new(&format!("/proc/{pid}")).exists()
+    pid != 0
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
 }
 
 async fn pump(

@@ -273,16 +273,26 @@ pub fn recover(state: &Path) -> anyhow::Result<()> {
             state.display()
         );
     }
-    let mut stopped = 0;
-    for pid in previous.pids {
-        if alive(pid) {
-            terminate(pid);
-            stopped += 1;
-        }
+    let left: Vec<u32> = previous.pids.into_iter().filter(|p| alive(*p)).collect();
+    for pid in &left {
+        terminate(*pid);
     }
-    if stopped > 0 {
-        println!("chimera up: stopped {stopped} process(es) a previous run left behind");
-        std::thread::sleep(std::time::Duration::from_secs(1));
+    // They shut down gracefully (a worker finishes its messages); then whatever remains is
+    // killed, so no port or database lock stays taken.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while left.iter().any(|p| alive(*p)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    for pid in left.iter().filter(|p| alive(**p)) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    if !left.is_empty() {
+        println!(
+            "chimera up: stopped {} process(es) a previous run left behind",
+            left.len()
+        );
     }
     clear(state);
     Ok(())
