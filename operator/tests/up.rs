@@ -150,22 +150,7 @@ async fn chimera_up_runs_scales_and_stops_cleanly() {
     }
     let dashboard_port = free_port();
     let base = free_ports(3);
-    let child = Command::new(env!("CARGO_BIN_EXE_chimera"))
-        .args(["up", "-f"])
-        .arg(&modules)
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["--dashboard-port", &dashboard_port.to_string()])
-        .args(["--query-base-port", &base.to_string()])
-        .arg("--bin-dir")
-        .arg(bin_dir())
-        .arg("--quiet")
-        .env("CHIMERA_AMQP_URL", &vhost.amqp_url)
-        .env("CHIMERA_RABBITMQ_MANAGEMENT_URL", vhost.management_url())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let child = start_up(&state, &modules, &vhost, dashboard_port, base);
     let mut up = Up {
         child,
         state: state.clone(),
@@ -414,14 +399,20 @@ async fn chimera_up_runs_scales_and_stops_cleanly() {
     std::fs::remove_dir_all(&modules).ok();
 }
 
-fn start_up(state: &Path, modules: &Path, vhost: &TestVhost, dashboard_port: u16) -> Child {
+fn start_up(
+    state: &Path,
+    modules: &Path,
+    vhost: &TestVhost,
+    dashboard_port: u16,
+    query_base_port: u16,
+) -> Child {
     Command::new(env!("CARGO_BIN_EXE_chimera"))
         .args(["up", "-f"])
         .arg(modules)
         .arg("--state-dir")
         .arg(state)
         .args(["--dashboard-port", &dashboard_port.to_string()])
-        .args(["--query-base-port", &free_ports(1).to_string()])
+        .args(["--query-base-port", &query_base_port.to_string()])
         .arg("--bin-dir")
         .arg(bin_dir())
         .arg("--quiet")
@@ -459,7 +450,7 @@ async fn a_second_up_after_a_crash_recovers() {
     };
 
     let mut first = Up {
-        child: start_up(&state, &modules, &vhost, port),
+        child: start_up(&state, &modules, &vhost, port, free_ports(1)),
         state: state.clone(),
     };
     let orphans = wait_for("the first up serves", Duration::from_secs(60), query_ready).await;
@@ -476,7 +467,7 @@ async fn a_second_up_after_a_crash_recovers() {
     );
 
     let mut second = Up {
-        child: start_up(&state, &modules, &vhost, port),
+        child: start_up(&state, &modules, &vhost, port, free_ports(1)),
         state: state.clone(),
     };
     let pids = wait_for("the second up serves", Duration::from_secs(60), query_ready).await;

@@ -248,6 +248,24 @@ impl HeadRunner {
             .map_err(|e| format!("cannot start {}: {e}", self.program.display()))
     }
 
+    /// Starts replica `n`; one that cannot start waits for a retry (after `restarts` failures).
+    async fn launch(&self, n: u32, port: u16, restarts: u32) -> Slot {
+        match self.start(n, port).await {
+            Ok(replica) => Slot::Running {
+                replica: Box::new(replica),
+                since: Instant::now(),
+                ready: false,
+            },
+            Err(error) => {
+                eprintln!("{:>18} | {error}", self.label(n));
+                Slot::Waiting {
+                    until: Instant::now() + backoff(restarts + 1),
+                    restarts: restarts + 1,
+                }
+            }
+        }
+    }
+
     /// Grows or shrinks to `desired` replicas: new ones start, the highest-numbered stop
     /// gracefully (SIGTERM; a worker finishes its messages in flight).
     pub async fn resize(&mut self, desired: u32) {
@@ -264,20 +282,7 @@ impl HeadRunner {
                 .find(|n| self.slots.iter().all(|(m, _, _)| m != n))
                 .unwrap_or(1);
             let port = free_port();
-            let slot = match self.start(n, port).await {
-                Ok(replica) => Slot::Running {
-                    replica: Box::new(replica),
-                    since: Instant::now(),
-                    ready: false,
-                },
-                Err(error) => {
-                    eprintln!("{:>18} | {error}", self.label(n));
-                    Slot::Waiting {
-                        until: Instant::now() + Duration::from_secs(1),
-                        restarts: 1,
-                    }
-                }
-            };
+            let slot = self.launch(n, port, 0).await;
             self.slots.push((n, port, slot));
         }
         self.backends.set(self.ready_addrs());
@@ -318,20 +323,7 @@ impl HeadRunner {
                 },
                 Slot::Waiting { until, restarts } if Instant::now() >= *until => {
                     let restarts = *restarts;
-                    Some(match self.start(n, port).await {
-                        Ok(replica) => Slot::Running {
-                            replica: Box::new(replica),
-                            since: Instant::now(),
-                            ready: false,
-                        },
-                        Err(error) => {
-                            eprintln!("{:>18} | {error}", self.label(n));
-                            Slot::Waiting {
-                                until: Instant::now() + backoff(restarts + 1),
-                                restarts: restarts + 1,
-                            }
-                        }
-                    })
+                    Some(self.launch(n, port, restarts).await)
                 }
                 Slot::Waiting { .. } => None,
             };

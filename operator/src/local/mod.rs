@@ -327,14 +327,7 @@ async fn start_module(
         )
     })?;
     let logs = state_dir.join("logs");
-    for head in Head::ALL {
-        let declared = match head {
-            Head::Query => module.spec.query.is_some(),
-            Head::Worker => module.spec.worker.is_some(),
-        };
-        if !declared {
-            continue;
-        }
+    for head in Head::declared(module) {
         let mut runner = HeadRunner::new(
             module.clone(),
             head,

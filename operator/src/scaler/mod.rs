@@ -195,14 +195,7 @@ impl Scaler {
         let state = self.module_state(module);
         let mut state = state.lock().await;
         let mut status = AutoscalingStatus::default();
-        for head in Head::ALL {
-            let declared = match head {
-                Head::Query => module.spec.query.is_some(),
-                Head::Worker => module.spec.worker.is_some(),
-            };
-            if !declared {
-                continue;
-            }
+        for head in Head::declared(module) {
             let name = object_name(&module.name_any(), head);
             let Some(deployment) = deployments.get(&ObjectRef::new(&name).within(&namespace))
             else {

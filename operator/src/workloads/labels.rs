@@ -15,6 +15,14 @@ impl Head {
     /// Both heads, in a stable order.
     pub const ALL: [Head; 2] = [Head::Query, Head::Worker];
 
+    /// The heads `module` declares, in the stable order.
+    pub fn declared(module: &crate::api::ChimeraModule) -> impl Iterator<Item = Head> + '_ {
+        Self::ALL.into_iter().filter(|head| match head {
+            Head::Query => module.spec.query.is_some(),
+            Head::Worker => module.spec.worker.is_some(),
+        })
+    }
+
     /// `query` or `worker`: label value, name suffix and `CHIMERA_HEAD`.
     pub fn as_str(self) -> &'static str {
         match self {
