@@ -4,6 +4,8 @@
 //! and nothing left running after SIGTERM.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 use chimera_operator::local::load::Summary;
 use chimera_operator::local::snapshot::{Snapshot, UpFile};
 use chimera_testenv::{TestVhost, free_port, unique_name};
+use common::eventually;
 
 fn bin_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_chimera"))
@@ -71,28 +74,10 @@ async fn snapshot(dashboard: &str) -> Option<Snapshot> {
         .ok()
 }
 
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 /// Waits until the users query head lists exactly `expected` users whose id starts with
 /// `prefix`, and returns the count.
 async fn count_users(http: &reqwest::Client, base: &str, prefix: &str, expected: u64) -> u64 {
-    wait_for(
+    eventually(
         &format!("{expected} users {prefix}*"),
         Duration::from_secs(60),
         || async {
@@ -156,7 +141,7 @@ async fn chimera_up_runs_scales_and_stops_cleanly() {
         state: state.clone(),
     };
     let dashboard = format!("http://127.0.0.1:{dashboard_port}");
-    let ready = wait_for(
+    let ready = eventually(
         "every query head ready",
         Duration::from_secs(60),
         || async {
@@ -216,7 +201,7 @@ async fn chimera_up_runs_scales_and_stops_cleanly() {
         })
         .collect();
     publisher.publish_all(&burst, true).await.unwrap();
-    let scaled = wait_for(
+    let scaled = eventually(
         "the users worker scales out",
         Duration::from_secs(30),
         || async {
@@ -321,7 +306,7 @@ async fn chimera_up_runs_scales_and_stops_cleanly() {
     }
 
     // The burst is over: the worker heads come back to their floor.
-    wait_for("worker heads back in", Duration::from_secs(90), || async {
+    eventually("worker heads back in", Duration::from_secs(90), || async {
         let s = snapshot(&dashboard).await?;
         s.modules
             .iter()
@@ -356,7 +341,7 @@ async fn chimera_up_runs_scales_and_stops_cleanly() {
         ),
     )
     .unwrap();
-    wait_for(
+    eventually(
         "the gigs query head at 2 replicas",
         Duration::from_secs(30),
         || async {
@@ -453,7 +438,7 @@ async fn a_second_up_after_a_crash_recovers() {
         child: start_up(&state, &modules, &vhost, port, free_ports(1)),
         state: state.clone(),
     };
-    let orphans = wait_for("the first up serves", Duration::from_secs(60), query_ready).await;
+    let orphans = eventually("the first up serves", Duration::from_secs(60), query_ready).await;
     // A crash: chimera up dies, its heads do not.
     first.child.kill().unwrap();
     first.child.wait().unwrap();
@@ -470,7 +455,7 @@ async fn a_second_up_after_a_crash_recovers() {
         child: start_up(&state, &modules, &vhost, port, free_ports(1)),
         state: state.clone(),
     };
-    let pids = wait_for("the second up serves", Duration::from_secs(60), query_ready).await;
+    let pids = eventually("the second up serves", Duration::from_secs(60), query_ready).await;
     assert!(
         orphans.iter().all(|p| !alive(*p)),
         "the second up stopped what the first left behind"
