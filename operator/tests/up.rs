@@ -354,10 +354,11 @@ async fn chimera_up_runs_scales_and_stops_cleanly() {
     .await;
     let after = snapshot(&dashboard).await.unwrap();
     for domain in ["users", "orders"] {
-        assert_eq!(
-            pids_of(&before, domain),
-            pids_of(&after, domain),
-            "{domain} was not restarted"
+        // No new process (replicas that were draining may have finished meanwhile).
+        let (was, is) = (pids_of(&before, domain), pids_of(&after, domain));
+        assert!(
+            !is.is_empty() && is.iter().all(|p| was.contains(p)),
+            "{domain} was not restarted: {was:?} -> {is:?}"
         );
     }
 

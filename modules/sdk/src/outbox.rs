@@ -232,6 +232,7 @@ pub async fn relay_once(
         report.dead += 1;
     }
     match published {
+        Ok(()) if ids.is_empty() => {} // every row was undecodable (marked dead above)
         Ok(()) => {
             let sql = format!(
                 "UPDATE chimera_outbox SET status = 'sent', attempts = attempts + 1 WHERE id IN ({})",
@@ -322,10 +323,18 @@ pub async fn run_relay(
             () = wake.notified() => {}
             () = tokio::time::sleep(idle) => {}
             () = stop.notified() => {
-                if let Err(error) = relay_once(&db, &publisher, settings).await {
-                    tracing::warn!(%error, "last outbox relay round failed");
+                // Flush every due row, a batch at a time (rows waiting for a retry stay for
+                // the next head of this domain).
+                loop {
+                    match relay_once(&db, &publisher, settings).await {
+                        Ok(report) if report.sent as i64 == settings.batch => continue,
+                        Ok(_) => return,
+                        Err(error) => {
+                            tracing::warn!(%error, "last outbox relay round failed");
+                            return;
+                        }
+                    }
                 }
-                return;
             }
         }
     }

@@ -112,7 +112,9 @@ impl Context {
     }
 }
 
-/// A message handler.
+/// A message handler. It changes the database only through `ctx.tx()` and emits events only
+/// through `ctx.emit`: when another handler of its batch fails, the batch runs again, so any
+/// other side effect must be idempotent.
 pub trait Handler: Send + Sync + 'static {
     /// Handles one message.
     fn handle<'a>(&'a self, ctx: &'a mut Context) -> BoxFuture<'a, Result<(), HandlerError>>;

@@ -8,7 +8,7 @@
 //! `λ / (κ·u)` replicas, u a utilisation that keeps the percentile below the target; while the
 //! percentile is over the target, at least `ready × percentile/target` (capped at 2×). Scale-out
 //! is immediate; scale-in is slow and bounded: only after the smaller count has been enough for
-//! a whole window, at most a quarter at a time, and not within a cooldown of the last change.
+//! a whole window, at most half at a time, and not within a cooldown of the last change.
 
 use std::collections::VecDeque;
 

@@ -9,6 +9,8 @@
 //! Scale-out is immediate (scale from zero too); scale-in waits until the smaller count has been
 //! enough for a while and never drops below what the unacked messages need.
 
+use std::collections::VecDeque;
+
 use super::series::{Counter, Recent};
 use super::{Bounds, Decision, Replicas, ceil_replicas};
 
@@ -57,9 +59,13 @@ pub struct WorkerSignals {
 #[derive(Clone, Debug)]
 pub struct WorkerLaw {
     settings: WorkerSettings,
-    /// Arrivals so far, as backlog + acked.
-    inflow: Counter,
-    previous: Option<WorkerSignals>,
+    /// Acks so far, monotonic across counter resets (a restarted broker or queue).
+    acked: Counter,
+    /// (time, backlog, acks so far) of recent measurements, for arrival rates.
+    samples: VecDeque<(f64, f64, f64)>,
+    /// Since the ack counter last moved: (time, acks, fewest ready replicas, least backlog).
+    /// Broker statistics refresh every few seconds, so rates are measured between changes.
+    ack_mark: Option<(f64, f64, u32, f64)>,
     /// Messages per second one replica acks when it has work waiting.
     service_rate: Option<f64>,
     /// Whether that rate was measured with work waiting (otherwise it is a lower bound).
@@ -73,8 +79,9 @@ impl WorkerLaw {
     pub fn new(settings: WorkerSettings) -> Self {
         Self {
             settings,
-            inflow: Counter::new(120.0),
-            previous: None,
+            acked: Counter::new(120.0),
+            samples: VecDeque::new(),
+            ack_mark: None,
             service_rate: None,
             service_rate_measured: false,
             recommendations: Recent::default(),
@@ -90,10 +97,18 @@ impl WorkerLaw {
     /// Learns from `s` and decides the replicas.
     pub fn decide(&mut self, s: &WorkerSignals) -> Decision {
         let backlog = (s.ready_messages + s.unacked_messages).max(0.0);
-        self.inflow.push(s.now, backlog + s.acked_total);
-        self.learn_service_rate(s, backlog);
-        self.previous = Some(*s);
-        let arrivals = self.inflow.rate(RATE_WINDOW_S).unwrap_or(0.0).max(0.0);
+        self.acked.push(s.now, s.acked_total);
+        let acked = self.acked.latest().unwrap_or(0.0);
+        self.samples.push_back((s.now, backlog, acked));
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _, _)| s.now - t > 120.0)
+        {
+            self.samples.pop_front();
+        }
+        self.learn_service_rate(s, backlog, acked);
+        let arrivals = self.arrivals(s.now);
         // Idle time counts from the first measurement, or the last work seen.
         if backlog > 0.0 || arrivals > 0.0 || self.last_work_at.is_none() {
             self.last_work_at = Some(s.now);
@@ -142,22 +157,48 @@ impl WorkerLaw {
         }
     }
 
-    /// Updates the service rate from the acks since the previous signals: a sample counts
-    /// fully only when the replicas had work waiting the whole time (otherwise it says how
-    /// fast they were asked to go, a lower bound).
-    fn learn_service_rate(&mut self, s: &WorkerSignals, backlog: f64) {
-        let Some(prev) = self.previous else { return };
-        let dt = s.now - prev.now;
-        let replicas = prev.replicas.ready.min(s.replicas.ready);
-        if dt <= 0.0 || replicas == 0 {
+    /// Messages per second that entered the queue over the rate window: what the backlog grew
+    /// by plus what was acked (the backlog alone is a gauge, never read as a counter).
+    fn arrivals(&self, now: f64) -> f64 {
+        let Some(&(t1, b1, a1)) = self.samples.back() else {
+            return 0.0;
+        };
+        let start = self
+            .samples
+            .iter()
+            .find(|(t, _, _)| now - t <= RATE_WINDOW_S + 1e-9 && t1 > *t)
+            .or_else(|| self.samples.iter().rev().nth(1));
+        match start {
+            Some(&(t0, b0, a0)) if t1 > t0 => ((b1 - b0) + (a1 - a0)).max(0.0) / (t1 - t0),
+            _ => 0.0,
+        }
+    }
+
+    /// Updates the service rate each time the ack counter moves, over the time since it last
+    /// moved (broker statistics refresh every few seconds: a tick-by-tick rate would read a
+    /// refresh's worth of acks as one tick's). A sample counts fully only when the replicas
+    /// had work waiting the whole time; otherwise it says how fast they were asked to go, a
+    /// lower bound.
+    fn learn_service_rate(&mut self, s: &WorkerSignals, backlog: f64, acked: f64) {
+        let Some((t0, a0, ready, least)) = self.ack_mark else {
+            self.ack_mark = Some((s.now, acked, s.replicas.ready, backlog));
+            return;
+        };
+        let ready = ready.min(s.replicas.ready);
+        let least = least.min(backlog);
+        let done = acked - a0;
+        if done <= 0.0 {
+            self.ack_mark = Some((t0, a0, ready, least));
             return;
         }
-        let acked = (s.acked_total - prev.acked_total).max(0.0);
-        let per_replica = acked / dt / f64::from(replicas);
-        let prev_backlog = prev.ready_messages + prev.unacked_messages;
-        let saturated = acked > 0.0 && prev_backlog >= acked && backlog >= acked;
+        self.ack_mark = Some((s.now, acked, s.replicas.ready, backlog));
+        let dt = s.now - t0;
+        if dt <= 0.0 || ready == 0 {
+            return;
+        }
+        let per_replica = done / dt / f64::from(ready);
+        let saturated = least >= done / dt;
         self.service_rate = match self.service_rate {
-            _ if per_replica <= 0.0 => self.service_rate,
             Some(mu) if saturated && self.service_rate_measured => {
                 Some(mu + SERVICE_RATE_GAIN * (per_replica - mu))
             }
@@ -165,7 +206,7 @@ impl WorkerLaw {
             None => Some(per_replica),
             Some(mu) => Some(mu.max(per_replica)),
         };
-        let learned = saturated && per_replica > 0.0 && !self.service_rate_measured;
+        let learned = saturated && !self.service_rate_measured;
         self.service_rate_measured |= learned;
         if learned {
             // Advice given before the rate was known (one replica per prefetch of backlog)
@@ -299,6 +340,22 @@ mod tests {
         }
         let d = last.unwrap();
         assert!(d.desired <= 4, "scaled in after the window: {}", d.reason);
+    }
+
+    #[test]
+    fn acks_reported_every_few_seconds_give_the_true_rate() {
+        // The management API refreshes its counters every 5 s: the acks arrive in lumps.
+        let mut law = WorkerLaw::new(settings(1, 40));
+        // A steady backlog: 100/s arrive and the 2 replicas handle 100/s.
+        let (mut acked, backlog) = (0.0, 5000.0);
+        for t in 0..60 {
+            if t % 5 == 0 && t > 0 {
+                acked += 500.0;
+            }
+            law.decide(&signals(f64::from(t), backlog - 200.0, 200.0, acked, 2));
+        }
+        let mu = law.service_rate().unwrap();
+        assert!((mu - 50.0).abs() < 5.0, "{mu}");
     }
 
     #[test]

@@ -40,6 +40,8 @@ const UNAVAILABLE: &str =
 pub async fn serve(listener: TcpListener, backends: Backends) {
     loop {
         let Ok((mut client, _)) = listener.accept().await else {
+            // Out of file descriptors, typically: let connections drain instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
         let backends = backends.clone();

@@ -30,6 +30,8 @@ enum Slot {
         replica: Box<Replica>,
         since: Instant,
         ready: bool,
+        /// Restarts in a row before this run (reset once a run lasts MAX_BACKOFF).
+        restarts: u32,
     },
     Waiting {
         until: Instant,
@@ -81,6 +83,8 @@ pub struct HeadRunner {
     grace: Duration,
     /// Recent merged histograms, for the dashboard's percentiles.
     history: VecDeque<(f64, Histogram)>,
+    /// Replicas scaled in and still finishing their work: (pid, the task stopping it).
+    draining: Vec<(u32, tokio::task::JoinHandle<()>)>,
 }
 
 enum Law {
@@ -180,6 +184,7 @@ impl HeadRunner {
             restarts: 0,
             grace: Duration::from_secs(u64::try_from(grace).unwrap_or(30)),
             history: VecDeque::new(),
+            draining: Vec::new(),
         }
     }
 
@@ -211,7 +216,7 @@ impl HeadRunner {
             .collect()
     }
 
-    /// Process ids of the running replicas (for crash recovery).
+    /// Process ids of the running replicas and of those still draining (for crash recovery).
     pub fn pids(&self) -> Vec<u32> {
         self.slots
             .iter()
@@ -219,6 +224,7 @@ impl HeadRunner {
                 Slot::Running { replica, .. } => Some(replica.pid),
                 Slot::Waiting { .. } => None,
             })
+            .chain(self.draining.iter().map(|(pid, _)| *pid))
             .collect()
     }
 
@@ -255,6 +261,7 @@ impl HeadRunner {
                 replica: Box::new(replica),
                 since: Instant::now(),
                 ready: false,
+                restarts,
             },
             Err(error) => {
                 eprintln!("{:>18} | {error}", self.label(n));
@@ -273,8 +280,10 @@ impl HeadRunner {
             if let Some((_, _, slot)) = self.slots.pop()
                 && let Slot::Running { replica, .. } = slot
             {
-                let grace = self.grace;
-                tokio::spawn(replica.stop(grace));
+                // It finishes its work in the background (the loop goes on), and stays
+                // listed until it is gone.
+                let (grace, pid) = (self.grace, replica.pid);
+                self.draining.push((pid, tokio::spawn(replica.stop(grace))));
             }
         }
         while self.slots.len() < desired as usize {
@@ -290,6 +299,7 @@ impl HeadRunner {
 
     /// Restarts replicas that died (with backoff) and probes readiness.
     pub async fn supervise(&mut self, http: &reqwest::Client) {
+        self.draining.retain(|(_, task)| !task.is_finished());
         for i in 0..self.slots.len() {
             let (n, port) = (self.slots[i].0, self.slots[i].1);
             let next = match &mut self.slots[i].2 {
@@ -297,9 +307,15 @@ impl HeadRunner {
                     replica,
                     since,
                     ready,
+                    restarts,
                 } => match replica.exited() {
                     Some(status) => {
-                        let restarts = if since.elapsed() > MAX_BACKOFF { 1 } else { 2 };
+                        // A run that lasted resets the backoff; crashes in a row double it.
+                        let restarts = if since.elapsed() > MAX_BACKOFF {
+                            1
+                        } else {
+                            *restarts + 1
+                        };
                         let wait = backoff(restarts);
                         eprintln!(
                             "{:>18} | exited ({status}); restarting in {}s",
@@ -442,6 +458,9 @@ impl HeadRunner {
             })
             .collect();
         futures::future::join_all(stops).await;
+        for (_, task) in self.draining.drain(..) {
+            let _ = task.await;
+        }
         self.backends.set(Vec::new());
     }
 }

@@ -101,7 +101,8 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
         "h" => n * 3600.0,
         other => anyhow::bail!("--duration {text:?}: unknown unit {other:?} (s, m, h)"),
     };
-    Ok(Duration::from_secs_f64(seconds.max(0.0)))
+    Duration::try_from_secs_f64(seconds.max(0.0))
+        .map_err(|_| anyhow::anyhow!("--duration {text:?} is too long"))
 }
 
 /// The next command of the marketplace flow: a mix of registrations, gigs and orders that only
@@ -275,6 +276,8 @@ pub async fn load(args: &LoadArgs) -> anyhow::Result<Summary> {
     let started = Instant::now();
     let (mut owed, mut last_print, tick) = (0.0, 0.0, 0.1);
     let reads = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::<Result<f64, ()>>::new()));
+    // Reads in flight at once; beyond it the generator waits (an overloaded head slows it).
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
     while started.elapsed().as_secs_f64() < duration {
         let t = started.elapsed().as_secs_f64();
         owed += profile.rate(t, duration, args.rate) * tick;
@@ -293,7 +296,11 @@ pub async fn load(args: &LoadArgs) -> anyhow::Result<Summary> {
             let (domain, path) = flow.read();
             if let Some(base) = urls.get(domain) {
                 let (http, url, reads) = (http.clone(), format!("{base}{path}"), reads.clone());
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    continue;
+                };
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let sent = Instant::now();
                     let ok = http
                         .get(&url)
@@ -331,7 +338,8 @@ pub async fn load(args: &LoadArgs) -> anyhow::Result<Summary> {
         }
         tokio::time::sleep(Duration::from_secs_f64(tick)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every read finishes (or times out) before the summary.
+    let _ = in_flight.acquire_many(256).await;
     for r in reads.lock().await.drain(..) {
         summary.reads += 1;
         match r {

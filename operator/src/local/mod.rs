@@ -119,6 +119,8 @@ struct Running {
     // domain -> (its balancer, where it listens, whom it serves): kept across reloads
     balancers: BTreeMap<String, (tokio::task::JoinHandle<()>, SocketAddr, balancer::Backends)>,
     ports: BTreeMap<String, u16>, // domain -> stable port
+    /// Heads of reloaded modules still stopping.
+    stopping: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Runs until Ctrl-C / SIGTERM.
@@ -151,6 +153,24 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             endpoint
         }
     };
+    let result = serve(&args, &state_dir, &endpoint, modules, &mut mtimes, origin).await;
+    // The private broker stops whatever happened, so no node is left holding its ports.
+    if let Some(broker) = private {
+        broker.stop().await;
+    }
+    snapshot::clear(&state_dir);
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+/// Everything after the broker: dashboard, heads, the loop, and their clean stop.
+async fn serve(
+    args: &UpArgs,
+    state_dir: &Path,
+    endpoint: &BrokerEndpoint,
+    modules: Vec<ChimeraModule>,
+    mtimes: &mut BTreeMap<PathBuf, SystemTime>,
+    origin: Instant,
+) -> anyhow::Result<()> {
     let local = LocalContext {
         amqp_url: endpoint.amqp_url.clone(),
         state_dir: state_dir.display().to_string(),
@@ -167,13 +187,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         amqp_url: endpoint.amqp_url.clone(),
         pids: Vec::new(),
     };
-    up_file.write(&state_dir)?;
+    up_file.write(state_dir)?;
     println!("chimera up: dashboard at http://{dashboard}");
 
     let mut running = Running {
         runners: Vec::new(),
         balancers: BTreeMap::new(),
         ports: BTreeMap::new(),
+        stopping: Vec::new(),
     };
     let mut domains: Vec<&str> = modules
         .iter()
@@ -182,15 +203,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         .collect();
     domains.sort_unstable();
     for domain in domains {
-        query_port(&args, &mut running.ports, domain);
+        query_port(args, &mut running.ports, domain);
     }
     let result = run(
-        &args,
-        &state_dir,
-        &endpoint,
+        args,
+        state_dir,
+        endpoint,
         &local,
         modules,
-        &mut mtimes,
+        mtimes,
         &mut running,
         &snapshot,
         origin,
@@ -199,14 +220,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     .await;
     println!("chimera up: stopping");
     futures::future::join_all(running.runners.iter_mut().map(HeadRunner::stop_all)).await;
+    futures::future::join_all(running.stopping.drain(..)).await;
     for (task, _, _) in running.balancers.values() {
         task.abort();
     }
-    if let Some(broker) = private {
-        broker.stop().await;
-    }
-    snapshot::clear(&state_dir);
-    result.map(|()| ExitCode::SUCCESS)
+    result
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -405,7 +423,6 @@ async fn reload_changed(
         return Ok(());
     }
     let (next, next_mtimes) = load_modules(&args.dir)?;
-    *mtimes = next_mtimes;
     let changed: Vec<&ChimeraModule> = next
         .iter()
         .filter(|m| {
@@ -422,6 +439,7 @@ async fn reload_changed(
         .filter_map(|o| o.metadata.name.clone())
         .collect();
     if changed.is_empty() && removed.is_empty() {
+        *mtimes = next_mtimes;
         return Ok(());
     }
     declare_topology(endpoint, &next).await?;
@@ -433,7 +451,10 @@ async fn reload_changed(
     let mut kept = Vec::new();
     for mut runner in running.runners.drain(..) {
         if touched.contains(&runner.module.metadata.name.clone().unwrap_or_default()) {
-            runner.stop_all().await;
+            // Stopped in the background: the other heads keep being supervised meanwhile.
+            running
+                .stopping
+                .push(tokio::spawn(async move { runner.stop_all().await }));
         } else {
             kept.push(runner);
         }
@@ -459,7 +480,9 @@ async fn reload_changed(
         }
         keep
     });
+    // Only now: a reload that failed half-way is tried again at the next poll.
     *modules = next;
+    *mtimes = next_mtimes;
     Ok(())
 }
 

@@ -12,6 +12,8 @@ use super::process::{alive, terminate};
 /// A running private node.
 pub struct PrivateBroker {
     child: Child,
+    /// The node's own pid file (the child is a wrapper script; the node is its child).
+    pid_file: PathBuf,
     /// Its AMQP URL.
     pub amqp_url: String,
     /// Its management API URL.
@@ -27,6 +29,12 @@ fn sbin() -> Result<PathBuf, String> {
         .collect();
     found.sort();
     found.pop().ok_or_else(missing)
+}
+
+/// Whether `pid` is a private node of `chimera up` (not a recycled pid).
+fn is_our_node(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("chimera-up-"))
 }
 
 fn missing() -> String {
@@ -45,6 +53,7 @@ impl PrivateBroker {
             .ok()
             .and_then(|p| p.trim().parse::<u32>().ok())
             && alive(pid)
+            && is_our_node(pid)
         {
             terminate(pid);
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -81,8 +90,9 @@ impl PrivateBroker {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start rabbitmq-server: {e}"))?;
-        let broker = Self {
+        let mut broker = Self {
             child,
+            pid_file: pid_file.clone(),
             amqp_url: format!("amqp://guest:guest@127.0.0.1:{amqp_port}/%2f"),
             management_url: format!("http://guest:guest@127.0.0.1:{management_port}"),
         };
@@ -99,6 +109,8 @@ impl PrivateBroker {
                 return Ok(broker);
             }
             if Instant::now() > deadline {
+                broker.kill_node();
+                let _ = broker.child.kill().await;
                 return Err(format!(
                     "RabbitMQ did not start in 120 s; see {}",
                     dir.join("server.log").display()
@@ -108,7 +120,8 @@ impl PrivateBroker {
         }
     }
 
-    /// Stops the node.
+    /// Stops the node: SIGTERM to the wrapper (which stops the node), SIGKILL to both after
+    /// 30 s.
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
             terminate(pid);
@@ -117,7 +130,20 @@ impl PrivateBroker {
             .await
             .is_err()
         {
+            self.kill_node();
             let _ = self.child.kill().await;
+        }
+    }
+
+    fn kill_node(&self) {
+        if let Some(pid) = std::fs::read_to_string(&self.pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .filter(|p| alive(*p) && is_our_node(*p))
+        {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
         }
     }
 }

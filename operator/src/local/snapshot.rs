@@ -243,6 +243,12 @@ impl UpFile {
     pub fn write(&self, state: &Path) -> anyhow::Result<()> {
         let tmp = state.join("up.json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        // It holds the broker URL with its password: readable by this user only.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        }
         std::fs::rename(&tmp, up_path(state))?;
         Ok(())
     }
@@ -273,7 +279,12 @@ pub fn recover(state: &Path) -> anyhow::Result<()> {
             state.display()
         );
     }
-    let left: Vec<u32> = previous.pids.into_iter().filter(|p| alive(*p)).collect();
+    // Only heads of a local run: a recycled pid now belongs to someone else.
+    let left: Vec<u32> = previous
+        .pids
+        .into_iter()
+        .filter(|p| alive(*p) && is_local_head(*p))
+        .collect();
     for pid in &left {
         terminate(*pid);
     }
@@ -296,6 +307,14 @@ pub fn recover(state: &Path) -> anyhow::Result<()> {
     }
     clear(state);
     Ok(())
+}
+
+/// Whether `pid` runs with the environment `chimera up` gives its heads.
+fn is_local_head(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+        env.split(|b| *b == 0)
+            .any(|v| v == format!("CHIMERA_NAMESPACE={}", super::plan::LOCAL_NAMESPACE).as_bytes())
+    })
 }
 
 fn is_chimera(pid: u32) -> bool {

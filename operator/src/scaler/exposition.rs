@@ -64,6 +64,7 @@ pub fn parse(text: &str) -> Result<Scrape, ExpositionError> {
             Some(i) => {
                 let close = line
                     .rfind('}')
+                    .filter(|&c| c > i)
                     .ok_or_else(|| ExpositionError::BadLine(line.to_owned()))?;
                 (&line[..i], (Some(&line[i + 1..close]), &line[close + 1..]))
             }
@@ -177,6 +178,8 @@ chimera_http_requests_in_flight 3
             parse("chimera_http_request_duration_seconds_count{route=\"/x\"} nope\n"),
             Err(ExpositionError::BadLine(_))
         ));
+        // Not metrics at all (an HTML page, JSON): an error, never a panic.
+        assert!(parse("}, {\n").is_err());
     }
 
     #[test]

@@ -39,6 +39,8 @@ const STATUS_REFRESH: Duration = Duration::from_secs(15);
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(30);
 /// Heads scaled at once.
 const CONCURRENCY: usize = 16;
+/// Longest wait for one head's signals.
+const SOURCE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How the autoscaler runs.
 #[derive(Clone, Copy, Debug)]
@@ -300,7 +302,14 @@ impl Scaler {
                 );
                 let mut cell = cell.lock().await;
                 let service = object_name(&module.name_any(), Head::Query);
-                let scrapes = self.latency.sample(&namespace, &service).await;
+                let scrapes =
+                    tokio::time::timeout(SOURCE_TIMEOUT, self.latency.sample(&namespace, &service))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(sources::SourceError::Scrape(format!(
+                                "no answer within {SOURCE_TIMEOUT:?}"
+                            )))
+                        });
                 match (&mut cell.law, scrapes) {
                     (Law::Query(law, merged), Ok(scrapes)) => match merged.update(&scrapes) {
                         Some((latency, in_flight)) => {

@@ -247,12 +247,23 @@ impl LatencySource for PodMetrics {
     }
 }
 
+/// Rounds a pod may be missing (a slow scrape, a readiness flap) before its counts are
+/// retired; a pod that comes back within them continues where it was.
+const ABSENT_ROUNDS: u32 = 30;
+
 /// The head's histogram as one monotonic series, from pods that come and go and restart: each
 /// pod's counts continue across its resets, and a pod that is gone keeps what it counted.
 #[derive(Clone, Debug, Default)]
 pub struct MergedLatency {
-    pods: HashMap<String, (Histogram, Histogram)>, // endpoint -> (last raw, offset)
+    pods: HashMap<String, Pod>,
     retired: Option<Histogram>,
+}
+
+#[derive(Clone, Debug)]
+struct Pod {
+    last: Histogram,
+    offset: Histogram,
+    absent: u32,
 }
 
 impl MergedLatency {
@@ -260,18 +271,22 @@ impl MergedLatency {
     pub fn update(&mut self, scrapes: &[(String, Scrape)]) -> Option<(Histogram, f64)> {
         let bounds = scrapes.first()?.1.latency.bounds.clone();
         let empty = Histogram::empty(&bounds);
-        let seen: Vec<&String> = scrapes.iter().map(|(k, _)| k).collect();
+        for (key, pod) in &mut self.pods {
+            if !scrapes.iter().any(|(k, _)| k == key) {
+                pod.absent += 1;
+            }
+        }
         let gone: Vec<String> = self
             .pods
-            .keys()
-            .filter(|k| !seen.contains(k))
-            .cloned()
+            .iter()
+            .filter(|(_, p)| p.absent > ABSENT_ROUNDS)
+            .map(|(k, _)| k.clone())
             .collect();
         for key in gone {
-            if let Some((last, offset)) = self.pods.remove(&key) {
+            if let Some(pod) = self.pods.remove(&key) {
                 let retired = self.retired.get_or_insert_with(|| empty.clone());
-                retired.add(&last);
-                retired.add(&offset);
+                retired.add(&pod.last);
+                retired.add(&pod.offset);
             }
         }
         let mut in_flight = 0.0;
@@ -280,24 +295,26 @@ impl MergedLatency {
                 continue; // another build with other buckets: cannot be merged
             }
             in_flight += scrape.in_flight;
-            let entry = self
-                .pods
-                .entry(key.clone())
-                .or_insert_with(|| (empty.clone(), empty.clone()));
-            if scrape.latency.total < entry.0.total {
-                let last = entry.0.clone();
-                entry.1.add(&last); // the pod restarted: keep what it had counted
+            let pod = self.pods.entry(key.clone()).or_insert_with(|| Pod {
+                last: empty.clone(),
+                offset: empty.clone(),
+                absent: 0,
+            });
+            pod.absent = 0;
+            if scrape.latency.total < pod.last.total {
+                let last = pod.last.clone();
+                pod.offset.add(&last); // the pod restarted: keep what it had counted
             }
-            entry.0 = scrape.latency.clone();
+            pod.last = scrape.latency.clone();
         }
         let mut merged = self
             .retired
             .clone()
             .filter(|r| r.bounds == bounds)
             .unwrap_or_else(|| empty.clone());
-        for (last, offset) in self.pods.values() {
-            merged.add(last);
-            merged.add(offset);
+        for pod in self.pods.values() {
+            merged.add(&pod.last);
+            merged.add(&pod.offset);
         }
         Some((merged, in_flight))
     }
@@ -331,9 +348,22 @@ mod tests {
             ])
             .unwrap();
         assert_eq!(h.total, 18.0);
-        // a leaves; what it counted stays.
+        // a misses a scrape (what it counted stays), then comes back: counted once.
         let (h, _) = m.update(&[("b".into(), scrape(4.0, 0.0))]).unwrap();
         assert_eq!(h.total, 21.0);
+        let (h, _) = m
+            .update(&[
+                ("a".into(), scrape(13.0, 0.0)),
+                ("b".into(), scrape(4.0, 0.0)),
+            ])
+            .unwrap();
+        assert_eq!(h.total, 22.0, "not counted twice");
+        // a leaves for good; what it counted stays.
+        let mut h = None;
+        for _ in 0..=ABSENT_ROUNDS {
+            h = m.update(&[("b".into(), scrape(5.0, 0.0))]);
+        }
+        assert_eq!(h.unwrap().0.total, 23.0);
         assert!(m.update(&[]).is_none());
     }
 }

@@ -83,11 +83,18 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::warn!(status = %self.status, code = self.code, message = %self.message, "request failed");
         }
+        // A 500's details (database errors, ...) go to the log; the client learns only that
+        // the head failed.
+        let message = if self.status == StatusCode::INTERNAL_SERVER_ERROR {
+            "the head failed to answer; details are in its log"
+        } else {
+            &self.message
+        };
         (
             self.status,
             Json(Body {
                 error: self.code,
-                message: &self.message,
+                message,
             }),
         )
             .into_response()
