@@ -22,8 +22,9 @@ pub struct LoadArgs {
     /// How long, e.g. `60s`, `2m`.
     #[arg(long, default_value = "60s")]
     pub duration: String,
-    /// Peak commands per second (reads follow at the same rate).
-    #[arg(long, default_value_t = 100.0)]
+    /// Peak commands per second (reads follow at the same rate). The default is enough to
+    /// make the marketplace's workers scale out on a small machine.
+    #[arg(long, default_value_t = 2000.0)]
     pub rate: f64,
     /// The state directory of the `chimera up` to drive.
     #[arg(long, default_value = ".chimera")]
