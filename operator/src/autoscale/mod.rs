@@ -31,6 +31,14 @@ pub struct Bounds {
 }
 
 impl Bounds {
+    /// Bounds from a spec's `replicas {min, max}` (negative values read as 0).
+    pub fn from_spec(min: i32, max: i32) -> Self {
+        Self {
+            min: u32::try_from(min).unwrap_or(0),
+            max: u32::try_from(max).unwrap_or(0),
+        }
+    }
+
     fn clamp(self, n: u32) -> u32 {
         n.clamp(self.min, self.max.max(self.min))
     }
@@ -45,6 +53,17 @@ pub struct Decision {
     pub reason: String,
     /// The measured signal the decision rests on (queue depth or latency), for status.
     pub signal: String,
+}
+
+impl Decision {
+    /// Keeps `current` replicas because the signals are missing: never scale on no data.
+    pub fn hold(current: u32, why: &str) -> Self {
+        Self {
+            desired: current,
+            reason: format!("metrics unavailable, holding {current}: {why}"),
+            signal: "none".to_owned(),
+        }
+    }
 }
 
 /// Replicas for a fractional need, never negative, saturating.

@@ -56,6 +56,18 @@ pub struct QuerySettings {
     pub startup_seconds: f64,
 }
 
+impl QuerySettings {
+    /// The settings of a module's query head (`spec.query`).
+    pub fn for_head(spec: &crate::api::QueryHeadSpec, startup_seconds: f64) -> Self {
+        Self {
+            bounds: Bounds::from_spec(spec.replicas.min, spec.replicas.max),
+            quantile: spec.autoscale.latency.percentile / 100.0,
+            target_seconds: spec.autoscale.latency.target_ms as f64 / 1000.0,
+            startup_seconds,
+        }
+    }
+}
+
 /// What the control plane measures about a query head at one moment.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuerySignals {

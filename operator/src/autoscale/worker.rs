@@ -40,6 +40,18 @@ pub struct WorkerSettings {
     pub prefetch: u32,
 }
 
+impl WorkerSettings {
+    /// The settings of a module's worker head (`spec.worker`).
+    pub fn for_head(spec: &crate::api::WorkerHeadSpec, startup_seconds: f64) -> Self {
+        Self {
+            bounds: Bounds::from_spec(spec.replicas.min, spec.replicas.max),
+            drain_seconds: spec.autoscale.drain_seconds as f64,
+            startup_seconds,
+            prefetch: u32::try_from(spec.prefetch).unwrap_or(1),
+        }
+    }
+}
+
 /// What the control plane measures about a worker head at one moment.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct WorkerSignals {

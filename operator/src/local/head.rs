@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::balancer::Backends;
 use super::plan::{LocalContext, head_args, replica_env};
@@ -40,7 +40,7 @@ enum Slot {
 }
 
 /// A decision as the dashboard and `chimera status` show it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct DecisionRecord {
     /// Seconds since `chimera up` started.
     pub at: f64,
@@ -58,6 +58,7 @@ pub struct HeadRunner {
     pub module: ChimeraModule,
     /// Which head.
     pub head: Head,
+    bounds: Bounds,
     program: PathBuf,
     local: LocalContext,
     logs: PathBuf,
@@ -92,28 +93,8 @@ enum Law {
     Query(QueryLaw, MergedLatency),
 }
 
-/// Bounds of a head from its spec.
-fn bounds(module: &ChimeraModule, head: Head) -> Bounds {
-    let (min, max) = match head {
-        Head::Query => module
-            .spec
-            .query
-            .as_ref()
-            .map_or((1, 1), |q| (q.replicas.min, q.replicas.max)),
-        Head::Worker => module
-            .spec
-            .worker
-            .as_ref()
-            .map_or((0, 1), |w| (w.replicas.min, w.replicas.max)),
-    };
-    Bounds {
-        min: u32::try_from(min).unwrap_or(0),
-        max: u32::try_from(max).unwrap_or(1),
-    }
-}
-
 impl HeadRunner {
-    /// A runner with no replica yet.
+    /// A runner with no replica yet; None when the module does not declare `head`.
     pub fn new(
         module: ChimeraModule,
         head: Head,
@@ -122,33 +103,19 @@ impl HeadRunner {
         logs: PathBuf,
         echo: bool,
         startup_seconds: f64,
-    ) -> Self {
-        let b = bounds(&module, head);
-        let law = match head {
+    ) -> Option<Self> {
+        let (law, bounds) = match head {
             Head::Worker => {
-                let w = module.spec.worker.as_ref();
-                Law::Worker(WorkerLaw::new(WorkerSettings {
-                    bounds: b,
-                    drain_seconds: w.map_or(30.0, |w| w.autoscale.drain_seconds as f64),
-                    startup_seconds,
-                    prefetch: w.map_or(100, |w| u32::try_from(w.prefetch).unwrap_or(1)),
-                }))
+                let settings =
+                    WorkerSettings::for_head(module.spec.worker.as_ref()?, startup_seconds);
+                (Law::Worker(WorkerLaw::new(settings)), settings.bounds)
             }
             Head::Query => {
-                let latency = module
-                    .spec
-                    .query
-                    .as_ref()
-                    .map(|q| q.autoscale.latency.clone())
-                    .unwrap_or_default();
-                Law::Query(
-                    QueryLaw::new(QuerySettings {
-                        bounds: b,
-                        quantile: latency.percentile / 100.0,
-                        target_seconds: latency.target_ms as f64 / 1000.0,
-                        startup_seconds,
-                    }),
-                    MergedLatency::default(),
+                let settings =
+                    QuerySettings::for_head(module.spec.query.as_ref()?, startup_seconds);
+                (
+                    Law::Query(QueryLaw::new(settings), MergedLatency::default()),
+                    settings.bounds,
                 )
             }
         };
@@ -165,9 +132,10 @@ impl HeadRunner {
                 .and_then(|q| q.termination_grace_period_seconds)
                 .unwrap_or(30),
         };
-        Self {
+        Some(Self {
             module,
             head,
+            bounds,
             program,
             local,
             logs,
@@ -185,12 +153,12 @@ impl HeadRunner {
             grace: Duration::from_secs(u64::try_from(grace).unwrap_or(30)),
             history: VecDeque::new(),
             draining: Vec::new(),
-        }
+        })
     }
 
     /// The replica count bounds.
     pub fn bounds(&self) -> Bounds {
-        bounds(&self.module, self.head)
+        self.bounds
     }
 
     /// Replicas that exist (running or waiting to restart) and those ready.
@@ -364,8 +332,8 @@ impl HeadRunner {
                     replicas,
                 })
             }
-            (_, Err(e)) => hold(replicas.existing, &e),
-            (Law::Query(..), Ok(_)) => hold(replicas.existing, "not a worker head"),
+            (_, Err(e)) => Decision::hold(replicas.existing, &e),
+            (Law::Query(..), Ok(_)) => Decision::hold(replicas.existing, "not a worker head"),
         };
         self.record(now, &decision);
         decision
@@ -376,12 +344,9 @@ impl HeadRunner {
         let replicas = self.replicas();
         let mut scrapes = Vec::new();
         for addr in self.ready_addrs() {
-            let text = match http.get(format!("http://{addr}/metrics")).send().await {
-                Ok(r) => r.text().await.ok(),
-                Err(_) => None,
-            };
-            if let Some(s) = text.and_then(|t| crate::scaler::exposition::parse(&t).ok()) {
-                scrapes.push((addr.to_string(), s));
+            let target = addr.to_string();
+            if let Ok(s) = crate::scaler::sources::scrape(http, &target).await {
+                scrapes.push((target, s));
             }
         }
         let decision = match &mut self.law {
@@ -397,9 +362,9 @@ impl HeadRunner {
                     d
                 }
                 // Nothing ready yet: hold (and start at least one when the head has none).
-                None => hold(replicas.existing.max(1), "no ready replica to read"),
+                None => Decision::hold(replicas.existing.max(1), "no ready replica to read"),
             },
-            Law::Worker(_) => hold(replicas.existing, "not a query head"),
+            Law::Worker(_) => Decision::hold(replicas.existing, "not a query head"),
         };
         self.record(now, &decision);
         decision
@@ -467,14 +432,6 @@ impl HeadRunner {
 
 fn backoff(restarts: u32) -> Duration {
     Duration::from_secs(1u64 << restarts.min(5)).min(MAX_BACKOFF)
-}
-
-fn hold(current: u32, why: &str) -> Decision {
-    Decision {
-        desired: current,
-        reason: format!("metrics unavailable, holding {current}: {why}"),
-        signal: "none".to_owned(),
-    }
 }
 
 /// A port the kernel has just handed out (released at once for the replica to bind).

@@ -251,6 +251,7 @@ async fn run(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_watch = Instant::now();
+    let mut written_pids = Vec::new();
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
@@ -278,12 +279,16 @@ async fn run(
             );
             runner.resize(bounded).await;
         }
+        // The state file lists the heads' processes for crash recovery: rewritten when they change.
         let pids: Vec<u32> = running.runners.iter().flat_map(HeadRunner::pids).collect();
-        UpFile {
-            pids,
-            ..up_file.clone()
+        if pids != written_pids {
+            UpFile {
+                pids: pids.clone(),
+                ..up_file.clone()
+            }
+            .write(state_dir)?;
+            written_pids = pids;
         }
-        .write(state_dir)?;
         if let Ok(mut s) = snapshot.write() {
             s.update(now, &running.runners, endpoint);
         }
@@ -346,7 +351,7 @@ async fn start_module(
     })?;
     let logs = state_dir.join("logs");
     for head in Head::declared(module) {
-        let mut runner = HeadRunner::new(
+        let Some(mut runner) = HeadRunner::new(
             module.clone(),
             head,
             program.clone(),
@@ -354,7 +359,9 @@ async fn start_module(
             logs.clone(),
             !args.quiet,
             args.startup_seconds,
-        );
+        ) else {
+            continue;
+        };
         if head == Head::Query {
             let domain = module.domain().to_owned();
             // A reloaded module keeps its balancer (and port); its new replicas join it.

@@ -73,35 +73,11 @@ pub struct HeadView {
     pub pids: Vec<u32>,
     /// The latest decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub current: Option<Decision>,
+    pub current: Option<DecisionRecord>,
     /// Recent changes of the replica count, newest last.
-    pub decisions: Vec<Decision>,
+    pub decisions: Vec<DecisionRecord>,
     /// History, oldest first.
     pub history: Vec<Point>,
-}
-
-/// A decision.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct Decision {
-    /// Seconds since start.
-    pub at: f64,
-    /// Replicas.
-    pub desired: u32,
-    /// Why.
-    pub reason: String,
-    /// What was measured.
-    pub signal: String,
-}
-
-impl From<&DecisionRecord> for Decision {
-    fn from(d: &DecisionRecord) -> Self {
-        Self {
-            at: d.at,
-            desired: d.desired,
-            reason: d.reason.clone(),
-            signal: d.signal.clone(),
-        }
-    }
 }
 
 /// One module.
@@ -211,8 +187,8 @@ impl Snapshot {
                 }),
                 restarts: runner.restarts,
                 pids: runner.pids(),
-                current: runner.current.as_ref().map(Decision::from),
-                decisions: runner.decisions.iter().map(Decision::from).collect(),
+                current: runner.current.clone(),
+                decisions: runner.decisions.iter().cloned().collect(),
                 history: history.iter().cloned().collect(),
             });
         }

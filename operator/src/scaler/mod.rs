@@ -23,7 +23,7 @@ use serde_json::json;
 use crate::api::{AutoscalingStatus, ChimeraModule, ScalingDecision};
 use crate::autoscale::query::{QueryLaw, QuerySettings, QuerySignals};
 use crate::autoscale::worker::{WorkerLaw, WorkerSettings, WorkerSignals};
-use crate::autoscale::{Bounds, Decision, Replicas};
+use crate::autoscale::{Decision, Replicas};
 use crate::controller::{Context, REPLICAS_MANAGER, publish};
 use crate::topology::broker::BrokerEndpoint;
 use crate::topology::names;
@@ -246,12 +246,7 @@ impl Scaler {
         let (decision, stale) = match head {
             Head::Worker => {
                 let spec = module.spec.worker.as_ref()?;
-                let settings = WorkerSettings {
-                    bounds: bounds(spec.replicas.min, spec.replicas.max),
-                    drain_seconds: spec.autoscale.drain_seconds as f64,
-                    startup_seconds: startup,
-                    prefetch: u32::try_from(spec.prefetch).unwrap_or(1),
-                };
+                let settings = WorkerSettings::for_head(spec, startup);
                 let cell = self.head_state(
                     &format!("{}/{}", key(module), head.as_str()),
                     &format!("{settings:?}"),
@@ -283,18 +278,13 @@ impl Scaler {
                         });
                         (d, false)
                     }
-                    (_, Err(e)) => (hold(current, &e), true),
+                    (_, Err(e)) => (Decision::hold(current, &e), true),
                     (Law::Query(..), Ok(_)) => return None,
                 }
             }
             Head::Query => {
                 let spec = module.spec.query.as_ref()?;
-                let settings = QuerySettings {
-                    bounds: bounds(spec.replicas.min, spec.replicas.max),
-                    quantile: spec.autoscale.latency.percentile / 100.0,
-                    target_seconds: spec.autoscale.latency.target_ms as f64 / 1000.0,
-                    startup_seconds: startup,
-                };
+                let settings = QuerySettings::for_head(spec, startup);
                 let cell = self.head_state(
                     &format!("{}/{}", key(module), head.as_str()),
                     &format!("{settings:?}"),
@@ -321,9 +311,9 @@ impl Scaler {
                             });
                             (d, false)
                         }
-                        None => (hold(current, "no pod answered"), true),
+                        None => (Decision::hold(current, "no pod answered"), true),
                     },
-                    (_, Err(e)) => (hold(current, &e.to_string()), true),
+                    (_, Err(e)) => (Decision::hold(current, &e.to_string()), true),
                     (Law::Worker(_), Ok(_)) => return None,
                 }
             }
@@ -488,22 +478,6 @@ impl Scaler {
             Ok(_) => state.written = Some((status, Instant::now())),
             Err(error) => tracing::debug!(%error, "could not write the autoscaling status"),
         }
-    }
-}
-
-fn bounds(min: i32, max: i32) -> Bounds {
-    Bounds {
-        min: u32::try_from(min).unwrap_or(0),
-        max: u32::try_from(max).unwrap_or(0),
-    }
-}
-
-/// Holds the replicas when the signals are missing: never scale in on no data.
-fn hold(current: u32, why: &str) -> Decision {
-    Decision {
-        desired: current,
-        reason: format!("metrics unavailable, holding {current}: {why}"),
-        signal: "none".to_owned(),
     }
 }
 

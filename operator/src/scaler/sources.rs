@@ -65,10 +65,11 @@ pub trait LatencySource: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<(String, Scrape)>, SourceError>>;
 }
 
-/// RabbitMQ: one AMQP channel per broker URL, kept between ticks.
+/// RabbitMQ: one AMQP channel and one management client per broker, kept between ticks.
 #[derive(Default)]
 pub struct RabbitMq {
     channels: Mutex<HashMap<String, lapin::Channel>>,
+    management: Mutex<HashMap<String, std::sync::Arc<ManagementClient>>>,
 }
 
 impl RabbitMq {
@@ -97,6 +98,28 @@ impl RabbitMq {
             c.insert(url.to_owned(), channel.clone());
         }
         Ok(channel)
+    }
+
+    fn management_client(
+        &self,
+        endpoint: &BrokerEndpoint,
+    ) -> Result<std::sync::Arc<ManagementClient>, SourceError> {
+        let key = format!("{}|{}", endpoint.management_url, endpoint.vhost);
+        if let Some(client) = self
+            .management
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&key).cloned())
+        {
+            return Ok(client);
+        }
+        let client = std::sync::Arc::new(
+            ManagementClient::new(endpoint).map_err(|e| SourceError::Broker(e.to_string()))?,
+        );
+        if let Ok(mut m) = self.management.lock() {
+            m.insert(key, client.clone());
+        }
+        Ok(client)
     }
 
     fn forget(&self, url: &str) {
@@ -132,8 +155,7 @@ impl QueueSource for RabbitMq {
                     return Err(SourceError::Broker(format!("queue {queue}: {e}")));
                 }
             };
-            let management =
-                ManagementClient::new(endpoint).map_err(|e| SourceError::Broker(e.to_string()))?;
+            let management = self.management_client(endpoint)?;
             let stats = management
                 .queue(queue)
                 .await
@@ -212,21 +234,11 @@ impl LatencySource for PodMetrics {
                     "Service {namespace}/{service} has no ready endpoints"
                 )));
             }
-            let scrapes = futures::future::join_all(targets.iter().map(|t| async move {
-                let text = self
-                    .http
-                    .get(format!("http://{t}/metrics"))
-                    .send()
-                    .await
-                    .and_then(reqwest::Response::error_for_status)
-                    .map_err(|e| e.to_string())?
-                    .text()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                exposition::parse(&text)
-                    .map(|s| (t.clone(), s))
-                    .map_err(|e| e.to_string())
-            }))
+            let scrapes = futures::future::join_all(
+                targets
+                    .iter()
+                    .map(|t| async move { scrape(&self.http, t).await.map(|s| (t.clone(), s)) }),
+            )
             .await;
             let mut ok = Vec::new();
             let mut errors = Vec::new();
@@ -245,6 +257,20 @@ impl LatencySource for PodMetrics {
             Ok(ok)
         })
     }
+}
+
+/// Reads the `/metrics` of one head replica at `target` (`host:port`).
+pub async fn scrape(http: &reqwest::Client, target: &str) -> Result<Scrape, String> {
+    let text = http
+        .get(format!("http://{target}/metrics"))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|e| e.to_string())?
+        .text()
+        .await
+        .map_err(|e| e.to_string())?;
+    exposition::parse(&text).map_err(|e| e.to_string())
 }
 
 /// Rounds a pod may be missing (a slow scrape, a readiness flap) before its counts are
