@@ -84,6 +84,9 @@ impl PrivateBroker {
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
             .env("RABBITMQ_PID_FILE", &pid_file)
+            // A node that fails to boot writes erl_crash.dump into its working directory (the
+            // user's project) unless told where: keep it with the broker's other state.
+            .env("ERL_CRASH_DUMP", dir.join("erl_crash.dump"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
