@@ -1,4 +1,5 @@
-//! The `chimera` command line: `crd`, `validate`, `operator`.
+//! The `chimera` command line: `up`, `status`, `load` (the local runtime), `operator`, `crd`,
+//! `validate`, `topology plan|diff|migrate|apply`, `publish` and `sim`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -1,5 +1,5 @@
 //! The autoscaler against a real kube-apiserver and a real RabbitMQ: a backlog in a module's
-//! worker queue raises the worker Deployment's replicas within 2 s, and they fall back once a
+//! worker queue raises the worker Deployment's replicas, and they fall back once a
 //! consumer drains the queue; a broker outage holds replicas steady and says so; a query head
 //! whose pods report slow requests scales out, then back in once the latency recovers.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -51,7 +51,7 @@ async fn autoscaling(h: &Harness, module: &str, head: &str) -> Option<serde_json
 }
 
 #[tokio::test]
-async fn a_worker_backlog_scales_out_within_two_seconds_and_back_in_when_drained() {
+async fn a_worker_backlog_scales_out_and_back_in_when_drained() {
     let vhost = TestVhost::create("autoscale");
     let addr = metrics_addr();
     let h = Harness::with_autoscaling_operator("autoscale", endpoint(&vhost), addr).await;
@@ -97,17 +97,14 @@ async fn a_worker_backlog_scales_out_within_two_seconds_and_back_in_when_drained
         .collect();
     publisher.publish_all(&backlog, true).await.unwrap();
     let published = Instant::now();
-    let scaled = loop {
-        let r = replicas(&h, "ledger-worker").await.unwrap_or(0);
-        if r > 1 {
-            break published.elapsed();
-        }
-        assert!(
-            published.elapsed() < Duration::from_secs(2),
-            "no scale-out within 2 s of the backlog (replicas {r})"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // How fast is a benchmark's question (bench/autoscale); here: it scales out at all.
+    eventually(
+        "a scale-out after the backlog",
+        Duration::from_secs(30),
+        || async { (replicas(&h, "ledger-worker").await? > 1).then_some(()) },
+    )
+    .await;
+    let scaled = published.elapsed();
     eprintln!("scaled out {scaled:?} after the backlog was published");
     // 200 waiting at a prefetch of 10, the rate not known yet (no pod runs here): the max.
     eventually("8 worker replicas", Duration::from_secs(10), || async {

@@ -1,4 +1,5 @@
-//! The `chimera` binary as a user runs it: `crd`, `validate` and `sim`.
+//! The `chimera` binary as a user runs it (`crd`, `validate`, `sim`), and the module programs'
+//! command lines (`--help`, `--version`).
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::path::PathBuf;
@@ -133,4 +134,79 @@ fn sim_scores_a_scenario_and_writes_its_timeline() {
     let (code, out) = chimera(&["sim", "--scenario", &repo("README.md")]);
     assert_ne!(code, 0);
     assert!(out.contains("is not a scenario"), "{out}");
+}
+
+/// Runs a module program of the workspace (scripts/test builds them beside `chimera`).
+fn module_program(name: &str, args: &[&str]) -> (i32, String, String) {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_chimera"))
+        .parent()
+        .unwrap()
+        .join(name);
+    let out = Command::new(&path)
+        .args(args)
+        .env_remove("CHIMERA_HEAD")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; build the module programs first (`cargo build -p chimera-{name}`; scripts/test does)",
+                path.display()
+            )
+        });
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn module_programs_answer_help_and_version_for_themselves_and_each_head() {
+    for name in ["users", "gigs", "orders"] {
+        let (code, out, err) = module_program(name, &["--help"]);
+        assert_eq!(code, 0, "{name} --help: {err}");
+        assert!(
+            out.starts_with(&format!("{name}: the {name} domain")),
+            "{out}"
+        );
+        for text in [
+            "query",
+            "worker",
+            "CHIMERA_AMQP_URL",
+            "CHIMERA_WORKER_QUEUE",
+            "docs/contract.md",
+        ] {
+            assert!(out.contains(text), "{name} --help lacks {text}:\n{out}");
+        }
+        let (code, out, _) = module_program(name, &["worker", "--help"]);
+        assert_eq!(code, 0);
+        assert!(out.contains("CHIMERA_PREFETCH"), "{out}");
+        let (code, out, _) = module_program(name, &["query", "-h"]);
+        assert_eq!(code, 0);
+        assert!(
+            out.contains("CHIMERA_HTTP_ADDR") && !out.contains("CHIMERA_PREFETCH"),
+            "{out}"
+        );
+        for args in [
+            &["--version"][..],
+            &["query", "--version"],
+            &["worker", "-V"],
+        ] {
+            let (code, out, _) = module_program(name, args);
+            assert_eq!(code, 0, "{name} {args:?}");
+            assert!(
+                out.starts_with(&format!("{name} {}", env!("CARGO_PKG_VERSION"))),
+                "{out}"
+            );
+        }
+        // A command line that means nothing is a usage error (2), not a start-up attempt.
+        let (code, _, err) = module_program(name, &["reader"]);
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains("unknown head \"reader\"") && err.contains("usage:"),
+            "{err}"
+        );
+        let (code, _, err) = module_program(name, &[]);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("no head named"), "{err}");
+    }
 }

@@ -16,7 +16,8 @@ use kube::api::{
 };
 use kube::{Api, Client};
 
-const HOW_TO_START: &str = "start the test environment with `eval \"$(scripts/dev-env up)\"` \
+const HOW_TO_START: &str = "start the test environment with \
+     `scripts/dev-env up && . ~/.cache/chimera/dev-env/env` \
      (or run the whole suite with `scripts/test`)";
 
 fn required_env(name: &str) -> String {

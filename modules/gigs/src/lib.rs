@@ -14,6 +14,7 @@ use chimera_sdk::futures::future::BoxFuture;
 use chimera_sdk::head::Module;
 use chimera_sdk::http::{ApiError, ValidPath, ValidQuery};
 use chimera_sdk::sqlx::{self, Row};
+use chimera_sdk::usage::Program;
 use chimera_sdk::validate::valid_id;
 use chimera_sdk::worker::{Context, HandlerError, Worker};
 use serde::{Deserialize, Serialize};
@@ -48,6 +49,11 @@ pub const MIGRATIONS: &[Migration] = &[
 /// The module, for `chimera_sdk::head::main`.
 pub fn module() -> Module {
     Module {
+        program: Program {
+            name: "gigs",
+            version: env!("CARGO_PKG_VERSION"),
+            about: "the gigs domain: sellers publish gigs; seller names come from the users domain's events",
+        },
         migrations: MIGRATIONS,
         query: routes,
         worker: handlers,

@@ -19,6 +19,7 @@ use chimera_sdk::futures::future::BoxFuture;
 use chimera_sdk::head::Module;
 use chimera_sdk::http::{ApiError, ValidPath, ValidQuery};
 use chimera_sdk::sqlx::{self, Row};
+use chimera_sdk::usage::Program;
 use chimera_sdk::validate::valid_id;
 use chimera_sdk::worker::{Context, HandlerError, Worker};
 use serde::{Deserialize, Serialize};
@@ -60,6 +61,11 @@ pub const MIGRATIONS: &[Migration] = &[
 /// The module, for `chimera_sdk::head::main`.
 pub fn module() -> Module {
     Module {
+        program: Program {
+            name: "orders",
+            version: env!("CARGO_PKG_VERSION"),
+            about: "the orders domain: places and tracks orders; follows gigs and users to reject what it must",
+        },
         migrations: MIGRATIONS,
         query: routes,
         worker: handlers,

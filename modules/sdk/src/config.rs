@@ -13,6 +13,135 @@ pub enum HeadKind {
     Worker,
 }
 
+/// A variable of the head contract, as a head's `--help` lists it.
+#[derive(Clone, Copy, Debug)]
+pub struct Variable {
+    /// The name.
+    pub name: &'static str,
+    /// Read by the worker head only (otherwise by both).
+    pub worker_only: bool,
+    /// A head that reads it does not start without it.
+    pub required: bool,
+    /// What it means, in a line.
+    pub meaning: &'static str,
+}
+
+const fn var(
+    name: &'static str,
+    worker_only: bool,
+    required: bool,
+    meaning: &'static str,
+) -> Variable {
+    Variable {
+        name,
+        worker_only,
+        required,
+        meaning,
+    }
+}
+
+/// Every variable a head reads (docs/contract.md has the full text). A test checks the table
+/// against what `HeadConfig::from_vars` requires.
+pub const VARIABLES: &[Variable] = &[
+    var(
+        "CHIMERA_HEAD",
+        false,
+        true,
+        "query or worker (or name the head on the command line)",
+    ),
+    var("CHIMERA_DOMAIN", false, true, "the domain, e.g. orders"),
+    var(
+        "CHIMERA_MODULE",
+        false,
+        false,
+        "the ChimeraModule's name (default: the domain)",
+    ),
+    var(
+        "CHIMERA_POD_NAME",
+        false,
+        false,
+        "this replica's unique name (default: HOSTNAME)",
+    ),
+    var(
+        "CHIMERA_HTTP_ADDR",
+        false,
+        true,
+        "HOST:PORT to serve HTTP on",
+    ),
+    var(
+        "CHIMERA_AMQP_URL",
+        false,
+        true,
+        "amqp:// or amqps:// URL of the broker, with vhost",
+    ),
+    var(
+        "CHIMERA_DATABASE_URL",
+        false,
+        false,
+        "sqlite://... or mysql://... (default: sqlite://<domain>.db)",
+    ),
+    var(
+        "CHIMERA_EVENTS_EXCHANGE",
+        false,
+        false,
+        "where the domain's events go (default: chimera.<domain>.events)",
+    ),
+    var(
+        "CHIMERA_COMMANDS_EXCHANGE",
+        false,
+        false,
+        "the domain's commands exchange (default: chimera.<domain>.commands)",
+    ),
+    var(
+        "CHIMERA_PUBLISHES",
+        false,
+        false,
+        "comma-separated event names the domain may publish",
+    ),
+    var(
+        "CHIMERA_LOG_FORMAT",
+        false,
+        false,
+        "json for JSON log lines (default: text); RUST_LOG filters",
+    ),
+    var(
+        "CHIMERA_WORKER_QUEUE",
+        true,
+        true,
+        "the one queue to consume",
+    ),
+    var(
+        "CHIMERA_DEAD_LETTER_QUEUE",
+        true,
+        true,
+        "where messages go after the last attempt",
+    ),
+    var(
+        "CHIMERA_RETRY_DELAYS_SECONDS",
+        true,
+        false,
+        "comma-separated retry delays; retry queue n is <queue>.retry.<n>",
+    ),
+    var(
+        "CHIMERA_MAX_ATTEMPTS",
+        true,
+        false,
+        "attempts before dead-lettering (default: delays + 1)",
+    ),
+    var(
+        "CHIMERA_PREFETCH",
+        true,
+        false,
+        "AMQP prefetch of the consuming channel (default: 100)",
+    ),
+    var(
+        "CHIMERA_COMMANDS",
+        true,
+        false,
+        "comma-separated command names the worker accepts",
+    ),
+];
+
 /// A variable of the contract is missing or malformed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -225,6 +354,35 @@ mod tests {
             ("CHIMERA_COMMANDS", "order.place, order.cancel"),
             ("CHIMERA_PUBLISHES", "order.placed"),
         ])
+    }
+
+    #[test]
+    fn the_variable_table_says_what_from_vars_requires() {
+        let full = worker_env();
+        for v in VARIABLES {
+            let mut without = full.clone();
+            without.remove(v.name);
+            let outcome = HeadConfig::from_vars(&without);
+            if v.required {
+                assert_eq!(outcome, Err(ConfigError::Missing(v.name)), "{}", v.name);
+            } else {
+                assert!(outcome.is_ok(), "{} is optional: {outcome:?}", v.name);
+            }
+        }
+        // The query head needs none of the worker's variables.
+        let mut query = full.clone();
+        query.insert("CHIMERA_HEAD".into(), "query".into());
+        for v in VARIABLES.iter().filter(|v| v.worker_only) {
+            query.remove(v.name);
+        }
+        assert!(HeadConfig::from_vars(&query).is_ok());
+        // And every variable the worker test environment sets is in the table.
+        for name in full.keys() {
+            assert!(
+                VARIABLES.iter().any(|v| v.name == name),
+                "{name} not in VARIABLES"
+            );
+        }
     }
 
     #[test]

@@ -20,10 +20,13 @@ use crate::config::{ConfigError, HeadConfig, HeadKind};
 use crate::db::{Database, DbError, Migration};
 use crate::http::{ServerOptions, router, serve};
 use crate::outbox::{RelaySettings, run_relay};
+use crate::usage::{Invocation, Program};
 use crate::worker::{Worker, WorkerError};
 
 /// What a module provides; the SDK does the rest.
 pub struct Module {
+    /// The program's name, version and one line on what it does (`--help`, `--version`).
+    pub program: Program,
     /// The module's tables, versions from 100 up.
     pub migrations: &'static [Migration],
     /// The query head's REST routes, given the database.
@@ -55,8 +58,36 @@ pub enum HeadError {
     Usage(String),
 }
 
-/// Entry point of a module binary: `<binary> query|worker`.
+/// Entry point of a module binary: `<binary> query|worker`, `--help`, `--version`.
 pub fn main(module: Module) -> ExitCode {
+    let program = module.program;
+    let head = match crate::usage::parse(std::env::args().skip(1)) {
+        Invocation::Run(head) => head,
+        Invocation::Help(head) => {
+            print!("{}", crate::usage::help(&program, head));
+            return ExitCode::SUCCESS;
+        }
+        Invocation::Version => {
+            print!("{}", crate::usage::version(&program));
+            return ExitCode::SUCCESS;
+        }
+        Invocation::Invalid(reason) => {
+            eprint!(
+                "{}: {reason}\n{}",
+                program.name,
+                crate::usage::usage(&program)
+            );
+            return ExitCode::from(2);
+        }
+    };
+    if head.is_none() && std::env::var_os("CHIMERA_HEAD").is_none() {
+        eprint!(
+            "{}: no head named (on the command line or in CHIMERA_HEAD)\n{}",
+            program.name,
+            crate::usage::usage(&program)
+        );
+        return ExitCode::from(2);
+    }
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -68,7 +99,7 @@ pub fn main(module: Module) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(module, std::env::args().nth(1))) {
+    match runtime.block_on(run(module, head)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "head stopped");

@@ -9,7 +9,8 @@
 //! - [`http`]: the HTTP server every head runs (health, readiness, metrics, JSON errors);
 //! - [`worker`]: the worker runtime (dispatch, retries, dead letters, graceful stop);
 //! - [`validate`]: payload checks every domain needs;
-//! - [`shutdown`]: SIGTERM / Ctrl-C as a future.
+//! - [`shutdown`]: SIGTERM / Ctrl-C as a future;
+//! - [`usage`]: the program's command line (`query|worker`, `--help`, `--version`).
 #![forbid(unsafe_code)]
 
 pub mod broker;
@@ -21,6 +22,7 @@ pub mod http;
 pub mod inbox;
 pub mod outbox;
 pub mod shutdown;
+pub mod usage;
 pub mod validate;
 pub mod worker;
 

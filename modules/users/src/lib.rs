@@ -13,6 +13,7 @@ use chimera_sdk::futures::future::BoxFuture;
 use chimera_sdk::head::Module;
 use chimera_sdk::http::{ApiError, ValidPath, ValidQuery};
 use chimera_sdk::sqlx::{self, Row};
+use chimera_sdk::usage::Program;
 use chimera_sdk::validate::valid_id;
 use chimera_sdk::worker::{Context, HandlerError, Worker};
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,11 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 /// The module, for `chimera_sdk::head::main`.
 pub fn module() -> Module {
     Module {
+        program: Program {
+            name: "users",
+            version: env!("CARGO_PKG_VERSION"),
+            about: "the users domain: registers marketplace users and tells the other domains about them",
+        },
         migrations: MIGRATIONS,
         query: routes,
         worker: handlers,

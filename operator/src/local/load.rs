@@ -1,6 +1,11 @@
 //! `chimera load`: marketplace traffic at a rate that follows a profile. Commands (register
 //! users, publish gigs, place, deliver and complete orders) go to the broker with confirms;
 //! reads go to the query heads' stable URLs. A line per second shows progress; a summary ends.
+//!
+//! The load is open-loop: what the profile asks for is owed from the clock, not from the ticks
+//! that ran, so a slow publish is caught up on the next tick. When the broker or the machine
+//! cannot keep up, the lines and the summary say so, with the achieved rate beside the asked
+//! one, rather than quietly sending less.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -207,6 +212,17 @@ pub struct Summary {
     pub run: String,
     /// Commands confirmed, by type.
     pub commands: std::collections::BTreeMap<String, u64>,
+    /// Seconds the run took.
+    pub elapsed_s: f64,
+    /// Commands the profile asked for over the run.
+    pub asked: u64,
+    /// Mean rate the profile asked for, commands per second.
+    pub asked_rate: f64,
+    /// Mean rate achieved (sent over elapsed), commands per second.
+    pub achieved_rate: f64,
+    /// True when fewer commands were sent than asked for (beyond one tick's rounding): the
+    /// broker or this machine could not take the rate.
+    pub fell_behind: bool,
     /// Commands sent.
     pub sent: u64,
     /// Commands the broker confirmed.
@@ -217,6 +233,9 @@ pub struct Summary {
     pub reads: u64,
     /// Reads that were not 2xx/404.
     pub read_errors: u64,
+    /// Reads not sent because too many were in flight already (the query heads were slower
+    /// than the rate): the generator sheds them rather than slowing its commands.
+    pub reads_shed: u64,
     /// Read latency p50, ms.
     pub read_p50_ms: f64,
     /// Read latency p99, ms.
@@ -275,16 +294,18 @@ pub async fn load(args: &LoadArgs) -> anyhow::Result<Summary> {
     };
     let mut latencies = Vec::new();
     let started = Instant::now();
-    let (mut owed, mut last_print, tick) = (0.0, 0.0, 0.1);
+    let tick = Duration::from_millis(100);
+    let mut ticks = tokio::time::interval(tick);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pace = Pace::default();
+    let mut last_line = Line::default();
     let reads = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::<Result<f64, ()>>::new()));
-    // Reads in flight at once; beyond it the generator waits (an overloaded head slows it).
+    // Reads in flight at once; beyond it reads are shed (and counted), commands go on.
     let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
-    while started.elapsed().as_secs_f64() < duration {
-        let t = started.elapsed().as_secs_f64();
-        owed += profile.rate(t, duration, args.rate) * tick;
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let n = owed.floor() as usize;
-        owed -= n as f64;
+    loop {
+        ticks.tick().await;
+        let t = started.elapsed().as_secs_f64().min(duration);
+        let n = pace.owed(t, |at| profile.rate(at, duration, args.rate));
         let mut batch = Vec::with_capacity(n);
         let mut kinds = Vec::with_capacity(n);
         for _ in 0..n {
@@ -297,7 +318,8 @@ pub async fn load(args: &LoadArgs) -> anyhow::Result<Summary> {
             let (domain, path) = flow.read();
             if let Some(base) = urls.get(domain) {
                 let (http, url, reads) = (http.clone(), format!("{base}{path}"), reads.clone());
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                    summary.reads_shed += 1;
                     continue;
                 };
                 tokio::spawn(async move {
@@ -314,6 +336,7 @@ pub async fn load(args: &LoadArgs) -> anyhow::Result<Summary> {
             }
         }
         summary.sent += batch.len() as u64;
+        pace.sent(batch.len());
         match publisher.publish_all(&batch, false).await {
             Ok(()) => {
                 summary.confirmed += batch.len() as u64;
@@ -326,19 +349,29 @@ pub async fn load(args: &LoadArgs) -> anyhow::Result<Summary> {
                 eprintln!("chimera load: {error}");
             }
         }
-        if t - last_print >= 1.0 {
-            last_print = t;
-            eprintln!(
-                "t={:>4.0}s  rate {:>6.1}/s  sent {:>7}  confirmed {:>7}  errors {}",
+        if t - last_line.t >= 1.0 || t >= duration {
+            let line = Line {
                 t,
-                profile.rate(t, duration, args.rate),
-                summary.sent,
+                asked: pace.asked,
+                sent: summary.sent,
+            };
+            eprintln!(
+                "{}  confirmed {:>7}  errors {}",
+                line.describe(&last_line, profile.rate(t, duration, args.rate)),
                 summary.confirmed,
                 summary.errors
             );
+            last_line = line;
         }
-        tokio::time::sleep(Duration::from_secs_f64(tick)).await;
+        if t >= duration {
+            break;
+        }
     }
+    summary.elapsed_s = started.elapsed().as_secs_f64();
+    summary.asked = pace.asked_whole();
+    summary.asked_rate = rate(summary.asked, summary.elapsed_s);
+    summary.achieved_rate = rate(summary.sent, summary.elapsed_s);
+    summary.fell_behind = pace.behind();
     // Every read finishes (or times out) before the summary.
     let _ = in_flight.acquire_many(256).await;
     for r in reads.lock().await.drain(..) {
@@ -355,6 +388,81 @@ pub async fn load(args: &LoadArgs) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
+/// Commands asked for against commands sent: the open-loop accounting of a run.
+#[derive(Debug, Default)]
+struct Pace {
+    /// Commands the profile asked for up to the last `owed` call (fractional).
+    asked: f64,
+    /// Seconds into the run of the last `owed` call.
+    t: f64,
+    /// Commands sent so far.
+    sent: u64,
+}
+
+impl Pace {
+    /// Commands to send now: everything asked for up to `t` and not yet sent. The profile is
+    /// integrated over the real time since the last call (a slow tick owes more), at the rate
+    /// of the interval's midpoint.
+    fn owed(&mut self, t: f64, rate: impl Fn(f64) -> f64) -> usize {
+        let dt = (t - self.t).max(0.0);
+        self.asked += rate(self.t + dt / 2.0).max(0.0) * dt;
+        self.t = t;
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let due = (self.asked.floor() as u64).saturating_sub(self.sent);
+        usize::try_from(due).unwrap_or(usize::MAX)
+    }
+
+    fn sent(&mut self, n: usize) {
+        self.sent += n as u64;
+    }
+
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    fn asked_whole(&self) -> u64 {
+        self.asked.floor() as u64
+    }
+
+    /// More than rounding short of what was asked.
+    fn behind(&self) -> bool {
+        self.asked_whole() > self.sent + 1
+    }
+}
+
+/// What a per-second progress line reports.
+#[derive(Debug, Default, Clone, Copy)]
+struct Line {
+    t: f64,
+    asked: f64,
+    sent: u64,
+}
+
+impl Line {
+    /// `t=  12s  asked 1000.0/s  achieved  812.3/s  sent ...`, and how far behind, since `last`.
+    fn describe(&self, last: &Self, asked_now: f64) -> String {
+        let dt = (self.t - last.t).max(1e-9);
+        #[allow(clippy::cast_precision_loss)]
+        let achieved = (self.sent - last.sent) as f64 / dt;
+        #[allow(clippy::cast_precision_loss)]
+        let behind = self.asked.floor() - self.sent as f64;
+        let mut text = format!(
+            "t={:>4.0}s  asked {asked_now:>7.1}/s  achieved {achieved:>7.1}/s  sent {:>7}",
+            self.t, self.sent
+        );
+        if behind > 1.0 {
+            text.push_str(&format!("  BEHIND by {behind:.0} commands"));
+        }
+        text
+    }
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn rate(count: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        count as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
 fn jiff_now_ms() -> u64 {
     u64::try_from(k8s_openapi::jiff::Timestamp::now().as_millisecond()).unwrap_or(0)
 }
@@ -365,15 +473,26 @@ pub fn print(summary: &Summary, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(summary)?);
     } else {
         println!(
-            "sent {}, confirmed {}, errors {}; reads {} ({} failed), p50 {:.1} ms, p99 {:.1} ms",
+            "sent {} of {} asked in {:.1} s: achieved {:.1}/s of {:.1}/s asked; confirmed {}, errors {}; reads {} ({} failed, {} shed), p50 {:.1} ms, p99 {:.1} ms",
             summary.sent,
+            summary.asked,
+            summary.elapsed_s,
+            summary.achieved_rate,
+            summary.asked_rate,
             summary.confirmed,
             summary.errors,
             summary.reads,
             summary.read_errors,
+            summary.reads_shed,
             summary.read_p50_ms,
             summary.read_p99_ms
         );
+        if summary.fell_behind {
+            println!(
+                "fell behind: {} commands asked for were not sent; the broker or this machine could not take the rate (try a lower --rate)",
+                summary.asked.saturating_sub(summary.sent)
+            );
+        }
     }
     Ok(())
 }
@@ -391,6 +510,56 @@ mod tests {
         assert_eq!(Profile::Burst.rate(60.0, 90.0, 100.0), 10.0);
         assert_eq!(Profile::File(vec![1.0, 5.0]).rate(7.0, 90.0, 100.0), 5.0);
         assert!(Profile::parse("nope.csv").is_err());
+    }
+
+    #[test]
+    fn pace_owes_what_the_clock_asked_for() {
+        let mut pace = Pace::default();
+        // 100/s: 10 due after 0.1 s.
+        assert_eq!(pace.owed(0.1, |_| 100.0), 10);
+        pace.sent(10);
+        // A slow tick (0.5 s later) owes the whole half second, not one tick's worth.
+        assert_eq!(pace.owed(0.6, |_| 100.0), 50);
+        // Only 20 of them went out: the rest stays owed, and the pace says it is behind.
+        pace.sent(20);
+        assert!(pace.behind());
+        assert_eq!(pace.owed(0.6, |_| 100.0), 30);
+        pace.sent(30);
+        assert!(!pace.behind());
+        assert_eq!(pace.asked_whole(), 60);
+        // The rate of each interval's midpoint: a step from 0 to 100/s at t = 1.
+        let mut step = Pace::default();
+        let profile = |t: f64| if t < 1.0 { 0.0 } else { 100.0 };
+        assert_eq!(step.owed(1.0, profile), 0);
+        assert_eq!(step.owed(2.0, profile), 100);
+    }
+
+    #[test]
+    fn progress_lines_say_the_achieved_rate_and_when_behind() {
+        let last = Line {
+            t: 1.0,
+            asked: 1000.0,
+            sent: 1000,
+        };
+        let on_pace = Line {
+            t: 2.0,
+            asked: 2000.0,
+            sent: 2000,
+        };
+        let text = on_pace.describe(&last, 1000.0);
+        assert!(
+            text.contains("asked  1000.0/s") && text.contains("achieved  1000.0/s"),
+            "{text}"
+        );
+        assert!(!text.contains("BEHIND"), "{text}");
+        let slow = Line {
+            t: 2.0,
+            asked: 2000.0,
+            sent: 1400,
+        };
+        let text = slow.describe(&last, 1000.0);
+        assert!(text.contains("achieved   400.0/s"), "{text}");
+        assert!(text.contains("BEHIND by 600 commands"), "{text}");
     }
 
     #[test]
