@@ -390,9 +390,9 @@ async fn publish(
             .with_context(|| format!("--id {id:?} is not a UUID"))?;
     }
     let exchange = if event {
-        crate::topology::names::events_exchange(domain)
+        chimera_contract::names::events_exchange(domain)
     } else {
-        crate::topology::names::commands_exchange(domain)
+        chimera_contract::names::commands_exchange(domain)
     };
     let mut message = Outgoing::new(exchange.clone(), envelope);
     message.trace = Some(TraceParent::new_root());

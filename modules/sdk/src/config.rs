@@ -4,143 +4,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-/// Which head this process is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HeadKind {
-    /// Serves REST reads.
-    Query,
-    /// Consumes commands and events.
-    Worker,
-}
+pub use chimera_contract::Head;
+use chimera_contract::env::{self as var, Variable};
+use chimera_contract::names;
 
-/// A variable of the head contract, as a head's `--help` lists it.
-#[derive(Clone, Copy, Debug)]
-pub struct Variable {
-    /// The name.
-    pub name: &'static str,
-    /// Read by the worker head only (otherwise by both).
-    pub worker_only: bool,
-    /// A head that reads it does not start without it.
-    pub required: bool,
-    /// What it means, in a line.
-    pub meaning: &'static str,
-}
-
-const fn var(
-    name: &'static str,
-    worker_only: bool,
-    required: bool,
-    meaning: &'static str,
-) -> Variable {
-    Variable {
-        name,
-        worker_only,
-        required,
-        meaning,
-    }
-}
-
-/// Every variable a head reads (docs/contract.md has the full text). A test checks the table
-/// against what `HeadConfig::from_vars` requires.
-pub const VARIABLES: &[Variable] = &[
-    var(
-        "CHIMERA_HEAD",
-        false,
-        true,
-        "query or worker (or name the head on the command line)",
-    ),
-    var("CHIMERA_DOMAIN", false, true, "the domain, e.g. orders"),
-    var(
-        "CHIMERA_MODULE",
-        false,
-        false,
-        "the ChimeraModule's name (default: the domain)",
-    ),
-    var(
-        "CHIMERA_POD_NAME",
-        false,
-        false,
-        "this replica's unique name (default: HOSTNAME)",
-    ),
-    var(
-        "CHIMERA_HTTP_ADDR",
-        false,
-        true,
-        "HOST:PORT to serve HTTP on",
-    ),
-    var(
-        "CHIMERA_AMQP_URL",
-        false,
-        true,
-        "amqp:// or amqps:// URL of the broker, with vhost",
-    ),
-    var(
-        "CHIMERA_DATABASE_URL",
-        false,
-        false,
-        "sqlite://... or mysql://... (default: sqlite://<domain>.db)",
-    ),
-    var(
-        "CHIMERA_EVENTS_EXCHANGE",
-        false,
-        false,
-        "where the domain's events go (default: chimera.<domain>.events)",
-    ),
-    var(
-        "CHIMERA_COMMANDS_EXCHANGE",
-        false,
-        false,
-        "the domain's commands exchange (default: chimera.<domain>.commands)",
-    ),
-    var(
-        "CHIMERA_PUBLISHES",
-        false,
-        false,
-        "comma-separated event names the domain may publish",
-    ),
-    var(
-        "CHIMERA_LOG_FORMAT",
-        false,
-        false,
-        "json for JSON log lines (default: text); RUST_LOG filters",
-    ),
-    var(
-        "CHIMERA_WORKER_QUEUE",
-        true,
-        true,
-        "the one queue to consume",
-    ),
-    var(
-        "CHIMERA_DEAD_LETTER_QUEUE",
-        true,
-        true,
-        "where messages go after the last attempt",
-    ),
-    var(
-        "CHIMERA_RETRY_DELAYS_SECONDS",
-        true,
-        false,
-        "comma-separated retry delays; retry queue n is <queue>.retry.<n>",
-    ),
-    var(
-        "CHIMERA_MAX_ATTEMPTS",
-        true,
-        false,
-        "attempts before dead-lettering (default: delays + 1)",
-    ),
-    var(
-        "CHIMERA_PREFETCH",
-        true,
-        false,
-        "AMQP prefetch of the consuming channel (default: 100)",
-    ),
-    var(
-        "CHIMERA_COMMANDS",
-        true,
-        false,
-        "comma-separated command names the worker accepts",
-    ),
-];
+/// Every variable a head reads (the contract's table; `--help` lists it). A test checks the
+/// table against what `HeadConfig::from_vars` requires.
+pub const VARIABLES: &[Variable] = chimera_contract::env::VARIABLES;
 
 /// A variable of the contract is missing or malformed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -168,7 +38,7 @@ pub struct HeadConfig {
     /// `CHIMERA_DOMAIN`.
     pub domain: String,
     /// `CHIMERA_HEAD`.
-    pub head: HeadKind,
+    pub head: Head,
     /// `CHIMERA_POD_NAME` (or the host name): unique per replica.
     pub instance: String,
     /// `CHIMERA_HTTP_ADDR`.
@@ -205,9 +75,9 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// The retry queue for retry number `n` (from 1): `<worker queue>.retry.<n>`.
+    /// The retry queue for retry number `n` (from 1): the contract's retry rule.
     pub fn retry_queue(&self, n: usize) -> String {
-        format!("{}.retry.{n}", self.queue)
+        names::retry_queue_of(&self.queue, n)
     }
 }
 
@@ -239,88 +109,81 @@ impl HeadConfig {
             reason: reason.to_owned(),
         };
 
-        let head = match required("CHIMERA_HEAD")?.as_str() {
-            "query" => HeadKind::Query,
-            "worker" => HeadKind::Worker,
-            other => return Err(invalid("CHIMERA_HEAD", other, "expected query or worker")),
-        };
-        let addr = required("CHIMERA_HTTP_ADDR")?;
+        let head_raw = required(var::HEAD)?;
+        let head: Head = head_raw
+            .parse()
+            .map_err(|_| invalid(var::HEAD, &head_raw, "expected query or worker"))?;
+        let addr = required(var::HTTP_ADDR)?;
         let http_addr = addr.parse().map_err(|_| {
             invalid(
-                "CHIMERA_HTTP_ADDR",
+                var::HTTP_ADDR,
                 &addr,
                 "expected HOST:PORT, e.g. 0.0.0.0:8080",
             )
         })?;
-        let amqp_url = required("CHIMERA_AMQP_URL")?;
+        let amqp_url = required(var::AMQP_URL)?;
         if !(amqp_url.starts_with("amqp://") || amqp_url.starts_with("amqps://")) {
             return Err(invalid(
-                "CHIMERA_AMQP_URL",
+                var::AMQP_URL,
                 "<redacted>",
                 "expected amqp://... or amqps://...",
             ));
         }
-        let domain = required("CHIMERA_DOMAIN")?;
+        let domain = required(var::DOMAIN)?;
         let worker = match head {
-            HeadKind::Query => None,
-            HeadKind::Worker => {
-                let delays_raw = get("CHIMERA_RETRY_DELAYS_SECONDS")
-                    .cloned()
-                    .unwrap_or_default();
+            Head::Query => None,
+            Head::Worker => {
+                let delays_raw = get(var::RETRY_DELAYS_SECONDS).cloned().unwrap_or_default();
                 let retry_delays_seconds = list(Some(&delays_raw))
                     .iter()
                     .map(|d| d.parse::<u64>().ok().filter(|d| *d > 0))
                     .collect::<Option<Vec<_>>>()
                     .ok_or_else(|| {
                         invalid(
-                            "CHIMERA_RETRY_DELAYS_SECONDS",
+                            var::RETRY_DELAYS_SECONDS,
                             &delays_raw,
                             "expected positive whole seconds, comma-separated",
                         )
                     })?;
-                let attempts_raw = get("CHIMERA_MAX_ATTEMPTS").cloned();
+                let attempts_raw = get(var::MAX_ATTEMPTS).cloned();
                 let max_attempts = match &attempts_raw {
                     None => retry_delays_seconds.len() as u32 + 1,
                     Some(raw) => raw.parse::<u32>().ok().filter(|n| *n >= 1).ok_or_else(|| {
-                        invalid("CHIMERA_MAX_ATTEMPTS", raw, "expected a whole number >= 1")
+                        invalid(var::MAX_ATTEMPTS, raw, "expected a whole number >= 1")
                     })?,
                 };
-                let prefetch_raw = get("CHIMERA_PREFETCH")
+                let prefetch_raw = get(var::PREFETCH)
                     .cloned()
                     .unwrap_or_else(|| "100".to_owned());
                 let prefetch = prefetch_raw
                     .parse::<u16>()
                     .ok()
                     .filter(|p| *p >= 1)
-                    .ok_or_else(|| {
-                        invalid("CHIMERA_PREFETCH", &prefetch_raw, "expected 1-65535")
-                    })?;
+                    .ok_or_else(|| invalid(var::PREFETCH, &prefetch_raw, "expected 1-65535"))?;
                 Some(WorkerConfig {
-                    queue: required("CHIMERA_WORKER_QUEUE")?,
-                    dead_letter_queue: required("CHIMERA_DEAD_LETTER_QUEUE")?,
+                    queue: required(var::WORKER_QUEUE)?,
+                    dead_letter_queue: required(var::DEAD_LETTER_QUEUE)?,
                     retry_delays_seconds,
                     max_attempts,
                     prefetch,
-                    commands: list(get("CHIMERA_COMMANDS")),
+                    commands: list(get(var::COMMANDS)),
                 })
             }
         };
         Ok(Self {
-            module: get("CHIMERA_MODULE")
-                .cloned()
-                .unwrap_or_else(|| domain.clone()),
-            instance: get("CHIMERA_POD_NAME")
+            module: get(var::MODULE).cloned().unwrap_or_else(|| domain.clone()),
+            instance: get(var::POD_NAME)
                 .or_else(|| get("HOSTNAME"))
                 .cloned()
                 .unwrap_or_else(|| format!("{domain}-{}", std::process::id())),
-            events_exchange: get("CHIMERA_EVENTS_EXCHANGE")
+            events_exchange: get(var::EVENTS_EXCHANGE)
                 .cloned()
-                .unwrap_or_else(|| format!("chimera.{domain}.events")),
-            commands_exchange: get("CHIMERA_COMMANDS_EXCHANGE")
+                .unwrap_or_else(|| names::events_exchange(&domain)),
+            commands_exchange: get(var::COMMANDS_EXCHANGE)
                 .cloned()
-                .unwrap_or_else(|| format!("chimera.{domain}.commands")),
-            publishes: list(get("CHIMERA_PUBLISHES")),
-            database_url: get("CHIMERA_DATABASE_URL").cloned(),
+                .unwrap_or_else(|| names::commands_exchange(&domain)),
+            publishes: list(get(var::PUBLISHES)),
+            database_url: get(var::DATABASE_URL).cloned(),
             domain,
             head,
             http_addr,
@@ -388,7 +251,7 @@ mod tests {
     #[test]
     fn a_worker_reads_the_contract() {
         let c = HeadConfig::from_vars(&worker_env()).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.head, HeadKind::Worker);
+        assert_eq!(c.head, Head::Worker);
         assert_eq!(c.events_exchange, "chimera.orders.events");
         let w = c.worker.unwrap_or_else(|| panic!("worker config"));
         assert_eq!(w.retry_delays_seconds, [1, 10, 60]);
@@ -458,7 +321,7 @@ mod tests {
             ("CHIMERA_AMQP_URL", "amqp://mq"),
         ]);
         let c = HeadConfig::from_vars(&env).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(c.head, HeadKind::Query);
+        assert_eq!(c.head, Head::Query);
         assert!(c.worker.is_none());
         assert_eq!(c.module, "orders");
     }

@@ -16,7 +16,7 @@ use axum::Router;
 use tokio::sync::Notify;
 
 use crate::broker::{BrokerError, Publisher, connect};
-use crate::config::{ConfigError, HeadConfig, HeadKind};
+use crate::config::{ConfigError, Head, HeadConfig};
 use crate::db::{Database, DbError, Migration};
 use crate::http::{ServerOptions, router, serve};
 use crate::outbox::{RelaySettings, run_relay};
@@ -167,8 +167,8 @@ pub async fn run_with(
         .unwrap_or_else(|| format!("sqlite://{}.db", config.domain));
     let db = Database::connect(&url, module.migrations).await?;
     match config.head {
-        HeadKind::Query => run_query(&config, &module, db, stop).await,
-        HeadKind::Worker => run_worker(&config, &module, db, stop).await,
+        Head::Query => run_query(&config, &module, db, stop).await,
+        Head::Worker => run_worker(&config, &module, db, stop).await,
     }
 }
 

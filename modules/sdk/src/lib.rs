@@ -16,7 +16,6 @@
 pub mod broker;
 pub mod config;
 pub mod db;
-pub mod envelope;
 pub mod head;
 pub mod http;
 pub mod inbox;
@@ -28,6 +27,10 @@ pub mod worker;
 
 /// The web framework of the query head's routes (the same version the SDK uses).
 pub use axum;
+/// The head contract: names, environment, head kinds, metrics.
+pub use chimera_contract as contract;
+/// The message envelope and headers of the head contract.
+pub use chimera_contract::envelope;
 /// Futures helpers (handlers return boxed futures).
 pub use futures;
 /// The AMQP client the SDK uses, for code that needs it directly (tests, tools).

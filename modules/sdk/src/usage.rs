@@ -4,7 +4,8 @@
 //! the command line only names the head, or asks for help or the version. Parsing and the help
 //! text are pure, so both are tested without a process.
 
-use crate::config::{HeadKind, VARIABLES, Variable};
+use chimera_contract::Head;
+use chimera_contract::env::{VARIABLES, Variable};
 
 /// What the command line asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -12,7 +13,7 @@ pub enum Invocation {
     /// Run a head: the one named, or the one `CHIMERA_HEAD` names when `None`.
     Run(Option<String>),
     /// Print the help of the program (`None`) or of one head, and exit 0.
-    Help(Option<HeadKind>),
+    Help(Option<Head>),
     /// Print the version and exit 0.
     Version,
     /// A command line that means nothing: print the reason and the usage, exit 2.
@@ -24,11 +25,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Invocation {
     let args: Vec<String> = args.into_iter().collect();
     let is_help = |a: &str| matches!(a, "--help" | "-h" | "help");
     let is_version = |a: &str| matches!(a, "--version" | "-V");
-    let head = |a: &str| match a {
-        "query" => Some(HeadKind::Query),
-        "worker" => Some(HeadKind::Worker),
-        _ => None,
-    };
+    let head = |a: &str| a.parse::<Head>().ok();
     match args
         .iter()
         .map(String::as_str)
@@ -80,28 +77,23 @@ pub fn usage(program: &Program) -> String {
 }
 
 /// The help of the program, or of one head: what each head does and the environment it reads.
-pub fn help(program: &Program, head: Option<HeadKind>) -> String {
+pub fn help(program: &Program, head: Option<Head>) -> String {
     let mut text = format!("{}: {}\n\n", program.name, program.about);
-    let heads: &[HeadKind] = match head {
-        None => &[HeadKind::Query, HeadKind::Worker],
-        Some(HeadKind::Query) => &[HeadKind::Query],
-        Some(HeadKind::Worker) => &[HeadKind::Worker],
-    };
+    let heads: Vec<Head> = Head::ALL
+        .into_iter()
+        .filter(|h| head.is_none_or(|only| only == *h))
+        .collect();
     text.push_str(&format!(
         "usage: {} {}\n\n",
         program.name,
-        match head {
-            None => "query|worker",
-            Some(HeadKind::Query) => "query",
-            Some(HeadKind::Worker) => "worker",
-        }
+        head.map_or("query|worker", Head::as_str)
     ));
-    for &kind in heads {
+    for &kind in &heads {
         text.push_str(match kind {
-            HeadKind::Query => {
+            Head::Query => {
                 "  query   serves the domain's REST reads from its database, with /healthz, /readyz\n          and /metrics on CHIMERA_HTTP_ADDR\n"
             }
-            HeadKind::Worker => {
+            Head::Worker => {
                 "  worker  consumes the domain's commands and subscribed events from its queue, writes\n          the database, publishes the domain's events; /healthz, /readyz, /metrics\n"
             }
         });
@@ -109,16 +101,15 @@ pub fn help(program: &Program, head: Option<HeadKind>) -> String {
     text.push_str(
         "\nThe head is named on the command line or by CHIMERA_HEAD. Settings come from the\nenvironment, which the operator (in a pod) or `chimera up` (locally) sets:\n\n",
     );
-    let shown = VARIABLES.iter().filter(|v| match head {
-        None => true,
-        Some(kind) => v.applies_to(kind),
-    });
+    let shown = VARIABLES
+        .iter()
+        .filter(|v| head.is_none_or(|kind| applies_to(v, kind)));
     let width = VARIABLES.iter().map(|v| v.name.len()).max().unwrap_or(0);
     for v in shown {
         text.push_str(&format!(
             "  {:<width$}  {:<8} {}{}\n",
             v.name,
-            v.heads_label(),
+            heads_label(v),
             v.meaning,
             if v.required { " (required)" } else { "" },
         ));
@@ -129,14 +120,12 @@ pub fn help(program: &Program, head: Option<HeadKind>) -> String {
     text
 }
 
-impl Variable {
-    fn heads_label(&self) -> &'static str {
-        if self.worker_only { "worker" } else { "both" }
-    }
+fn heads_label(v: &Variable) -> &'static str {
+    if v.worker_only { "worker" } else { "both" }
+}
 
-    fn applies_to(&self, head: HeadKind) -> bool {
-        !self.worker_only || head == HeadKind::Worker
-    }
+fn applies_to(v: &Variable, head: Head) -> bool {
+    !v.worker_only || head == Head::Worker
 }
 
 #[cfg(test)]
@@ -162,7 +151,7 @@ mod tests {
             assert_eq!(args(help), Invocation::Help(None));
             assert_eq!(
                 args(&format!("worker {help}")),
-                Invocation::Help(Some(HeadKind::Worker))
+                Invocation::Help(Some(Head::Worker))
             );
         }
         assert_eq!(args("--version"), Invocation::Version);
@@ -197,10 +186,10 @@ mod tests {
         for v in VARIABLES {
             assert!(all.contains(v.name), "{} missing from\n{all}", v.name);
         }
-        let query = help(&PROGRAM, Some(HeadKind::Query));
+        let query = help(&PROGRAM, Some(Head::Query));
         assert!(query.contains("CHIMERA_AMQP_URL") && !query.contains("CHIMERA_WORKER_QUEUE"));
         assert!(!query.contains("  worker "), "{query}");
-        let worker = help(&PROGRAM, Some(HeadKind::Worker));
+        let worker = help(&PROGRAM, Some(Head::Worker));
         assert!(worker.contains("CHIMERA_WORKER_QUEUE") && worker.contains("CHIMERA_PREFETCH"));
     }
 

@@ -25,8 +25,9 @@ use crate::api::ChimeraModule;
 use crate::api::validation::modules_from_yaml;
 use crate::scaler::sources::{QueueSource, RabbitMq};
 use crate::topology::broker::BrokerEndpoint;
-use crate::topology::{declare, names, plan as topology_plan};
+use crate::topology::{declare, plan as topology_plan};
 use crate::workloads::Head;
+use chimera_contract::names;
 use head::HeadRunner;
 use plan::{LocalContext, program_name};
 use snapshot::{Snapshot, UpFile};
@@ -350,7 +351,7 @@ async fn start_module(
         )
     })?;
     let logs = state_dir.join("logs");
-    for head in Head::declared(module) {
+    for head in crate::workloads::declared_heads(module) {
         let Some(mut runner) = HeadRunner::new(
             module.clone(),
             head,

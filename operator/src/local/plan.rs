@@ -9,6 +9,7 @@
 //!   broker URL is `chimera up`'s broker and the database is SQLite under the state directory.
 //! - Pod fields: the pod name is `<module>-<head>-<n>`, the namespace `local`.
 
+use chimera_contract::env as var;
 use std::path::Path;
 
 use crate::api::{ChimeraModule, SecretKeyRef};
@@ -113,7 +114,7 @@ pub fn replica_env(
     let mut has_database = false;
     for (variable, value) in contract_values(module, head, i32::from(port), &default_broker) {
         let value = match (variable.as_str(), value) {
-            ("CHIMERA_HTTP_ADDR", _) => format!("127.0.0.1:{port}"),
+            (var::HTTP_ADDR, _) => format!("127.0.0.1:{port}"),
             (_, ContractValue::Plain(v)) => v,
             (_, ContractValue::Field("metadata.namespace")) => LOCAL_NAMESPACE.to_owned(),
             (_, ContractValue::Field(_)) => format!("{name}-{}-{n}", head.as_str()),
@@ -121,8 +122,8 @@ pub fn replica_env(
                 let env_name = secret_env_name(&secret);
                 match (lookup(&env_name), var) {
                     (Some(v), _) => v,
-                    (None, "CHIMERA_AMQP_URL") => local.amqp_url.clone(),
-                    (None, "CHIMERA_DATABASE_URL") => sqlite_url(local, module),
+                    (None, var::AMQP_URL) => local.amqp_url.clone(),
+                    (None, var::DATABASE_URL) => sqlite_url(local, module),
                     (None, _) => {
                         return Err(PlanError::UnresolvedSecret {
                             module: name,
@@ -135,11 +136,11 @@ pub fn replica_env(
                 }
             }
         };
-        has_database |= variable == "CHIMERA_DATABASE_URL";
+        has_database |= variable == var::DATABASE_URL;
         env.push((variable, value));
     }
     if !has_database {
-        env.push(("CHIMERA_DATABASE_URL".into(), sqlite_url(local, module)));
+        env.push((var::DATABASE_URL.into(), sqlite_url(local, module)));
     }
     Ok(env)
 }

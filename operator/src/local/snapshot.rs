@@ -174,7 +174,7 @@ impl Snapshot {
                 max: bounds.max,
                 url: runner.front.map(|a| format!("http://{a}")),
                 queue: (runner.head == Head::Worker)
-                    .then(|| crate::topology::names::worker_queue(m.domain())),
+                    .then(|| chimera_contract::names::worker_queue(m.domain())),
                 queue_depth: point.backlog,
                 latency_target: (runner.head == Head::Query).then(|| {
                     let l = m

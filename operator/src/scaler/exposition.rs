@@ -6,12 +6,9 @@ use std::collections::BTreeMap;
 
 use crate::autoscale::histogram::Histogram;
 
-/// The histogram's name in the head contract.
-pub const DURATION: &str = "chimera_http_request_duration_seconds";
-/// The in-flight gauge's name in the head contract.
-pub const IN_FLIGHT: &str = "chimera_http_requests_in_flight";
-/// Routes of the contract itself, not traffic.
-const CONTRACT_ROUTES: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+use chimera_contract::metrics::{
+    BUCKETS, ENDPOINTS as CONTRACT_ROUTES, IN_FLIGHT, REQUEST_DURATION as DURATION,
+};
 
 /// What one scrape says.
 #[derive(Clone, Debug, PartialEq)]
@@ -116,7 +113,7 @@ pub fn parse(text: &str) -> Result<Scrape, ExpositionError> {
         // A head that has served nothing yet exports the gauge but no histogram series.
         if in_flight_seen {
             return Ok(Scrape {
-                latency: Histogram::empty(&chimera_sdk::http::BUCKETS),
+                latency: Histogram::empty(&BUCKETS),
                 in_flight,
             });
         }
@@ -205,7 +202,7 @@ chimera_http_requests_in_flight 3
         let s = parse(&metrics.render()).unwrap();
         assert_eq!(s.latency.total, 3.0, "the probe is not counted");
         assert_eq!(s.in_flight, 2.0);
-        assert_eq!(s.latency.bounds, chimera_sdk::http::BUCKETS);
+        assert_eq!(s.latency.bounds, BUCKETS);
         assert!(s.latency.quantile(0.5).unwrap() <= 0.005);
         assert!(s.latency.quantile(0.99).unwrap() > 0.25);
     }

@@ -26,8 +26,8 @@ use crate::autoscale::worker::{WorkerLaw, WorkerSettings, WorkerSignals};
 use crate::autoscale::{Decision, Replicas};
 use crate::controller::{Context, REPLICAS_MANAGER, publish};
 use crate::topology::broker::BrokerEndpoint;
-use crate::topology::names;
 use crate::workloads::{Head, object_name};
+use chimera_contract::names;
 use metrics::{ActionLabels, AutoscalerMetrics, HeadLabels};
 use sources::{LatencySource, MergedLatency, QueueSource};
 
@@ -197,7 +197,7 @@ impl Scaler {
         let state = self.module_state(module);
         let mut state = state.lock().await;
         let mut status = AutoscalingStatus::default();
-        for head in Head::declared(module) {
+        for head in crate::workloads::declared_heads(module) {
             let name = object_name(&module.name_any(), head);
             let Some(deployment) = deployments.get(&ObjectRef::new(&name).within(&namespace))
             else {

@@ -209,7 +209,7 @@ impl LatencySource for PodMetrics {
                     .ports
                     .iter()
                     .flatten()
-                    .find(|p| p.name.as_deref() == Some("http"))
+                    .find(|p| p.name.as_deref() == Some(chimera_contract::metrics::HTTP_PORT_NAME))
                     .or_else(|| slice.ports.iter().flatten().next())
                     .and_then(|p| p.port);
                 let Some(port) = port else { continue };

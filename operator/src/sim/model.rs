@@ -5,7 +5,7 @@ use crate::autoscale::histogram::Histogram;
 
 /// Request-duration buckets of the query heads (the SDK's, so the simulated histograms are read
 /// exactly as the operator reads real ones).
-pub const LATENCY_BUCKETS: &[f64] = &chimera_sdk::http::BUCKETS;
+pub const LATENCY_BUCKETS: &[f64] = &chimera_contract::metrics::BUCKETS;
 
 /// A worker head's queue.
 #[derive(Clone, Debug, Default)]

@@ -33,15 +33,8 @@ pub enum ScenarioError {
     },
 }
 
-/// Which head a scenario loads.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Head {
-    /// A worker head (queue).
-    Worker,
-    /// A query head (HTTP).
-    Query,
-}
+/// Which head a scenario loads (`"head": "worker"` or `"query"`).
+pub use chimera_contract::Head;
 
 /// Service characteristics.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq)]

@@ -249,8 +249,8 @@ pub async fn release(
     let state = ManagementClient::new(endpoint)?.state().await?;
     let queues: Vec<&str> = owned.queues.iter().map(|q| q.name.as_str()).collect();
     let own_exchanges = [
-        super::names::events_exchange(domain),
-        super::names::commands_exchange(domain),
+        chimera_contract::names::events_exchange(domain),
+        chimera_contract::names::commands_exchange(domain),
     ];
     let existing: Vec<&ActualQueue> = state
         .queues

@@ -254,10 +254,10 @@ async fn drain(
             let mut headers = delivery.properties.headers().clone().unwrap_or_default();
             if !headers
                 .inner()
-                .contains_key("x-chimera-original-routing-key")
+                .contains_key(chimera_contract::envelope::ORIGINAL_ROUTING_KEY)
             {
                 headers.insert(
-                    ShortString::from("x-chimera-original-routing-key"),
+                    ShortString::from(chimera_contract::envelope::ORIGINAL_ROUTING_KEY),
                     AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
                 );
             }

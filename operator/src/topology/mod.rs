@@ -7,7 +7,6 @@ pub mod broker;
 pub mod declare;
 pub mod diff;
 pub mod migrate;
-pub mod names;
 pub mod pattern;
 pub mod plan;
 pub mod render;

@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use super::names;
 use super::pattern::topic_matches;
 use crate::api::{ChimeraModule, QueueOverflow, QueueType};
+use chimera_contract::names;
 
 /// How many times a quorum worker queue redelivers a message whose consumer died before it
 /// settled (a handler that crashes the process) before dead-lettering it to the dlq. The worker

@@ -1,11 +1,12 @@
 //! The head contract's environment (docs/contract.md): what every head of every language
 //! can rely on finding at start.
 
+use chimera_contract::env as var;
 use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector, SecretKeySelector};
 
 use super::Head;
 use crate::api::{ChimeraModule, SecretKeyRef};
-use crate::topology::names;
+use chimera_contract::names;
 
 /// The contract variables for one head, in a stable order.
 #[derive(Clone, Debug, PartialEq)]
@@ -94,16 +95,16 @@ pub fn contract_values(
     let spec = &module.spec;
     let mut env = vec![
         plain(
-            "CHIMERA_MODULE",
+            var::MODULE,
             module.metadata.name.clone().unwrap_or_default(),
         ),
-        plain("CHIMERA_DOMAIN", domain),
-        plain("CHIMERA_HEAD", head.as_str()),
-        from_field("CHIMERA_NAMESPACE", "metadata.namespace"),
-        from_field("CHIMERA_POD_NAME", "metadata.name"),
-        plain("CHIMERA_HTTP_ADDR", format!("0.0.0.0:{port}")),
+        plain(var::DOMAIN, domain),
+        plain(var::HEAD, head.as_str()),
+        from_field(var::NAMESPACE, "metadata.namespace"),
+        from_field(var::POD_NAME, "metadata.name"),
+        plain(var::HTTP_ADDR, format!("0.0.0.0:{port}")),
         from_secret(
-            "CHIMERA_AMQP_URL",
+            var::AMQP_URL,
             spec.broker
                 .as_ref()
                 .map(|b| &b.secret_ref)
@@ -111,36 +112,30 @@ pub fn contract_values(
         ),
     ];
     if let Some(db) = &spec.database {
-        env.push(from_secret("CHIMERA_DATABASE_URL", &db.secret_ref));
+        env.push(from_secret(var::DATABASE_URL, &db.secret_ref));
     }
+    env.push(plain(var::EVENTS_EXCHANGE, names::events_exchange(domain)));
     env.push(plain(
-        "CHIMERA_EVENTS_EXCHANGE",
-        names::events_exchange(domain),
-    ));
-    env.push(plain(
-        "CHIMERA_COMMANDS_EXCHANGE",
+        var::COMMANDS_EXCHANGE,
         names::commands_exchange(domain),
     ));
-    env.push(plain("CHIMERA_PUBLISHES", spec.events.publishes.join(",")));
+    env.push(plain(var::PUBLISHES, spec.events.publishes.join(",")));
     if let (Head::Worker, Some(worker)) = (head, &spec.worker) {
         let delays = &worker.retry.delays_seconds;
         env.extend([
-            plain("CHIMERA_WORKER_QUEUE", names::worker_queue(domain)),
+            plain(var::WORKER_QUEUE, names::worker_queue(domain)),
+            plain(var::DEAD_LETTER_QUEUE, names::dead_letter_queue(domain)),
             plain(
-                "CHIMERA_DEAD_LETTER_QUEUE",
-                names::dead_letter_queue(domain),
-            ),
-            plain(
-                "CHIMERA_RETRY_DELAYS_SECONDS",
+                var::RETRY_DELAYS_SECONDS,
                 delays
                     .iter()
                     .map(i64::to_string)
                     .collect::<Vec<_>>()
                     .join(","),
             ),
-            plain("CHIMERA_MAX_ATTEMPTS", (delays.len() + 1).to_string()),
-            plain("CHIMERA_PREFETCH", worker.prefetch.to_string()),
-            plain("CHIMERA_COMMANDS", spec.commands.join(",")),
+            plain(var::MAX_ATTEMPTS, (delays.len() + 1).to_string()),
+            plain(var::PREFETCH, worker.prefetch.to_string()),
+            plain(var::COMMANDS, spec.commands.join(",")),
         ]);
     }
     env
@@ -182,6 +177,32 @@ mod tests {
         assert_eq!(value(&env, "CHIMERA_PREFETCH"), Some("100"));
         assert_eq!(value(&env, "CHIMERA_COMMANDS"), Some("order.place"));
         assert_eq!(value(&env, "CHIMERA_HTTP_ADDR"), Some("0.0.0.0:8080"));
+    }
+
+    #[test]
+    fn every_variable_set_is_in_the_contract_table_for_its_head() {
+        for head in Head::ALL {
+            let env = contract_env(&module("orders"), head, 8080, &broker());
+            for e in &env.0 {
+                let v = chimera_contract::env::variable(&e.name)
+                    .unwrap_or_else(|| panic!("{} is not in the contract's table", e.name));
+                assert!(
+                    !v.worker_only || head == Head::Worker,
+                    "{} on {head}",
+                    e.name
+                );
+            }
+            // What a head cannot start without is always there.
+            for v in chimera_contract::env::VARIABLES {
+                if v.required && (!v.worker_only || head == Head::Worker) {
+                    assert!(
+                        env.0.iter().any(|e| e.name == v.name),
+                        "{} missing on {head}",
+                        v.name
+                    );
+                }
+            }
+        }
     }
 
     #[test]

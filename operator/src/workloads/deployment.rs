@@ -18,7 +18,7 @@ use super::{Head, Owner, WorkloadSettings, contract_env, head_labels, selector_l
 use crate::api::{HeadProbes, QueryHeadSpec, WorkerHeadSpec};
 
 /// Name of the container port every head serves HTTP on.
-pub const HTTP_PORT_NAME: &str = "http";
+pub use chimera_contract::metrics::HTTP_PORT_NAME;
 
 /// What differs between the two heads' Deployments.
 struct HeadTemplate<'a> {
@@ -110,7 +110,7 @@ fn default_liveness() -> Probe {
     Probe {
         period_seconds: Some(10),
         failure_threshold: Some(3),
-        ..http_get("/healthz")
+        ..http_get(chimera_contract::metrics::HEALTHZ)
     }
 }
 
@@ -118,7 +118,7 @@ fn default_readiness() -> Probe {
     Probe {
         period_seconds: Some(5),
         failure_threshold: Some(2),
-        ..http_get("/readyz")
+        ..http_get(chimera_contract::metrics::READYZ)
     }
 }
 

@@ -2,34 +2,14 @@
 
 use std::collections::BTreeMap;
 
-/// The two heads of a module.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Head {
-    /// REST reads over the domain's read model.
-    Query,
-    /// Consumes commands and events, writes the database, publishes events.
-    Worker,
-}
+pub use chimera_contract::Head;
 
-impl Head {
-    /// Both heads, in a stable order.
-    pub const ALL: [Head; 2] = [Head::Query, Head::Worker];
-
-    /// The heads `module` declares, in the stable order.
-    pub fn declared(module: &crate::api::ChimeraModule) -> impl Iterator<Item = Head> + '_ {
-        Self::ALL.into_iter().filter(|head| match head {
-            Head::Query => module.spec.query.is_some(),
-            Head::Worker => module.spec.worker.is_some(),
-        })
-    }
-
-    /// `query` or `worker`: label value, name suffix and `CHIMERA_HEAD`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Head::Query => "query",
-            Head::Worker => "worker",
-        }
-    }
+/// The heads `module` declares, in the stable order.
+pub fn declared_heads(module: &crate::api::ChimeraModule) -> impl Iterator<Item = Head> + '_ {
+    Head::ALL.into_iter().filter(|head| match head {
+        Head::Query => module.spec.query.is_some(),
+        Head::Worker => module.spec.worker.is_some(),
+    })
 }
 
 /// Value of `app.kubernetes.io/managed-by` on everything the operator creates.

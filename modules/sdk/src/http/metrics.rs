@@ -10,18 +10,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-/// Name of the request-duration histogram (seconds), without the `_seconds` unit suffix the
-/// encoder appends: `chimera_http_request_duration_seconds`.
-pub const REQUEST_DURATION: &str = "chimera_http_request_duration";
-/// Name of the in-flight gauge: `chimera_http_requests_in_flight`.
-pub const IN_FLIGHT: &str = "chimera_http_requests_in_flight";
+pub use chimera_contract::metrics::{BUCKETS, IN_FLIGHT};
 
-/// Bucket bounds in seconds: fine around the latencies a query head is held to (tens to
-/// hundreds of milliseconds) so that percentiles interpolate well.
-pub const BUCKETS: [f64; 20] = [
-    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3,
-    0.4, 0.5, 1.0, 2.5, 5.0,
-];
+/// Name of the request-duration histogram without the `_seconds` unit suffix the encoder
+/// appends: the contract's `chimera_http_request_duration_seconds`.
+pub const REQUEST_DURATION: &str = "chimera_http_request_duration";
 
 /// Labels of one request series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -111,5 +104,36 @@ impl HttpMetrics {
 impl Default for HttpMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_uses_the_contract_names_and_buckets() {
+        let metrics = HttpMetrics::new();
+        metrics
+            .duration
+            .get_or_create(&RequestLabels {
+                route: "/orders/{id}".into(),
+                method: "GET".into(),
+                status: 200,
+            })
+            .observe(0.02);
+        let text = metrics.render();
+        let duration = chimera_contract::metrics::REQUEST_DURATION;
+        assert!(
+            text.contains(&format!("# TYPE {duration} histogram")),
+            "{text}"
+        );
+        assert!(text.contains(&format!("{IN_FLIGHT} 0")), "{text}");
+        for bound in BUCKETS {
+            assert!(
+                text.contains(&format!("le=\"{bound:?}\"")),
+                "{bound} in {text}"
+            );
+        }
     }
 }

@@ -1,0 +1,38 @@
+//! What every head serves over HTTP, and the metrics the autoscaler reads from query heads.
+
+/// Liveness: 200 while the process runs.
+pub const HEALTHZ: &str = "/healthz";
+/// Readiness: 200 when the head can do its work, 503 while starting or stopping.
+pub const READYZ: &str = "/readyz";
+/// Prometheus text format.
+pub const METRICS: &str = "/metrics";
+/// The endpoints every head serves, besides its own routes.
+pub const ENDPOINTS: [&str; 3] = [HEALTHZ, READYZ, METRICS];
+
+/// The name of the container port the head serves HTTP on.
+pub const HTTP_PORT_NAME: &str = "http";
+
+/// The request-duration histogram of a query head, in seconds, labelled `route`, `method`,
+/// `status`: the signal the query autoscaler holds its latency target with.
+pub const REQUEST_DURATION: &str = "chimera_http_request_duration_seconds";
+/// The gauge of requests in flight.
+pub const IN_FLIGHT: &str = "chimera_http_requests_in_flight";
+
+/// The bucket bounds of [`REQUEST_DURATION`], in seconds: fine around the latencies a query
+/// head is held to (tens to hundreds of milliseconds) so that percentiles interpolate well.
+/// Every head uses these bounds, so the autoscaler can merge the histograms of all pods.
+pub const BUCKETS: [f64; 20] = [
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.25, 0.3,
+    0.4, 0.5, 1.0, 2.5, 5.0,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_rise_strictly() {
+        assert!(BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        assert!(REQUEST_DURATION.ends_with("_seconds"));
+    }
+}
