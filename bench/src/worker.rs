@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use chimera_operator::api::validation::modules_from_yaml;
-use chimera_operator::topology::broker::BrokerEndpoint;
-use chimera_operator::topology::declare::apply;
-use chimera_operator::topology::plan::plan;
+use chimera_core::api::validation::modules_from_yaml;
+use chimera_core::topology::plan::plan;
+use chimera_core::topology::state::BrokerEndpoint;
+use chimera_runtime::topology::declare::apply;
 use chimera_sdk::broker::{Outgoing, Publisher, connect};
 use chimera_sdk::config::WorkerConfig;
 use chimera_sdk::db::Database;

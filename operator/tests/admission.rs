@@ -4,8 +4,8 @@
 
 mod common;
 
-use chimera_operator::api::ChimeraModule;
-use chimera_operator::api::validation::validate_object;
+use chimera_core::api::ChimeraModule;
+use chimera_core::api::validation::validate_object;
 use common::{Harness, example};
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, ValidationDirective};

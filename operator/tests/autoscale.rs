@@ -10,10 +10,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chimera_operator::api::ChimeraModule;
-use chimera_operator::autoscale::histogram::Histogram;
-use chimera_operator::controller::REPLICAS_MANAGER;
-use chimera_operator::topology::broker::BrokerEndpoint;
+use chimera_core::api::ChimeraModule;
+use chimera_core::autoscale::histogram::Histogram;
+use chimera_core::topology::state::BrokerEndpoint;
+use chimera_runtime::controller::REPLICAS_MANAGER;
 use chimera_sdk::broker::{Outgoing, Publisher, connect};
 use chimera_sdk::envelope::Envelope;
 use chimera_testenv::{TestVhost, free_port, unique_name};
@@ -375,7 +375,7 @@ async fn slow_query_pods_scale_the_query_head_out_then_in() {
     let port = free_port();
     let pod = FakePod {
         state: Arc::new(Mutex::new((
-            Histogram::empty(&chimera_sdk::http::BUCKETS),
+            Histogram::empty(&chimera_contract::metrics::BUCKETS),
             0.0,
         ))),
     };

@@ -8,8 +8,8 @@ mod common;
 
 use std::time::Duration;
 
-use chimera_operator::api::ChimeraModule;
-use chimera_operator::controller::{FIELD_MANAGER, REPLICAS_MANAGER};
+use chimera_core::api::ChimeraModule;
+use chimera_runtime::controller::{FIELD_MANAGER, REPLICAS_MANAGER};
 use common::{Harness, eventually, example};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -30,10 +30,7 @@ fn env_value(d: &Deployment, name: &str) -> Option<String> {
         .and_then(|e| e.value.clone())
 }
 
-async fn module_status(
-    h: &Harness,
-    name: &str,
-) -> Option<chimera_operator::api::ChimeraModuleStatus> {
+async fn module_status(h: &Harness, name: &str) -> Option<chimera_core::api::ChimeraModuleStatus> {
     h.api::<ChimeraModule>().get(name).await.ok()?.status
 }
 

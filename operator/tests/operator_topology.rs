@@ -8,11 +8,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use chimera_operator::api::ChimeraModule;
-use chimera_operator::api::validation::modules_from_yaml;
-use chimera_operator::topology::broker::BrokerEndpoint;
-use chimera_operator::topology::declare::connect;
-use chimera_operator::topology::plan::plan;
+use chimera_core::api::ChimeraModule;
+use chimera_core::api::validation::modules_from_yaml;
+use chimera_core::topology::plan::plan;
+use chimera_core::topology::state::BrokerEndpoint;
+use chimera_runtime::topology::declare::connect;
 use chimera_testenv::TestVhost;
 use common::{Harness, eventually, example, repo_root};
 use k8s_openapi::api::events::v1::Event;

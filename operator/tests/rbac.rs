@@ -100,7 +100,7 @@ async fn the_operator_runs_with_the_charts_cluster_role() {
         "status written by the RBAC-limited operator",
         Duration::from_secs(60),
         || async {
-            h.api::<chimera_operator::api::ChimeraModule>()
+            h.api::<chimera_core::api::ChimeraModule>()
                 .get("users")
                 .await
                 .ok()?

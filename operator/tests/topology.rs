@@ -6,11 +6,12 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use chimera_operator::api::validation::modules_from_yaml;
-use chimera_operator::topology::broker::{BrokerEndpoint, BrokerError};
-use chimera_operator::topology::declare::{apply, connect, current_diff};
-use chimera_operator::topology::migrate::migrate;
-use chimera_operator::topology::plan::{TopologyPlan, plan};
+use chimera_core::api::validation::modules_from_yaml;
+use chimera_core::topology::plan::{TopologyPlan, plan};
+use chimera_core::topology::state::BrokerEndpoint;
+use chimera_runtime::topology::declare::{apply, connect, current_diff};
+use chimera_runtime::topology::management::BrokerError;
+use chimera_runtime::topology::migrate::migrate;
 use chimera_testenv::TestVhost;
 use common::repo_root;
 use lapin::options::{

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use chimera_operator::local::load::Summary;
-use chimera_operator::local::snapshot::{Snapshot, UpFile};
+use chimera_runtime::local::load::Summary;
+use chimera_runtime::local::snapshot::{Snapshot, UpFile};
 use chimera_testenv::{TestVhost, free_port, unique_name};
 use common::eventually;
 
@@ -312,13 +312,18 @@ async fn chimera_up_runs_scales_and_stops_cleanly() {
         .find(|m| m.domain == "gigs")
         .and_then(|m| m.heads.iter().find_map(|h| h.url.clone()))
         .unwrap();
+    // (processed asynchronously: the gigs worker may still be draining the load's tail)
     for n in [1, summary.commands["gig.publish"]] {
-        let r = http
-            .get(format!("{gigs_url}/gigs/g-{}-{n}", summary.run))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "gig {n}");
+        let url = format!("{gigs_url}/gigs/g-{}-{n}", summary.run);
+        eventually(
+            &format!("gig {n} readable"),
+            Duration::from_secs(60),
+            || async {
+                let r = http.get(&url).send().await.ok()?;
+                (r.status() == 200).then_some(())
+            },
+        )
+        .await;
     }
 
     // The burst is over: the worker heads come back to their floor.

@@ -13,7 +13,6 @@
 //! - [`usage`]: the program's command line (`query|worker`, `--help`, `--version`).
 #![forbid(unsafe_code)]
 
-pub mod broker;
 pub mod config;
 pub mod db;
 pub mod head;
@@ -27,6 +26,8 @@ pub mod worker;
 
 /// The web framework of the query head's routes (the same version the SDK uses).
 pub use axum;
+/// RabbitMQ with automatic recovery and publisher confirms (shared with the control plane).
+pub use chimera_broker as broker;
 /// The head contract: names, environment, head kinds, metrics.
 pub use chimera_contract as contract;
 /// The message envelope and headers of the head contract.

@@ -5,10 +5,10 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use chimera_operator::api::ChimeraModule;
-use chimera_operator::api::crd::chimera_module_crd;
-use chimera_operator::controller::{self, OperatorConfig, Scope};
-use chimera_operator::topology::broker::BrokerEndpoint;
+use chimera_core::api::ChimeraModule;
+use chimera_core::api::crd::chimera_module_crd;
+use chimera_core::topology::state::BrokerEndpoint;
+use chimera_runtime::controller::{self, OperatorConfig, Scope};
 use chimera_testenv::TestNamespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams};
@@ -107,7 +107,7 @@ impl Harness {
         let config = OperatorConfig {
             broker: Some(broker),
             topology_resync: Some(Duration::from_secs(1)),
-            autoscale: Some(chimera_operator::scaler::ScalerSettings::default()),
+            autoscale: Some(chimera_runtime::scaler::ScalerSettings::default()),
             metrics_addr: Some(metrics_addr),
             ..OperatorConfig::default()
         };

@@ -136,4 +136,32 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn what_the_sdk_exposes_the_autoscaler_reads() {
+        use chimera_core::autoscale::exposition::parse;
+        let metrics = HttpMetrics::new();
+        let labels = |route: &str| RequestLabels {
+            route: route.to_owned(),
+            method: "GET".to_owned(),
+            status: 200,
+        };
+        for seconds in [0.004, 0.004, 0.3] {
+            metrics
+                .duration
+                .get_or_create(&labels("/orders/{id}"))
+                .observe(seconds);
+        }
+        metrics
+            .duration
+            .get_or_create(&labels("/healthz"))
+            .observe(0.001);
+        metrics.in_flight.set(2);
+        let s = parse(&metrics.render()).unwrap();
+        assert_eq!(s.latency.total, 3.0, "the probe is not counted");
+        assert_eq!(s.in_flight, 2.0);
+        assert_eq!(s.latency.bounds, BUCKETS);
+        assert!(s.latency.quantile(0.5).unwrap() <= 0.005);
+        assert!(s.latency.quantile(0.99).unwrap() > 0.25);
+    }
 }

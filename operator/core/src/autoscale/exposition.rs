@@ -1,0 +1,181 @@
+//! Reads a query head's `/metrics` (Prometheus text): the request-duration histogram summed over
+//! its routes, methods and statuses (the contract's own endpoints left out: probes and scrapes
+//! are not traffic), and the in-flight gauge.
+
+use std::collections::BTreeMap;
+
+use crate::autoscale::histogram::Histogram;
+
+use chimera_contract::metrics::{
+    BUCKETS, ENDPOINTS as CONTRACT_ROUTES, IN_FLIGHT, REQUEST_DURATION as DURATION,
+};
+
+/// What one scrape says.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scrape {
+    /// The duration histogram, summed over series.
+    pub latency: Histogram,
+    /// Requests in flight.
+    pub in_flight: f64,
+}
+
+/// Why a scrape could not be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExpositionError {
+    /// The histogram is not there.
+    #[error("no {DURATION} histogram in the metrics")]
+    NoHistogram,
+    /// A line could not be parsed.
+    #[error("bad metrics line {0:?}")]
+    BadLine(String),
+}
+
+fn labels(text: &str) -> BTreeMap<&str, &str> {
+    text.split(',')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            Some((k.trim(), v.trim().trim_matches('"')))
+        })
+        .collect()
+}
+
+fn value(text: &str) -> Option<f64> {
+    match text {
+        "+Inf" => Some(f64::INFINITY),
+        "-Inf" => Some(f64::NEG_INFINITY),
+        t => t.parse().ok(),
+    }
+}
+
+/// Parses the exposition.
+pub fn parse(text: &str) -> Result<Scrape, ExpositionError> {
+    let mut buckets: BTreeMap<u64, (f64, f64)> = BTreeMap::new(); // bound bits -> (bound, count)
+    let (mut total, mut sum, mut in_flight, mut seen) = (0.0, 0.0, 0.0, false);
+    let mut in_flight_seen = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, rest) = match line.find('{') {
+            Some(i) => {
+                let close = line
+                    .rfind('}')
+                    .filter(|&c| c > i)
+                    .ok_or_else(|| ExpositionError::BadLine(line.to_owned()))?;
+                (&line[..i], (Some(&line[i + 1..close]), &line[close + 1..]))
+            }
+            None => {
+                let (name, rest) = line
+                    .split_once(' ')
+                    .ok_or_else(|| ExpositionError::BadLine(line.to_owned()))?;
+                (name, (None, rest))
+            }
+        };
+        let (label_text, rest) = rest;
+        let number = rest
+            .split_whitespace()
+            .next()
+            .and_then(value)
+            .ok_or_else(|| ExpositionError::BadLine(line.to_owned()))?;
+        let labels = label_text.map(labels).unwrap_or_default();
+        if series == IN_FLIGHT {
+            in_flight += number;
+            in_flight_seen = true;
+            continue;
+        }
+        let Some(part) = series.strip_prefix(DURATION) else {
+            continue;
+        };
+        if labels
+            .get("route")
+            .is_some_and(|r| CONTRACT_ROUTES.contains(r))
+        {
+            continue;
+        }
+        seen = true;
+        match part {
+            "_bucket" => {
+                let bound = labels
+                    .get("le")
+                    .and_then(|v| value(v))
+                    .ok_or_else(|| ExpositionError::BadLine(line.to_owned()))?;
+                if bound.is_finite() {
+                    buckets.entry(bound.to_bits()).or_insert((bound, 0.0)).1 += number;
+                }
+            }
+            "_sum" => sum += number,
+            "_count" => total += number,
+            _ => {}
+        }
+    }
+    if !seen {
+        // A head that has served nothing yet exports the gauge but no histogram series.
+        if in_flight_seen {
+            return Ok(Scrape {
+                latency: Histogram::empty(&BUCKETS),
+                in_flight,
+            });
+        }
+        return Err(ExpositionError::NoHistogram);
+    }
+    let mut bounds: Vec<(f64, f64)> = buckets.into_values().collect();
+    bounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(Scrape {
+        latency: Histogram {
+            bounds: bounds.iter().map(|b| b.0).collect(),
+            counts: bounds.iter().map(|b| b.1).collect(),
+            total,
+            sum,
+        },
+        in_flight,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"# HELP chimera_http_request_duration_seconds Request duration.
+# TYPE chimera_http_request_duration_seconds histogram
+chimera_http_request_duration_seconds_sum{route="/orders/{id}",method="GET",status="200"} 1.5
+chimera_http_request_duration_seconds_count{route="/orders/{id}",method="GET",status="200"} 10
+chimera_http_request_duration_seconds_bucket{le="0.1",route="/orders/{id}",method="GET",status="200"} 8
+chimera_http_request_duration_seconds_bucket{le="0.5",route="/orders/{id}",method="GET",status="200"} 10
+chimera_http_request_duration_seconds_bucket{le="+Inf",route="/orders/{id}",method="GET",status="200"} 10
+chimera_http_request_duration_seconds_sum{route="/orders",method="GET",status="400"} 0.5
+chimera_http_request_duration_seconds_count{route="/orders",method="GET",status="400"} 5
+chimera_http_request_duration_seconds_bucket{le="0.1",route="/orders",method="GET",status="400"} 5
+chimera_http_request_duration_seconds_bucket{le="0.5",route="/orders",method="GET",status="400"} 5
+chimera_http_request_duration_seconds_bucket{le="+Inf",route="/orders",method="GET",status="400"} 5
+chimera_http_request_duration_seconds_count{route="/healthz",method="GET",status="200"} 1000
+chimera_http_request_duration_seconds_bucket{le="0.1",route="/healthz",method="GET",status="200"} 1000
+# TYPE chimera_http_requests_in_flight gauge
+chimera_http_requests_in_flight 3
+# EOF
+"#;
+
+    #[test]
+    fn sums_series_and_leaves_out_the_contract_routes() {
+        let s = parse(TEXT).unwrap();
+        assert_eq!(s.latency.bounds, [0.1, 0.5]);
+        assert_eq!(s.latency.counts, [13.0, 15.0]);
+        assert_eq!(s.latency.total, 15.0);
+        assert_eq!(s.latency.sum, 2.0);
+        assert_eq!(s.in_flight, 3.0);
+    }
+
+    #[test]
+    fn missing_histogram_and_garbage_are_errors() {
+        assert_eq!(parse("# nothing\n"), Err(ExpositionError::NoHistogram));
+        // An idle head: the gauge, no histogram series yet.
+        let idle = parse("chimera_http_requests_in_flight 0\n").unwrap();
+        assert_eq!(idle.latency.total, 0.0);
+        assert!(matches!(
+            parse("chimera_http_request_duration_seconds_count{route=\"/x\"} nope\n"),
+            Err(ExpositionError::BadLine(_))
+        ));
+        // Not metrics at all (an HTML page, JSON): an error, never a panic.
+        assert!(parse("}, {\n").is_err());
+    }
+}

@@ -1,0 +1,469 @@
+//! One reconcile of one module: apply the desired objects, trim what left the spec, hold the
+//! replicas within bounds, and write the status when it changed.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tracing::{info, instrument};
+
+use crate::Error;
+use chimera_core::api::ChimeraModule;
+use chimera_core::status::{self, ObservedHeads};
+use chimera_core::topology::state::BrokerEndpoint;
+use chimera_core::workloads::{self, Head, WorkloadSettings};
+
+/// Field manager of the objects' templates (everything but `spec.replicas`).
+pub const FIELD_MANAGER: &str = "chimera-operator";
+/// Field manager of each Deployment's `spec.replicas`: the one owner the autoscaler shares.
+pub const REPLICAS_MANAGER: &str = "chimera-operator/replicas";
+/// Field manager of the ChimeraModule status.
+pub const STATUS_MANAGER: &str = "chimera-operator/status";
+
+/// How often a module is reconciled when nothing changes (drift repair).
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// What every reconcile needs.
+pub struct Context {
+    /// API server client.
+    pub client: Client,
+    /// Publishes Kubernetes Events on modules.
+    pub recorder: Recorder,
+    /// Builder settings.
+    pub settings: WorkloadSettings,
+    /// Consecutive failed reconciles per module (namespace/name), for retry backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+    /// The operator's broker; None disables topology management.
+    pub broker: Option<BrokerEndpoint>,
+    /// How often a module's topology is re-checked for drift when nothing else happens.
+    pub topology_resync: Duration,
+}
+
+impl Context {
+    fn key(module: &ChimeraModule) -> String {
+        format!(
+            "{}/{}",
+            module.namespace().unwrap_or_default(),
+            module.name_any()
+        )
+    }
+
+    /// Counts a failed reconcile of `module`; returns how many failed in a row.
+    pub fn record_failure(&self, module: &ChimeraModule) -> u32 {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(Self::key(module)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn record_success(&self, module: &ChimeraModule) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&Self::key(module));
+    }
+}
+
+/// Applies `object`, unless an object of that name exists that this module does not control:
+/// the operator never adopts or overwrites what someone else made.
+async fn apply<K>(api: &Api<K>, manager: &str, object: &K) -> Result<K, Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let existing = api.get_opt(&name).await.map_err(|cause| Error::Kube {
+        action: format!("read {kind} {name}"),
+        cause,
+    })?;
+    if let Some(existing) = existing {
+        let ours = object
+            .meta()
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true));
+        let theirs = existing
+            .meta()
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true));
+        if ours.map(|o| &o.uid) != theirs.map(|o| &o.uid) {
+            let owner = theirs
+                .map(|o| format!("{} {}", o.kind, o.name))
+                .unwrap_or_else(|| "nobody".to_owned());
+            return Err(Error::NameTaken { kind, name, owner });
+        }
+    }
+    api.patch(
+        &name,
+        &PatchParams::apply(manager).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map_err(|cause| Error::Apply {
+        kind: K::kind(&K::DynamicType::default()).into_owned(),
+        name,
+        cause,
+    })
+}
+
+/// Deletes the module's objects of one kind whose names are not in `keep`.
+async fn delete_orphans<K>(
+    api: &Api<K>,
+    module: &str,
+    keep: &BTreeSet<String>,
+) -> Result<Vec<String>, Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let existing = api
+        .list(&ListParams::default().labels(&workloads::module_selector(module)))
+        .await
+        .map_err(|cause| Error::Kube {
+            action: format!("list {kind}s"),
+            cause,
+        })?;
+    let mut deleted = Vec::new();
+    for object in existing {
+        let name = object.name_any();
+        if keep.contains(&name) {
+            continue;
+        }
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => deleted.push(format!("{kind}/{name}")),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(cause) => {
+                return Err(Error::Kube {
+                    action: format!("delete {kind} {name}"),
+                    cause,
+                });
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+fn names<K: Resource>(objects: &[K]) -> BTreeSet<String> {
+    objects
+        .iter()
+        .filter_map(|o| o.meta().name.clone())
+        .collect()
+}
+
+/// Holds a head's replicas within its bounds, as the single owner of `spec.replicas`.
+async fn hold_replicas(
+    api: &Api<Deployment>,
+    deployment: Deployment,
+    (min, max): (i32, i32),
+) -> Result<Deployment, Error> {
+    let current = deployment.spec.as_ref().and_then(|s| s.replicas);
+    let wanted = workloads::initial_replicas(current, min, max);
+    let owned = deployment
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .any(|m| m.manager.as_deref() == Some(REPLICAS_MANAGER));
+    if current == Some(wanted) && owned {
+        return Ok(deployment);
+    }
+    let name = deployment.name_any();
+    let patch = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": wanted}
+    });
+    api.patch(
+        &name,
+        &PatchParams::apply(REPLICAS_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|cause| Error::Apply {
+        kind: "Deployment".into(),
+        name,
+        cause,
+    })
+}
+
+fn now() -> Time {
+    // Whole seconds: the API server stores condition times at that precision, so the next
+    // reconcile compares equal and writes nothing.
+    let now = Timestamp::now();
+    Time(Timestamp::from_second(now.as_second()).unwrap_or(now))
+}
+
+/// Reconciles one ChimeraModule. With a broker, a finalizer holds a deleted module until its
+/// topology is released; the heads always go through owner references.
+#[instrument(skip_all, fields(module = %module.name_any(), namespace = module.namespace().unwrap_or_default()))]
+pub async fn reconcile(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if ctx.broker.is_none() {
+        if module.metadata.deletion_timestamp.is_some() {
+            ctx.record_success(&module);
+            return Ok(Action::await_change());
+        }
+        return apply_module(module, ctx).await;
+    }
+    let namespace = module.namespace().ok_or(Error::NotNamespaced)?;
+    let modules: Api<ChimeraModule> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(
+        &modules,
+        super::topology::FINALIZER,
+        module,
+        |event| async {
+            match event {
+                FinalizerEvent::Apply(m) => apply_module(m, ctx.clone()).await,
+                FinalizerEvent::Cleanup(m) => cleanup_module(m, ctx.clone()).await,
+            }
+        },
+    )
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Releases a deleted module's topology (its heads go with the owner references).
+async fn cleanup_module(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<Action, Error> {
+    match super::topology::release(&module, &ctx).await {
+        Ok(report) => {
+            info!(?report, "released the module's topology");
+            if let Some(why) = &report.left_in_place {
+                let note = format!("queues and bindings left as they are: {why}");
+                publish(
+                    &ctx.recorder,
+                    &module,
+                    EventType::Warning,
+                    "TopologyLeftInPlace",
+                    note,
+                )
+                .await;
+            }
+            ctx.record_success(&module);
+            Ok(Action::await_change())
+        }
+        Err(error) => {
+            if let Error::DeletionBlocked(reason) = &error {
+                publish(
+                    &ctx.recorder,
+                    &module,
+                    EventType::Warning,
+                    "DeletionBlocked",
+                    reason.clone(),
+                )
+                .await;
+            }
+            Err(error)
+        }
+    }
+}
+
+/// Applies a live module: heads, topology, status.
+async fn apply_module(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = module.namespace().ok_or(Error::NotNamespaced)?;
+    let name = module.name_any();
+    let desired = workloads::desired_workloads(&module, &ctx.settings)?;
+
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &namespace);
+
+    let mut observed = ObservedHeads::default();
+    for deployment in &desired.deployments {
+        let applied = apply(&deployments, FIELD_MANAGER, deployment).await?;
+        let (head, bounds) = head_bounds(&module, &applied)?;
+        let held = hold_replicas(&deployments, applied, bounds).await?;
+        match head {
+            Head::Query => observed.query = Some(held),
+            Head::Worker => observed.worker = Some(held),
+        }
+    }
+    for service in &desired.services {
+        apply(&services, FIELD_MANAGER, service).await?;
+    }
+    for pdb in &desired.pod_disruption_budgets {
+        apply(&pdbs, FIELD_MANAGER, pdb).await?;
+    }
+
+    let mut removed = delete_orphans(&deployments, &name, &names(&desired.deployments)).await?;
+    removed.extend(delete_orphans(&services, &name, &names(&desired.services)).await?);
+    removed.extend(delete_orphans(&pdbs, &name, &names(&desired.pod_disruption_budgets)).await?);
+    for object in &removed {
+        info!(%object, "removed an object whose head left the spec");
+        publish(
+            &ctx.recorder,
+            &module,
+            EventType::Normal,
+            "HeadRemoved",
+            format!("deleted {object}: its head is no longer in the spec"),
+        )
+        .await;
+    }
+
+    let (topology, topology_error) = match &ctx.broker {
+        Some(_) => {
+            let (verdict, error) = super::topology::declare(&module, &ctx).await?;
+            (Some(verdict), error)
+        }
+        None => (None, None),
+    };
+    let next = status::desired_status(
+        &module,
+        &observed,
+        topology.as_ref(),
+        module.status.as_ref(),
+        &now(),
+    );
+    if module.status.as_ref() != Some(&next) {
+        write_status(&ctx.client, &module, &next).await?;
+        for t in status::transitions(module.status.as_ref(), &next) {
+            let kind = if t.is_degradation() {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            publish(
+                &ctx.recorder,
+                &module,
+                kind,
+                &t.reason,
+                format!("{} is {}: {}", t.type_, t.status, t.message),
+            )
+            .await;
+        }
+    }
+    if let Some(error) = topology_error {
+        return Err(error);
+    }
+    ctx.record_success(&module);
+    // With a broker, resync often: drift on the broker (a queue deleted by hand) makes no
+    // Kubernetes event.
+    Ok(Action::requeue(if ctx.broker.is_some() {
+        ctx.topology_resync
+    } else {
+        RESYNC
+    }))
+}
+
+/// Writes Ready=False (reason ReconcileFailed) on the module; logs, never fails.
+pub(super) async fn report_failure(ctx: &Context, module: &ChimeraModule, error: &str) {
+    let next = status::failed_status(module, module.status.as_ref(), error, &now());
+    if module.status.as_ref() == Some(&next) {
+        return;
+    }
+    if let Err(error) = write_status(&ctx.client, module, &next).await {
+        tracing::warn!(%error, "could not report the failure in the module's status");
+    }
+}
+
+async fn write_status(
+    client: &Client,
+    module: &ChimeraModule,
+    status: &chimera_core::api::ChimeraModuleStatus,
+) -> Result<(), Error> {
+    let namespace = module.namespace().ok_or(Error::NotNamespaced)?;
+    let modules: Api<ChimeraModule> = Api::namespaced(client.clone(), &namespace);
+    // status.autoscaling belongs to the autoscaler's field manager: never sent from here, so
+    // a status computed from an older read cannot overwrite a newer decision.
+    let status = chimera_core::api::ChimeraModuleStatus {
+        autoscaling: None,
+        ..status.clone()
+    };
+    let patch = json!({
+        "apiVersion": "chimera.dev/v1alpha1",
+        "kind": "ChimeraModule",
+        "status": status,
+    });
+    modules
+        .patch_status(
+            &module.name_any(),
+            &PatchParams::apply(STATUS_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|cause| Error::Kube {
+            action: "write status".into(),
+            cause,
+        })
+}
+
+/// Which head a Deployment runs, and that head's replica bounds.
+fn head_bounds(
+    module: &ChimeraModule,
+    deployment: &Deployment,
+) -> Result<(Head, (i32, i32)), Error> {
+    let head = deployment
+        .labels()
+        .get("chimera.dev/head")
+        .map(String::as_str);
+    match (head, &module.spec.query, &module.spec.worker) {
+        (Some("query"), Some(q), _) => Ok((Head::Query, (q.replicas.min, q.replicas.max))),
+        (Some("worker"), _, Some(w)) => Ok((Head::Worker, (w.replicas.min, w.replicas.max))),
+        _ => Err(Error::UnexpectedObject(deployment.name_any())),
+    }
+}
+
+/// The API server refuses Event notes over 1 kB; keep the start, which says what happened.
+fn truncate_note(mut note: String) -> String {
+    const MAX: usize = 1024;
+    if note.len() > MAX {
+        let mut cut = MAX - 3;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+        note.push_str("...");
+    }
+    note
+}
+
+/// Publishes an Event on the module; a failure to publish is logged, never fatal.
+pub(crate) async fn publish(
+    recorder: &Recorder,
+    module: &ChimeraModule,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        note: Some(truncate_note(note)),
+        type_,
+        reason: reason.to_owned(),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, &module.object_ref(&())).await {
+        tracing::warn!(%error, reason, "could not publish an Event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncate_note;
+
+    #[test]
+    fn notes_fit_the_api_servers_limit() {
+        assert_eq!(truncate_note("short".into()), "short");
+        let long = "é".repeat(800);
+        let cut = truncate_note(long);
+        assert!(cut.len() <= 1024 && cut.ends_with("..."));
+    }
+}

@@ -1,0 +1,122 @@
+//! Chimera's control-plane runtime: the I/O around `chimera_core`.
+//!
+//! - [`controller`]: the operator's reconcile loop against the API server;
+//! - [`scaler`]: the operator's autoscaling loop and its metric sources;
+//! - [`topology`]: the declarer, the management API client and queue migration;
+//! - [`local`]: `chimera up`, `chimera status` and `chimera load` on one machine.
+#![forbid(unsafe_code)]
+
+pub mod controller;
+pub mod local;
+pub mod scaler;
+pub mod topology;
+
+/// Errors of the operator, each with a stable label for logs and metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The ChimeraModule CRD is not served by the API server.
+    #[error(
+        "ChimeraModule CRD is not installed or not readable ({cause}); install it with `kubectl apply -f crds/` (or `chimera crd | kubectl apply -f -`)"
+    )]
+    CrdNotInstalled {
+        /// What the API server said.
+        cause: kube::Error,
+    },
+    /// Desired objects could not be built.
+    #[error(transparent)]
+    Build(#[from] chimera_core::workloads::BuildError),
+    /// A server-side apply was refused.
+    #[error("applying {kind} {name} failed: {cause}")]
+    Apply {
+        /// Kind of the object.
+        kind: String,
+        /// Name of the object.
+        name: String,
+        /// What the API server said.
+        cause: kube::Error,
+    },
+    /// Another API call failed.
+    #[error("could not {action}: {cause}")]
+    Kube {
+        /// What the operator was doing.
+        action: String,
+        /// What the API server said.
+        cause: kube::Error,
+    },
+    /// An object the module needs exists already and is not controlled by the module.
+    #[error(
+        "{kind} {name} already exists and is controlled by {owner}, not by this module: rename the module or remove that {kind}"
+    )]
+    NameTaken {
+        /// Kind of the object.
+        kind: String,
+        /// Name of the object.
+        name: String,
+        /// Its controller (`Kind name`), or `nobody`.
+        owner: String,
+    },
+    /// The broker refused or could not be reached.
+    #[error(transparent)]
+    Broker(#[from] topology::management::BrokerError),
+    /// The topology could not be handled (its reason is in the module's TopologyReady).
+    #[error("topology: {0}")]
+    Topology(String),
+    /// Deleting the module's queues would lose messages.
+    #[error("deletion blocked: {0}")]
+    DeletionBlocked(String),
+    /// Adding, running or removing the topology finalizer failed.
+    #[error(transparent)]
+    Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
+    /// A ChimeraModule without a namespace (the CRD is namespaced, so the cache is corrupt).
+    #[error("ChimeraModule has no namespace")]
+    NotNamespaced,
+    /// The autoscaler or the metrics endpoint could not start.
+    #[error("autoscaler: {0}")]
+    Autoscaler(String),
+    /// An applied object came back without the labels the builders put on it.
+    #[error("object {0} does not carry the chimera.dev/head label of a declared head")]
+    UnexpectedObject(String),
+}
+
+impl Error {
+    /// A stable, low-cardinality name for logs and metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::CrdNotInstalled { .. } => "crd_not_installed",
+            Error::Build(_) => "build",
+            Error::Apply { .. } => "apply",
+            Error::Kube { .. } => "kube_api",
+            Error::NameTaken { .. } => "name_taken",
+            Error::Broker(_) => "broker",
+            Error::Topology(_) => "topology",
+            Error::DeletionBlocked(_) => "deletion_blocked",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
+            Error::NotNamespaced => "not_namespaced",
+            Error::UnexpectedObject(_) => "unexpected_object",
+            Error::Autoscaler(_) => "autoscaler",
+        }
+    }
+
+    /// Seconds before a failed reconcile is retried: conflicts and server errors are
+    /// transient, a refused object needs a spec change (which triggers a reconcile anyway).
+    pub fn retry_after_seconds(&self) -> u64 {
+        match self {
+            Error::Apply {
+                cause: kube::Error::Api(e),
+                ..
+            } if e.code == 422 || e.code == 400 => 60,
+            Error::NameTaken { .. } => 10,
+            Error::DeletionBlocked(_) => 15,
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.retry_after_seconds(),
+                _ => 5,
+            },
+            _ => 5,
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! The autoscaler: a loop with a short tick that reads each head's signals, runs its control
+//! law (chimera_core::autoscale) and writes the Deployment's replicas, as the one owner of
+//! `spec.replicas` (the field manager the reconciler uses to hold replicas within bounds).
+//! Each decision goes to the module's status (`status.autoscaling`), to an Event when the count
+//! changes, and to the operator's `/metrics`. Missing or stale metrics hold the replicas.
+
+pub mod metrics;
+pub mod sources;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use crate::controller::{Context, REPLICAS_MANAGER, publish};
+use chimera_contract::names;
+use chimera_core::api::{AutoscalingStatus, ChimeraModule, ScalingDecision};
+use chimera_core::autoscale::query::{QueryLaw, QuerySettings, QuerySignals};
+use chimera_core::autoscale::signals::MergedLatency;
+use chimera_core::autoscale::worker::{WorkerLaw, WorkerSettings, WorkerSignals};
+use chimera_core::autoscale::{Decision, Replicas};
+use chimera_core::topology::state::BrokerEndpoint;
+use chimera_core::workloads::{Head, object_name};
+use metrics::{ActionLabels, AutoscalerMetrics, HeadLabels};
+use sources::{LatencySource, QueueSource};
+
+/// Field manager of `status.autoscaling`.
+pub const AUTOSCALER_MANAGER: &str = "chimera-operator/autoscaler";
+/// A decision is written to status at least this often, even when it did not change.
+const STATUS_REFRESH: Duration = Duration::from_secs(15);
+/// A module's broker endpoint is re-read (it may come from a Secret) this often.
+const ENDPOINT_REFRESH: Duration = Duration::from_secs(30);
+/// Heads scaled at once.
+const CONCURRENCY: usize = 16;
+/// Longest wait for one head's signals.
+const SOURCE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How the autoscaler runs.
+#[derive(Clone, Copy, Debug)]
+pub struct ScalerSettings {
+    /// The tick.
+    pub interval: Duration,
+    /// Seconds a new pod takes to serve, which the laws plan around.
+    pub startup_seconds: f64,
+}
+
+impl Default for ScalerSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(1),
+            startup_seconds: 10.0,
+        }
+    }
+}
+
+enum Law {
+    Worker(WorkerLaw),
+    Query(QueryLaw, MergedLatency),
+}
+
+struct HeadState {
+    law: Law,
+    /// The settings the law was built with; a changed spec rebuilds it.
+    built_for: String,
+}
+
+#[derive(Default)]
+struct ModuleState {
+    endpoint: Option<(BrokerEndpoint, Instant)>,
+    written: Option<(AutoscalingStatus, Instant)>,
+}
+
+/// The autoscaler and what its laws have learned, per head.
+pub struct Scaler {
+    ctx: Arc<Context>,
+    queues: Arc<dyn QueueSource>,
+    latency: Arc<dyn LatencySource>,
+    /// Its metrics.
+    pub metrics: AutoscalerMetrics,
+    settings: ScalerSettings,
+    heads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<HeadState>>>>,
+    modules: Mutex<HashMap<String, Arc<tokio::sync::Mutex<ModuleState>>>>,
+    origin: Instant,
+}
+
+fn key(module: &ChimeraModule) -> String {
+    format!(
+        "{}/{}",
+        module.namespace().unwrap_or_default(),
+        module.name_any()
+    )
+}
+
+impl Scaler {
+    /// A scaler with the given sources.
+    pub fn new(
+        ctx: Arc<Context>,
+        queues: Arc<dyn QueueSource>,
+        latency: Arc<dyn LatencySource>,
+        settings: ScalerSettings,
+    ) -> Self {
+        Self {
+            ctx,
+            queues,
+            latency,
+            metrics: AutoscalerMetrics::new(),
+            settings,
+            heads: Mutex::default(),
+            modules: Mutex::default(),
+            origin: Instant::now(),
+        }
+    }
+
+    /// Ticks until the process stops.
+    pub async fn run(
+        self: Arc<Self>,
+        modules: Store<ChimeraModule>,
+        deployments: Store<Deployment>,
+    ) {
+        let mut tick = tokio::time::interval(self.settings.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+            let live = modules.state();
+            self.forget_gone(&live);
+            futures::stream::iter(live)
+                .for_each_concurrent(CONCURRENCY, |m| {
+                    let deployments = &deployments;
+                    let this = &self;
+                    async move { this.scale_module(&m, deployments).await }
+                })
+                .await;
+        }
+    }
+
+    fn forget_gone(&self, live: &[Arc<ChimeraModule>]) {
+        let keys: Vec<String> = live.iter().map(|m| key(m)).collect();
+        if let Ok(mut heads) = self.heads.lock() {
+            heads.retain(|k, _| keys.iter().any(|m| k.starts_with(&format!("{m}/"))));
+        }
+        if let Ok(mut modules) = self.modules.lock() {
+            modules.retain(|k, _| keys.contains(k));
+        }
+    }
+
+    fn head_state(
+        &self,
+        key: &str,
+        built_for: &str,
+        law: impl FnOnce() -> Law,
+    ) -> Arc<tokio::sync::Mutex<HeadState>> {
+        let mut heads = match self.heads.lock() {
+            Ok(h) => h,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // A spec change to what the law holds (bounds, targets) starts it afresh.
+        if let Some(cell) = heads.get(key) {
+            let same = cell
+                .try_lock()
+                .map(|s| s.built_for == built_for)
+                .unwrap_or(true);
+            if same {
+                return Arc::clone(cell);
+            }
+        }
+        let fresh = Arc::new(tokio::sync::Mutex::new(HeadState {
+            law: law(),
+            built_for: built_for.to_owned(),
+        }));
+        heads.insert(key.to_owned(), Arc::clone(&fresh));
+        fresh
+    }
+
+    fn module_state(&self, module: &ChimeraModule) -> Arc<tokio::sync::Mutex<ModuleState>> {
+        let mut modules = match self.modules.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        Arc::clone(modules.entry(key(module)).or_default())
+    }
+
+    /// One tick for one module: each head's decision, then the status.
+    pub async fn scale_module(&self, module: &ChimeraModule, deployments: &Store<Deployment>) {
+        if module.metadata.deletion_timestamp.is_some() {
+            return;
+        }
+        let Some(namespace) = module.namespace() else {
+            return;
+        };
+        let state = self.module_state(module);
+        let mut state = state.lock().await;
+        let mut status = AutoscalingStatus::default();
+        for head in chimera_core::workloads::declared_heads(module) {
+            let name = object_name(&module.name_any(), head);
+            let Some(deployment) = deployments.get(&ObjectRef::new(&name).within(&namespace))
+            else {
+                continue; // not created yet: the reconciler will
+            };
+            let decision = self.scale_head(module, head, &deployment, &mut state).await;
+            match head {
+                Head::Query => status.query = decision,
+                Head::Worker => status.worker = decision,
+            }
+        }
+        self.write_status(module, status, &mut state).await;
+    }
+
+    async fn scale_head(
+        &self,
+        module: &ChimeraModule,
+        head: Head,
+        deployment: &Deployment,
+        state: &mut ModuleState,
+    ) -> Option<ScalingDecision> {
+        let namespace = module.namespace()?;
+        let now = self.origin.elapsed().as_secs_f64();
+        let current = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .and_then(|r| u32::try_from(r).ok())
+            .unwrap_or(0);
+        let ready = deployment
+            .status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .and_then(|r| u32::try_from(r).ok())
+            .unwrap_or(0);
+        let replicas = Replicas {
+            existing: current,
+            ready,
+        };
+        let labels = HeadLabels {
+            namespace: namespace.clone(),
+            module: module.name_any(),
+            head: head.as_str().to_owned(),
+        };
+        let startup = self.settings.startup_seconds;
+        let (decision, stale) = match head {
+            Head::Worker => {
+                let spec = module.spec.worker.as_ref()?;
+                let settings = WorkerSettings::for_head(spec, startup);
+                let cell = self.head_state(
+                    &format!("{}/{}", key(module), head.as_str()),
+                    &format!("{settings:?}"),
+                    || Law::Worker(WorkerLaw::new(settings)),
+                );
+                let mut cell = cell.lock().await;
+                let sample = match self.endpoint(module, state).await {
+                    Ok(endpoint) => {
+                        let queue = names::worker_queue(module.domain());
+                        self.queues
+                            .sample(&endpoint, &queue)
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e),
+                };
+                match (&mut cell.law, sample) {
+                    (Law::Worker(law), Ok(s)) => {
+                        self.metrics
+                            .backlog
+                            .get_or_create(&labels)
+                            .set(s.ready + s.unacked);
+                        let d = law.decide(&WorkerSignals {
+                            now,
+                            ready_messages: s.ready,
+                            unacked_messages: s.unacked,
+                            acked_total: s.acked_total,
+                            replicas,
+                        });
+                        (d, false)
+                    }
+                    (_, Err(e)) => (Decision::hold(current, &e), true),
+                    (Law::Query(..), Ok(_)) => return None,
+                }
+            }
+            Head::Query => {
+                let spec = module.spec.query.as_ref()?;
+                let settings = QuerySettings::for_head(spec, startup);
+                let cell = self.head_state(
+                    &format!("{}/{}", key(module), head.as_str()),
+                    &format!("{settings:?}"),
+                    || Law::Query(QueryLaw::new(settings), MergedLatency::default()),
+                );
+                let mut cell = cell.lock().await;
+                let service = object_name(&module.name_any(), Head::Query);
+                let scrapes =
+                    tokio::time::timeout(SOURCE_TIMEOUT, self.latency.sample(&namespace, &service))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(sources::SourceError::Scrape(format!(
+                                "no answer within {SOURCE_TIMEOUT:?}"
+                            )))
+                        });
+                match (&mut cell.law, scrapes) {
+                    (Law::Query(law, merged), Ok(scrapes)) => match merged.update(&scrapes) {
+                        Some((latency, in_flight)) => {
+                            let d = law.decide(&QuerySignals {
+                                now,
+                                latency,
+                                in_flight,
+                                replicas,
+                            });
+                            (d, false)
+                        }
+                        None => (Decision::hold(current, "no pod answered"), true),
+                    },
+                    (_, Err(e)) => (Decision::hold(current, &e.to_string()), true),
+                    (Law::Worker(_), Ok(_)) => return None,
+                }
+            }
+        };
+        self.metrics
+            .desired
+            .get_or_create(&labels)
+            .set(i64::from(decision.desired));
+        self.metrics
+            .current
+            .get_or_create(&labels)
+            .set(i64::from(current));
+        self.metrics
+            .ready
+            .get_or_create(&labels)
+            .set(i64::from(ready));
+        self.metrics
+            .stale
+            .get_or_create(&labels)
+            .set(i64::from(stale));
+        if decision.desired != current {
+            self.apply(module, head, deployment, current, &decision, &labels)
+                .await;
+        }
+        Some(ScalingDecision {
+            desired_replicas: i32::try_from(decision.desired).unwrap_or(i32::MAX),
+            current_replicas: i32::try_from(current).unwrap_or(i32::MAX),
+            signal: decision.signal,
+            reason: decision.reason,
+            time: now_rfc3339(),
+            metrics_stale: stale,
+        })
+    }
+
+    async fn endpoint(
+        &self,
+        module: &ChimeraModule,
+        state: &mut ModuleState,
+    ) -> Result<BrokerEndpoint, String> {
+        if let Some((endpoint, at)) = &state.endpoint
+            && at.elapsed() < ENDPOINT_REFRESH
+        {
+            return Ok(endpoint.clone());
+        }
+        let endpoint = crate::controller::topology::endpoint_for(module, &self.ctx)
+            .await
+            .map_err(|v| v.message)?;
+        state.endpoint = Some((endpoint.clone(), Instant::now()));
+        Ok(endpoint)
+    }
+
+    async fn apply(
+        &self,
+        module: &ChimeraModule,
+        head: Head,
+        deployment: &Deployment,
+        current: u32,
+        decision: &Decision,
+        labels: &HeadLabels,
+    ) {
+        let Some(namespace) = deployment.namespace() else {
+            return;
+        };
+        let name = deployment.name_any();
+        let api: Api<Deployment> = Api::namespaced(self.ctx.client.clone(), &namespace);
+        let patch = json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {"replicas": decision.desired}
+        });
+        if let Err(error) = api
+            .patch(
+                &name,
+                &PatchParams::apply(REPLICAS_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            tracing::warn!(%error, deployment = %name, "could not scale");
+            return;
+        }
+        let direction = if decision.desired > current {
+            "out"
+        } else {
+            "in"
+        };
+        self.metrics
+            .actions
+            .get_or_create(&ActionLabels {
+                namespace: labels.namespace.clone(),
+                module: labels.module.clone(),
+                head: labels.head.clone(),
+                direction: direction.to_owned(),
+            })
+            .inc();
+        tracing::info!(
+            module = %module.name_any(),
+            head = head.as_str(),
+            from = current,
+            to = decision.desired,
+            reason = %decision.reason,
+            "scaled"
+        );
+        publish(
+            &self.ctx.recorder,
+            module,
+            EventType::Normal,
+            if direction == "out" {
+                "ScaledOut"
+            } else {
+                "ScaledIn"
+            },
+            format!(
+                "{} head {current} -> {}: {} ({})",
+                head.as_str(),
+                decision.desired,
+                decision.reason,
+                decision.signal
+            ),
+        )
+        .await;
+    }
+
+    /// Writes both heads' decisions (one apply owns the whole `status.autoscaling`) when a
+    /// count or the staleness changed, or after STATUS_REFRESH.
+    async fn write_status(
+        &self,
+        module: &ChimeraModule,
+        status: AutoscalingStatus,
+        state: &mut ModuleState,
+    ) {
+        let counts = |s: &AutoscalingStatus| {
+            [&s.query, &s.worker].map(|d| {
+                d.as_ref()
+                    .map(|d| (d.desired_replicas, d.current_replicas, d.metrics_stale))
+            })
+        };
+        if let Some((written, at)) = &state.written
+            && counts(written) == counts(&status)
+            && at.elapsed() < STATUS_REFRESH
+        {
+            return;
+        }
+        let Some(namespace) = module.namespace() else {
+            return;
+        };
+        let api: Api<ChimeraModule> = Api::namespaced(self.ctx.client.clone(), &namespace);
+        let patch = json!({
+            "apiVersion": "chimera.dev/v1alpha1",
+            "kind": "ChimeraModule",
+            "status": {"autoscaling": status},
+        });
+        match api
+            .patch_status(
+                &module.name_any(),
+                &PatchParams::apply(AUTOSCALER_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(_) => state.written = Some((status, Instant::now())),
+            Err(error) => tracing::debug!(%error, "could not write the autoscaling status"),
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    use k8s_openapi::jiff::Timestamp;
+    let now = Timestamp::now();
+    Timestamp::from_second(now.as_second())
+        .unwrap_or(now)
+        .to_string()
+}

@@ -1,0 +1,114 @@
+//! `chimera operator`: the operator against the cluster of the current kubeconfig.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chimera_core::api::SecretKeyRef;
+use chimera_core::topology::state::BrokerEndpoint;
+use chimera_core::workloads::WorkloadSettings;
+use chimera_runtime::controller::{OperatorConfig, Scope};
+use chimera_runtime::scaler::ScalerSettings;
+
+/// `chimera operator`
+#[derive(Debug, clap::Args)]
+pub struct OperatorArgs {
+    /// Watch one namespace only (default: all namespaces).
+    #[arg(long, env = "CHIMERA_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// The broker the operator declares topology on (modules may name their own in
+    /// spec.broker). Without it, RabbitMQ topology is not managed.
+    #[arg(long, env = "CHIMERA_AMQP_URL")]
+    amqp_url: Option<String>,
+    /// Management API of that broker (default: its host, port 15672, same credentials).
+    #[arg(long, env = "CHIMERA_RABBITMQ_MANAGEMENT_URL")]
+    management_url: Option<String>,
+    /// Seconds between drift checks of each module's topology.
+    #[arg(long, default_value_t = 30)]
+    topology_resync_seconds: u64,
+    /// Secret (`name` or `name/key`, key defaults to `url`) in each module's namespace that
+    /// holds the AMQP URL of modules without spec.broker.
+    #[arg(
+        long,
+        default_value = "chimera-broker/url",
+        env = "CHIMERA_DEFAULT_BROKER_SECRET"
+    )]
+    default_broker_secret: String,
+    /// The autoscaler's tick in milliseconds; 0 turns the autoscaler off (replicas then
+    /// stay within spec bounds where they are).
+    #[arg(long, default_value_t = 1000, env = "CHIMERA_AUTOSCALE_INTERVAL_MS")]
+    autoscale_interval_ms: u64,
+    /// Seconds a new pod takes to serve, which the control laws plan around.
+    #[arg(long, default_value_t = 10.0)]
+    pod_startup_seconds: f64,
+    /// Where to serve /metrics and /healthz (empty: nowhere).
+    #[arg(long, default_value = "0.0.0.0:9090", env = "CHIMERA_METRICS_ADDR")]
+    metrics_addr: String,
+}
+
+/// The operator's configuration from its arguments.
+fn config(args: OperatorArgs) -> anyhow::Result<OperatorConfig> {
+    let broker = args
+        .amqp_url
+        .map(|url| BrokerEndpoint::new(&url, args.management_url.as_deref()))
+        .transpose()
+        .context("--amqp-url")?;
+    Ok(OperatorConfig {
+        scope: args.namespace.map(Scope::Namespace).unwrap_or_default(),
+        workloads: WorkloadSettings {
+            default_broker: parse_secret_key_ref(&args.default_broker_secret)
+                .context("--default-broker-secret")?,
+        },
+        broker,
+        topology_resync: Some(Duration::from_secs(args.topology_resync_seconds.max(1))),
+        autoscale: (args.autoscale_interval_ms > 0).then(|| ScalerSettings {
+            interval: Duration::from_millis(args.autoscale_interval_ms),
+            startup_seconds: args.pod_startup_seconds.max(0.0),
+        }),
+        metrics_addr: if args.metrics_addr.is_empty() {
+            None
+        } else {
+            Some(args.metrics_addr.parse().with_context(|| {
+                format!("--metrics-addr {:?} is not HOST:PORT", args.metrics_addr)
+            })?)
+        },
+    })
+}
+
+/// Runs the operator until it is stopped.
+pub async fn run(args: OperatorArgs) -> anyhow::Result<ExitCode> {
+    let config = config(args)?;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to Kubernetes (is KUBECONFIG set? `scripts/dev-env up` prints it)")?;
+    chimera_runtime::controller::run(client, config).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses `name` or `name/key`.
+fn parse_secret_key_ref(s: &str) -> anyhow::Result<SecretKeyRef> {
+    let (name, key) = s.split_once('/').unwrap_or((s, "url"));
+    anyhow::ensure!(
+        !name.is_empty() && !key.is_empty(),
+        "expected NAME or NAME/KEY, got {s:?}"
+    );
+    Ok(SecretKeyRef {
+        name: name.to_owned(),
+        key: key.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_refs_parse_with_a_default_key() {
+        let r = parse_secret_key_ref("mq").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.name.as_str(), r.key.as_str()), ("mq", "url"));
+        let r = parse_secret_key_ref("mq/amqp").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.name.as_str(), r.key.as_str()), ("mq", "amqp"));
+        assert!(parse_secret_key_ref("/x").is_err());
+        assert!(parse_secret_key_ref("x/").is_err());
+    }
+}
