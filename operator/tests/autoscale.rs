@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use chimera_core::api::ChimeraModule;
 use chimera_core::autoscale::histogram::Histogram;
 use chimera_core::topology::state::BrokerEndpoint;
-use chimera_runtime::controller::REPLICAS_MANAGER;
+use chimera_runtime::cluster::REPLICAS_MANAGER;
 use chimera_sdk::broker::{Outgoing, Publisher, connect};
 use chimera_sdk::envelope::Envelope;
 use chimera_testenv::{TestVhost, free_port, unique_name};

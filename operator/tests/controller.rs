@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use chimera_core::api::ChimeraModule;
-use chimera_runtime::controller::{FIELD_MANAGER, REPLICAS_MANAGER};
+use chimera_runtime::cluster::{FIELD_MANAGER, REPLICAS_MANAGER};
 use common::{Harness, eventually, example};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};

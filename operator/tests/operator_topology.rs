@@ -12,7 +12,7 @@ use chimera_core::api::ChimeraModule;
 use chimera_core::api::validation::modules_from_yaml;
 use chimera_core::topology::plan::plan;
 use chimera_core::topology::state::BrokerEndpoint;
-use chimera_runtime::topology::declare::connect;
+use chimera_runtime::topology::amqp::connect;
 use chimera_testenv::TestVhost;
 use common::{Harness, eventually, example, repo_root};
 use k8s_openapi::api::events::v1::Event;

@@ -1,13 +1,17 @@
 //! Chimera's control-plane runtime: the I/O around `chimera_core`.
 //!
+//! - [`operator`]: the operator assembled from the controller and the autoscaler, which share
+//!   what [`cluster`] holds (context, field managers, Events, a module's broker);
 //! - [`controller`]: the operator's reconcile loop against the API server;
 //! - [`scaler`]: the operator's autoscaling loop and its metric sources;
 //! - [`topology`]: the declarer, the management API client and queue migration;
 //! - [`local`]: `chimera up`, `chimera status` and `chimera load` on one machine.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod controller;
 pub mod local;
+pub mod operator;
 pub mod scaler;
 pub mod topology;
 

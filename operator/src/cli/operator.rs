@@ -7,7 +7,8 @@ use anyhow::Context as _;
 use chimera_core::api::SecretKeyRef;
 use chimera_core::topology::state::BrokerEndpoint;
 use chimera_core::workloads::WorkloadSettings;
-use chimera_runtime::controller::{OperatorConfig, Scope};
+use chimera_runtime::cluster::Scope;
+use chimera_runtime::operator::OperatorConfig;
 use chimera_runtime::scaler::ScalerSettings;
 
 /// `chimera operator`
@@ -81,7 +82,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<ExitCode> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to Kubernetes (is KUBECONFIG set? `scripts/dev-env up` prints it)")?;
-    chimera_runtime::controller::run(client, config).await?;
+    chimera_runtime::operator::run(client, config).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use chimera_core::api::ChimeraModule;
 use chimera_core::api::crd::chimera_module_crd;
 use chimera_core::topology::state::BrokerEndpoint;
-use chimera_runtime::controller::{self, OperatorConfig, Scope};
+use chimera_runtime::cluster::Scope;
+use chimera_runtime::operator::{self, OperatorConfig};
 use chimera_testenv::TestNamespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Patch, PatchParams};
@@ -126,7 +127,7 @@ impl Harness {
         };
         let client = operator_client.unwrap_or_else(|| h.client.clone());
         h.operator = Some(tokio::spawn(async move {
-            if let Err(e) = controller::run(client, config).await {
+            if let Err(e) = operator::run(client, config).await {
                 panic!("operator stopped: {e}");
             }
         }));

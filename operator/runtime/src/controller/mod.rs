@@ -1,11 +1,11 @@
 //! The kube-runtime controller: glue between the ChimeraModule API, the pure builders and the
-//! API server. Desired state comes from `workloads` and `status`; this module only does I/O.
+//! API server. Desired state comes from `chimera_core::{workloads, status}`; this module only
+//! does I/O. `crate::operator` starts it beside the autoscaler.
 
 mod reconcile;
 pub mod topology;
 
-pub(crate) use reconcile::publish;
-pub use reconcile::{Context, FIELD_MANAGER, REPLICAS_MANAGER, STATUS_MANAGER, reconcile};
+pub use reconcile::reconcile;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,59 +14,16 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::ListParams;
+use kube::Api;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Api, Client};
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::Error;
+use crate::cluster::{Context, Scope, publish};
 use chimera_core::api::ChimeraModule;
-use chimera_core::topology::state::BrokerEndpoint;
-use chimera_core::workloads::WorkloadSettings;
-
-/// Where the operator looks for modules.
-#[derive(Clone, Debug, Default)]
-pub enum Scope {
-    /// Every namespace (the default; needs cluster-wide RBAC).
-    #[default]
-    Cluster,
-    /// One namespace only.
-    Namespace(String),
-}
-
-impl Scope {
-    fn api<K>(&self, client: Client) -> Api<K>
-    where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-    {
-        match self {
-            Scope::Cluster => Api::all(client),
-            Scope::Namespace(ns) => Api::namespaced(client, ns),
-        }
-    }
-}
-
-/// Operator settings from the command line.
-#[derive(Clone, Debug, Default)]
-pub struct OperatorConfig {
-    /// Namespaces to watch.
-    pub scope: Scope,
-    /// Settings for the workload builders.
-    pub workloads: WorkloadSettings,
-    /// The broker modules declare their topology on (unless they name their own); None
-    /// disables topology management.
-    pub broker: Option<BrokerEndpoint>,
-    /// Drift check period of the topology (default 30 s).
-    pub topology_resync: Option<Duration>,
-    /// The autoscaler's settings; None runs no autoscaler (replicas then stay where the
-    /// reconciler holds them, within bounds).
-    pub autoscale: Option<crate::scaler::ScalerSettings>,
-    /// Where to serve `/metrics` and `/healthz`; None serves nothing.
-    pub metrics_addr: Option<std::net::SocketAddr>,
-}
 
 /// Longest wait between retries of a failing module.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
@@ -98,7 +55,7 @@ fn error_policy(module: Arc<ChimeraModule>, error: &Error, ctx: Arc<Context>) ->
     );
     let message = error.to_string();
     tokio::spawn(async move {
-        reconcile::publish(
+        publish(
             &ctx.recorder,
             &module,
             EventType::Warning,
@@ -111,113 +68,17 @@ fn error_policy(module: Arc<ChimeraModule>, error: &Error, ctx: Arc<Context>) ->
     Action::requeue(delay)
 }
 
-/// Starts the autoscaler next to the controller, on the controller's module store and a
-/// reflector of the Deployments the operator owns; returns its metrics.
-fn start_autoscaler(
-    ctx: &Arc<Context>,
+/// The controller of `modules`, owning the Deployments, Services and PDBs that carry `owned`'s
+/// labels. Its store is the module cache the autoscaler reads too.
+pub fn new(
+    modules: Api<ChimeraModule>,
     scope: &Scope,
-    modules: kube::runtime::reflector::Store<ChimeraModule>,
+    ctx: &Context,
     owned: watcher::Config,
-    settings: crate::scaler::ScalerSettings,
-) -> Result<crate::scaler::metrics::AutoscalerMetrics, Error> {
-    use kube::runtime::WatchStreamExt;
-    use kube::runtime::reflector;
-    let (deployments, writer) = reflector::store();
-    let stream = reflector::reflector(
-        writer,
-        watcher(scope.api::<Deployment>(ctx.client.clone()), owned),
-    )
-    .default_backoff();
-    tokio::spawn(stream.for_each(|_| futures::future::ready(())));
-    let pods = crate::scaler::sources::PodMetrics::new(ctx.client.clone())
-        .map_err(|e| Error::Autoscaler(e.to_string()))?;
-    let scaler = Arc::new(crate::scaler::Scaler::new(
-        Arc::clone(ctx),
-        Arc::new(crate::scaler::sources::RabbitMq::default()),
-        Arc::new(pods),
-        settings,
-    ));
-    let metrics = scaler.metrics.clone();
-    tokio::spawn(scaler.run(modules, deployments));
-    info!(
-        interval_ms = settings.interval.as_millis(),
-        "autoscaler started"
-    );
-    Ok(metrics)
-}
-
-/// Serves `/metrics` (the autoscaler's) and `/healthz` in the background.
-async fn serve_metrics(
-    addr: std::net::SocketAddr,
-    metrics: Option<crate::scaler::metrics::AutoscalerMetrics>,
-) -> Result<(), Error> {
-    use axum::{Router, routing::get};
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| Error::Autoscaler(format!("cannot listen on {addr}: {e}")))?;
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/metrics",
-            get(move || {
-                let text = metrics.as_ref().map(|m| m.render()).unwrap_or_default();
-                async move { text }
-            }),
-        );
-    info!(%addr, "serving /metrics and /healthz");
-    tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).await {
-            warn!(%error, "the metrics server stopped");
-        }
-    });
-    Ok(())
-}
-
-/// Fails with instructions when the ChimeraModule CRD is not installed.
-async fn check_crd_installed(api: &Api<ChimeraModule>) -> Result<(), Error> {
-    api.list(&ListParams::default().limit(1))
-        .await
-        .map(|_| ())
-        .map_err(|cause| Error::CrdNotInstalled { cause })
-}
-
-/// Runs the controller until SIGTERM/Ctrl-C.
-pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
-    let modules: Api<ChimeraModule> = config.scope.api(client.clone());
-    check_crd_installed(&modules).await?;
-    let reporter = Reporter {
-        controller: "chimera-operator".into(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        recorder: Recorder::new(client.clone(), reporter),
-        settings: config.workloads.clone(),
-        failures: Default::default(),
-        broker: config.broker.clone(),
-        topology_resync: config.topology_resync.unwrap_or(Duration::from_secs(30)),
-    });
-    if config.broker.is_none() {
-        warn!("no broker configured (--amqp-url): RabbitMQ topology is not managed");
-    }
-    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=chimera-operator");
-    info!(scope = ?config.scope, "chimera operator started");
-    let controller = Controller::new(modules.clone(), watcher::Config::default());
-    let metrics = match config.autoscale {
-        Some(settings) => Some(start_autoscaler(
-            &ctx,
-            &config.scope,
-            controller.store(),
-            owned.clone(),
-            settings,
-        )?),
-        None => None,
-    };
-    if let Some(addr) = config.metrics_addr {
-        serve_metrics(addr, metrics).await?;
-    }
+) -> Controller<ChimeraModule> {
     // A module's findings depend on the other modules of its namespace (who publishes what):
     // any module change re-plans its neighbours.
+    let controller = Controller::new(modules.clone(), watcher::Config::default());
     let store = controller.store();
     controller
         .watches(
@@ -236,15 +97,14 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
                     .collect::<Vec<_>>()
             },
         )
-        .owns(
-            config.scope.api::<Deployment>(client.clone()),
-            owned.clone(),
-        )
-        .owns(config.scope.api::<Service>(client.clone()), owned.clone())
-        .owns(
-            config.scope.api::<PodDisruptionBudget>(client.clone()),
-            owned,
-        )
+        .owns(scope.api::<Deployment>(ctx.client.clone()), owned.clone())
+        .owns(scope.api::<Service>(ctx.client.clone()), owned.clone())
+        .owns(scope.api::<PodDisruptionBudget>(ctx.client.clone()), owned)
+}
+
+/// Drives `controller` until SIGTERM/Ctrl-C.
+pub async fn run(controller: Controller<ChimeraModule>, ctx: Arc<Context>) {
+    controller
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -256,8 +116,6 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
             }
         })
         .await;
-    info!("chimera operator stopped");
-    Ok(())
 }
 
 #[cfg(test)]

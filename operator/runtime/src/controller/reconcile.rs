@@ -1,8 +1,8 @@
 //! One reconcile of one module: apply the desired objects, trim what left the spec, hold the
 //! replicas within bounds, and write the status when it changed.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -21,61 +21,13 @@ use serde_json::json;
 use tracing::{info, instrument};
 
 use crate::Error;
+use crate::cluster::{Context, FIELD_MANAGER, REPLICAS_MANAGER, STATUS_MANAGER, publish};
 use chimera_core::api::ChimeraModule;
 use chimera_core::status::{self, ObservedHeads};
-use chimera_core::topology::state::BrokerEndpoint;
-use chimera_core::workloads::{self, Head, WorkloadSettings};
-
-/// Field manager of the objects' templates (everything but `spec.replicas`).
-pub const FIELD_MANAGER: &str = "chimera-operator";
-/// Field manager of each Deployment's `spec.replicas`: the one owner the autoscaler shares.
-pub const REPLICAS_MANAGER: &str = "chimera-operator/replicas";
-/// Field manager of the ChimeraModule status.
-pub const STATUS_MANAGER: &str = "chimera-operator/status";
+use chimera_core::workloads::{self, Head};
 
 /// How often a module is reconciled when nothing changes (drift repair).
 const RESYNC: Duration = Duration::from_secs(300);
-
-/// What every reconcile needs.
-pub struct Context {
-    /// API server client.
-    pub client: Client,
-    /// Publishes Kubernetes Events on modules.
-    pub recorder: Recorder,
-    /// Builder settings.
-    pub settings: WorkloadSettings,
-    /// Consecutive failed reconciles per module (namespace/name), for retry backoff.
-    pub failures: Mutex<HashMap<String, u32>>,
-    /// The operator's broker; None disables topology management.
-    pub broker: Option<BrokerEndpoint>,
-    /// How often a module's topology is re-checked for drift when nothing else happens.
-    pub topology_resync: Duration,
-}
-
-impl Context {
-    fn key(module: &ChimeraModule) -> String {
-        format!(
-            "{}/{}",
-            module.namespace().unwrap_or_default(),
-            module.name_any()
-        )
-    }
-
-    /// Counts a failed reconcile of `module`; returns how many failed in a row.
-    pub fn record_failure(&self, module: &ChimeraModule) -> u32 {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = failures.entry(Self::key(module)).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    }
-
-    fn record_success(&self, module: &ChimeraModule) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&Self::key(module));
-    }
-}
 
 /// Applies `object`, unless an object of that name exists that this module does not control:
 /// the operator never adopts or overwrites what someone else made.
@@ -418,52 +370,5 @@ fn head_bounds(
         (Some("query"), Some(q), _) => Ok((Head::Query, (q.replicas.min, q.replicas.max))),
         (Some("worker"), _, Some(w)) => Ok((Head::Worker, (w.replicas.min, w.replicas.max))),
         _ => Err(Error::UnexpectedObject(deployment.name_any())),
-    }
-}
-
-/// The API server refuses Event notes over 1 kB; keep the start, which says what happened.
-fn truncate_note(mut note: String) -> String {
-    const MAX: usize = 1024;
-    if note.len() > MAX {
-        let mut cut = MAX - 3;
-        while !note.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        note.truncate(cut);
-        note.push_str("...");
-    }
-    note
-}
-
-/// Publishes an Event on the module; a failure to publish is logged, never fatal.
-pub(crate) async fn publish(
-    recorder: &Recorder,
-    module: &ChimeraModule,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) {
-    let event = Event {
-        note: Some(truncate_note(note)),
-        type_,
-        reason: reason.to_owned(),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(error) = recorder.publish(&event, &module.object_ref(&())).await {
-        tracing::warn!(%error, reason, "could not publish an Event");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::truncate_note;
-
-    #[test]
-    fn notes_fit_the_api_servers_limit() {
-        assert_eq!(truncate_note("short".into()), "short");
-        let long = "é".repeat(800);
-        let cut = truncate_note(long);
-        assert!(cut.len() <= 1024 && cut.ends_with("..."));
     }
 }

@@ -2,18 +2,16 @@
 //! its broker, and say how it went as the `TopologyReady` verdict. On deletion, release the
 //! module's queues according to its deletion policy.
 
-use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 
-use super::reconcile::Context;
 use crate::Error;
+use crate::cluster::{Context, endpoint_for};
 use crate::topology::declare::{self, ReleaseError};
 use chimera_core::api::{ChimeraModule, DeletionPolicy};
 use chimera_core::status::Verdict;
 use chimera_core::topology::plan::{self, TopologyPlan, module_key};
 use chimera_core::topology::report::ReleaseReport;
-use chimera_core::topology::state::BrokerEndpoint;
 use chimera_core::topology::verdict::topology_verdict;
 
 /// Finalizer that holds a module until its topology is released.
@@ -21,49 +19,6 @@ pub const FINALIZER: &str = "chimera.dev/topology";
 /// Annotation (`"true"`) that lets `deletionPolicy: Delete` remove queues that still hold
 /// messages.
 pub const FORCE_DELETE_ANNOTATION: &str = "chimera.dev/force-delete";
-
-/// The broker a module declares on: its own (`spec.broker.secretRef`, with an optional
-/// `managementUrl` key in the same Secret) or the operator's.
-pub(crate) async fn endpoint_for(
-    module: &ChimeraModule,
-    ctx: &Context,
-) -> Result<BrokerEndpoint, Verdict> {
-    let Some(broker) = &module.spec.broker else {
-        return ctx.broker.clone().ok_or_else(|| {
-            Verdict::new(
-                false,
-                "NoBroker",
-                "the operator runs without a broker".to_owned(),
-            )
-        });
-    };
-    let namespace = module.namespace().unwrap_or_default();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let unreadable = |why: String| {
-        Verdict::new(
-            false,
-            "BrokerSecretUnreadable",
-            format!(
-                "Secret {}/{}: {why}",
-                broker.secret_ref.name, broker.secret_ref.key
-            ),
-        )
-    };
-    let secret = secrets
-        .get(&broker.secret_ref.name)
-        .await
-        .map_err(|e| unreadable(e.to_string()))?;
-    let value = |key: &str| {
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .map(|v| String::from_utf8_lossy(&v.0).trim().to_owned())
-    };
-    let url = value(&broker.secret_ref.key).ok_or_else(|| unreadable("no such key".to_owned()))?;
-    BrokerEndpoint::new(&url, value("managementUrl").as_deref())
-        .map_err(|e| unreadable(e.to_string()))
-}
 
 /// The plan of every live module in the module's namespace, cut to what this module owns.
 async fn owned_plan(module: &ChimeraModule, ctx: &Context) -> Result<TopologyPlan, Error> {

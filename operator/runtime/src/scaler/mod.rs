@@ -19,7 +19,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
-use crate::controller::{Context, REPLICAS_MANAGER, publish};
+use crate::cluster::{Context, REPLICAS_MANAGER, endpoint_for, publish};
 use chimera_contract::names;
 use chimera_core::api::{AutoscalingStatus, ChimeraModule, ScalingDecision};
 use chimera_core::autoscale::query::{QueryLaw, QuerySettings, QuerySignals};
@@ -358,7 +358,7 @@ impl Scaler {
         {
             return Ok(endpoint.clone());
         }
-        let endpoint = crate::controller::topology::endpoint_for(module, &self.ctx)
+        let endpoint = endpoint_for(module, &self.ctx)
             .await
             .map_err(|v| v.message)?;
         state.endpoint = Some((endpoint.clone(), Instant::now()));

@@ -3,83 +3,16 @@
 //! unbinds what left the plan. Queues whose arguments differ are never redeclared (that would
 //! be a 406 that closes the channel, forever): they are reported instead.
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind as AmqpExchangeKind};
+use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, ExchangeKind as AmqpExchangeKind};
 
+use super::amqp::{amqp_error, arguments, bind, connect, unbind};
 use super::management::{BrokerError, ManagementClient};
 use chimera_core::topology::diff::{TopologyDiff, diff};
-use chimera_core::topology::plan::{ArgValue, ExchangeKind, PlannedQueue, TopologyPlan};
+use chimera_core::topology::plan::{ExchangeKind, TopologyPlan};
 use chimera_core::topology::report::{ApplyReport, ReleaseReport};
-use chimera_core::topology::state::{ActualQueue, BrokerEndpoint, redact};
-
-/// Maps a lapin error to a [`BrokerError`] saying what was being done.
-pub(crate) fn amqp_error(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
-    let action = action.into();
-    move |cause| BrokerError::Amqp { action, cause }
-}
-
-/// A planned queue's arguments as AMQP declares them.
-pub(crate) fn arguments(queue: &PlannedQueue) -> FieldTable {
-    let mut table = FieldTable::default();
-    for (key, value) in &queue.arguments {
-        let value = match value {
-            ArgValue::Str(s) => AMQPValue::LongString(LongString::from(s.as_str())),
-            ArgValue::Int(i) => AMQPValue::LongLongInt(*i),
-        };
-        table.insert(ShortString::from(key.as_str()), value);
-    }
-    table
-}
-
-/// Binds `queue` to `exchange` with `key`.
-pub(crate) async fn bind(
-    channel: &Channel,
-    queue: &str,
-    exchange: &str,
-    key: &str,
-) -> Result<(), BrokerError> {
-    channel
-        .queue_bind(
-            queue.into(),
-            exchange.into(),
-            key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp_error(format!("binding {queue} to {exchange} ({key})")))
-}
-
-/// Removes the binding of `queue` to `exchange` with `key`.
-pub(crate) async fn unbind(
-    channel: &Channel,
-    queue: &str,
-    exchange: &str,
-    key: &str,
-) -> Result<(), BrokerError> {
-    channel
-        .queue_unbind(
-            queue.into(),
-            exchange.into(),
-            key.into(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp_error(format!(
-            "unbinding {queue} from {exchange} ({key})"
-        )))
-}
-
-/// Opens an AMQP connection to the endpoint.
-pub async fn connect(endpoint: &BrokerEndpoint) -> Result<Connection, BrokerError> {
-    Connection::connect(&endpoint.amqp_url, ConnectionProperties::default())
-        .await
-        .map_err(amqp_error(format!(
-            "connection to {}",
-            redact(&endpoint.amqp_url)
-        )))
-}
+use chimera_core::topology::state::{ActualQueue, BrokerEndpoint};
 
 /// Reads the vhost and returns what separates it from `plan`.
 pub async fn current_diff(

@@ -27,7 +27,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 
-use super::declare::{amqp_error, arguments, bind, connect, unbind};
+use super::amqp::{amqp_error, arguments, bind, connect, unbind};
 use super::management::{BrokerError, ManagementClient};
 use chimera_core::topology::diff::diff;
 use chimera_core::topology::plan::{PlannedBinding, PlannedQueue, TopologyPlan};

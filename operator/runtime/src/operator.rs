@@ -1,0 +1,151 @@
+//! The operator, assembled: the controller and the autoscaler on one module cache, the
+//! Event recorder and the metrics endpoint. The one place that knows both loops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::ListParams;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use tracing::{info, warn};
+
+use crate::Error;
+use crate::cluster::{Context, Scope};
+use crate::controller;
+use crate::scaler::metrics::AutoscalerMetrics;
+use crate::scaler::{Scaler, ScalerSettings};
+use chimera_core::api::ChimeraModule;
+use chimera_core::topology::state::BrokerEndpoint;
+use chimera_core::workloads::WorkloadSettings;
+
+/// Operator settings from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct OperatorConfig {
+    /// Namespaces to watch.
+    pub scope: Scope,
+    /// Settings for the workload builders.
+    pub workloads: WorkloadSettings,
+    /// The broker modules declare their topology on (unless they name their own); None
+    /// disables topology management.
+    pub broker: Option<BrokerEndpoint>,
+    /// Drift check period of the topology (default 30 s).
+    pub topology_resync: Option<Duration>,
+    /// The autoscaler's settings; None runs no autoscaler (replicas then stay where the
+    /// reconciler holds them, within bounds).
+    pub autoscale: Option<ScalerSettings>,
+    /// Where to serve `/metrics` and `/healthz`; None serves nothing.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Starts the autoscaler next to the controller, on the controller's module store and a
+/// reflector of the Deployments the operator owns; returns its metrics.
+fn start_autoscaler(
+    ctx: &Arc<Context>,
+    scope: &Scope,
+    modules: kube::runtime::reflector::Store<ChimeraModule>,
+    owned: watcher::Config,
+    settings: ScalerSettings,
+) -> Result<AutoscalerMetrics, Error> {
+    use kube::runtime::WatchStreamExt;
+    use kube::runtime::reflector;
+    let (deployments, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(scope.api::<Deployment>(ctx.client.clone()), owned),
+    )
+    .default_backoff();
+    tokio::spawn(stream.for_each(|_| futures::future::ready(())));
+    let pods = crate::scaler::sources::PodMetrics::new(ctx.client.clone())
+        .map_err(|e| Error::Autoscaler(e.to_string()))?;
+    let scaler = Arc::new(Scaler::new(
+        Arc::clone(ctx),
+        Arc::new(crate::scaler::sources::RabbitMq::default()),
+        Arc::new(pods),
+        settings,
+    ));
+    let metrics = scaler.metrics.clone();
+    tokio::spawn(scaler.run(modules, deployments));
+    info!(
+        interval_ms = settings.interval.as_millis(),
+        "autoscaler started"
+    );
+    Ok(metrics)
+}
+
+/// Serves `/metrics` (the autoscaler's) and `/healthz` in the background.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    metrics: Option<AutoscalerMetrics>,
+) -> Result<(), Error> {
+    use axum::{Router, routing::get};
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Autoscaler(format!("cannot listen on {addr}: {e}")))?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let text = metrics.as_ref().map(|m| m.render()).unwrap_or_default();
+                async move { text }
+            }),
+        );
+    info!(%addr, "serving /metrics and /healthz");
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            warn!(%error, "the metrics server stopped");
+        }
+    });
+    Ok(())
+}
+
+/// Fails with instructions when the ChimeraModule CRD is not installed.
+async fn check_crd_installed(api: &Api<ChimeraModule>) -> Result<(), Error> {
+    api.list(&ListParams::default().limit(1))
+        .await
+        .map(|_| ())
+        .map_err(|cause| Error::CrdNotInstalled { cause })
+}
+
+/// Runs the operator until SIGTERM/Ctrl-C.
+pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
+    let modules: Api<ChimeraModule> = config.scope.api(client.clone());
+    check_crd_installed(&modules).await?;
+    let reporter = Reporter {
+        controller: "chimera-operator".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        settings: config.workloads.clone(),
+        failures: Default::default(),
+        broker: config.broker.clone(),
+        topology_resync: config.topology_resync.unwrap_or(Duration::from_secs(30)),
+    });
+    if config.broker.is_none() {
+        warn!("no broker configured (--amqp-url): RabbitMQ topology is not managed");
+    }
+    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=chimera-operator");
+    info!(scope = ?config.scope, "chimera operator started");
+    let controller = controller::new(modules, &config.scope, &ctx, owned.clone());
+    let metrics = match config.autoscale {
+        Some(settings) => Some(start_autoscaler(
+            &ctx,
+            &config.scope,
+            controller.store(),
+            owned,
+            settings,
+        )?),
+        None => None,
+    };
+    if let Some(addr) = config.metrics_addr {
+        serve_metrics(addr, metrics).await?;
+    }
+    controller::run(controller, ctx).await;
+    info!("chimera operator stopped");
+    Ok(())
+}
