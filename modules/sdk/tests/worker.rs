@@ -3,8 +3,6 @@
 //! through the retry queues, and dead letters with reasons, without stopping.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
