@@ -76,7 +76,7 @@ pub struct Gig {
 }
 
 fn reject(message: impl Into<String>) -> HandlerError {
-    HandlerError::Reject(message.into())
+    HandlerError::reject(message)
 }
 
 /// Checks a title: 1-200 characters once trimmed.
@@ -135,9 +135,8 @@ async fn save(ctx: &mut Context, gig: &Gig, insert: bool) -> Result<(), HandlerE
     Ok(())
 }
 
-async fn emit(ctx: &mut Context, kind: &str, gig: &Gig) -> Result<(), HandlerError> {
-    ctx.emit(kind, serde_json::to_value(gig).unwrap_or_default())
-        .await
+fn emit(ctx: &mut Context, kind: &str, gig: &Gig) -> Result<(), HandlerError> {
+    ctx.emit(kind, gig)
 }
 
 #[derive(Deserialize)]
@@ -167,7 +166,7 @@ fn publish(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
             // The user.registered event may not have arrived yet: retry, and give up only when
             // no retry is left.
             None if !ctx.is_last_attempt() => {
-                return Err(HandlerError::Retry(format!(
+                return Err(HandlerError::retry(format!(
                     "seller {} not known yet",
                     cmd.seller_id
                 )));
@@ -186,7 +185,7 @@ fn publish(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
             status: "active".into(),
         };
         save(ctx, &gig, true).await?;
-        emit(ctx, "gig.published", &gig).await
+        emit(ctx, "gig.published", &gig)
     })
 }
 
@@ -219,7 +218,7 @@ fn update(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
             gig.price_cents = p;
         }
         save(ctx, &gig, false).await?;
-        emit(ctx, "gig.updated", &gig).await
+        emit(ctx, "gig.updated", &gig)
     })
 }
 
@@ -239,7 +238,7 @@ fn pause(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
         }
         gig.status = "paused".into();
         save(ctx, &gig, false).await?;
-        emit(ctx, "gig.paused", &gig).await
+        emit(ctx, "gig.paused", &gig)
     })
 }
 
@@ -290,7 +289,7 @@ fn user_deleted(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
         for mut gig in gigs {
             gig.status = "paused".into();
             save(ctx, &gig, false).await?;
-            emit(ctx, "gig.paused", &gig).await?;
+            emit(ctx, "gig.paused", &gig)?;
         }
         Ok(())
     })

@@ -103,7 +103,7 @@ pub fn transition(from: &str, action: &str) -> Result<&'static str, String> {
 }
 
 fn reject(message: impl Into<String>) -> HandlerError {
-    HandlerError::Reject(message.into())
+    HandlerError::reject(message)
 }
 
 fn order_of(r: &impl Columns) -> Result<Order, sqlx::Error> {
@@ -152,9 +152,8 @@ async fn set_status(ctx: &mut Context, o: &Order) -> Result<(), HandlerError> {
     Ok(())
 }
 
-async fn emit(ctx: &mut Context, kind: &str, o: &Order) -> Result<(), HandlerError> {
-    ctx.emit(kind, serde_json::to_value(o).unwrap_or_default())
-        .await
+fn emit(ctx: &mut Context, kind: &str, o: &Order) -> Result<(), HandlerError> {
+    ctx.emit(kind, o)
 }
 
 #[derive(Deserialize)]
@@ -190,7 +189,7 @@ fn place(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
         if let Some(why) = &unseen
             && !ctx.is_last_attempt()
         {
-            return Err(HandlerError::Retry(format!("{why} (not seen yet)")));
+            return Err(HandlerError::retry(format!("{why} (not seen yet)")));
         }
         let price = match &gig {
             Some(g) => g.try_get::<i64, _>("price_cents")?,
@@ -218,10 +217,10 @@ fn place(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
             order.status = "rejected".into();
             order.reason = Some(reason);
             insert(ctx, &order).await?;
-            return emit(ctx, "order.rejected", &order).await;
+            return emit(ctx, "order.rejected", &order);
         }
         insert(ctx, &order).await?;
-        emit(ctx, "order.placed", &order).await
+        emit(ctx, "order.placed", &order)
     })
 }
 
@@ -239,7 +238,7 @@ async fn change(ctx: &mut Context, action: &str, event: &str) -> Result<(), Hand
         .map_err(reject)?
         .to_owned();
     set_status(ctx, &order).await?;
-    emit(ctx, event, &order).await
+    emit(ctx, event, &order)
 }
 
 fn deliver(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
@@ -335,7 +334,7 @@ fn user_deleted(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
             order.status = "cancelled".into();
             order.reason = Some(format!("buyer {} was deleted", u.user_id));
             set_status(ctx, &order).await?;
-            emit(ctx, "order.cancelled", &order).await?;
+            emit(ctx, "order.cancelled", &order)?;
         }
         Ok(())
     })

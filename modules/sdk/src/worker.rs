@@ -44,6 +44,19 @@ pub enum HandlerError {
     Reject(String),
 }
 
+impl HandlerError {
+    /// A failure that may pass later (a dependency down, a row not there yet): retried.
+    pub fn retry(reason: impl Into<String>) -> Self {
+        Self::Retry(reason.into())
+    }
+
+    /// A message that will never work (invalid, illegal in the current state): dead-lettered at
+    /// once with `reason`.
+    pub fn reject(reason: impl Into<String>) -> Self {
+        Self::Reject(reason.into())
+    }
+}
+
 impl From<DbError> for HandlerError {
     fn from(e: DbError) -> Self {
         Self::Retry(e.to_string())
@@ -101,7 +114,17 @@ impl Context {
     /// Emits an event of this domain: written to the outbox in the same transaction as the
     /// handler's writes (with the rest of the batch, when the handler succeeds), published by
     /// the relay after commit, carrying this message's trace.
-    pub async fn emit(&mut self, kind: &str, data: serde_json::Value) -> Result<(), HandlerError> {
+    ///
+    /// The payload is serialized now: a payload that cannot be (a map with non-string keys,
+    /// a failing `Serialize`) rejects the message with the reason instead of emitting `null`.
+    pub fn emit<T: serde::Serialize + ?Sized>(
+        &mut self,
+        kind: &str,
+        data: &T,
+    ) -> Result<(), HandlerError> {
+        let data = serde_json::to_value(data).map_err(|e| {
+            HandlerError::reject(format!("the payload of event {kind} cannot be serialized: {e}"))
+        })?;
         let event = Envelope::new(kind, data);
         self.events.push(PendingEvent::new(
             &self.events_exchange,

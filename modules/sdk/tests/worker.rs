@@ -31,7 +31,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde::Deserialize;
 use tokio::sync::Notify;
 
-const BANK: &str = "apiVersion: chimera.dev/v1alpha1\nkind: ChimeraModule\nmetadata: {name: bank}\nspec:\n  image: x\n  commands: [account.open, account.flaky, account.close]\n  events: {publishes: [account.opened]}\n  worker: {prefetch: 20, retry: {delaysSeconds: [1]}}\n";
+const BANK: &str = "apiVersion: chimera.dev/v1alpha1\nkind: ChimeraModule\nmetadata: {name: bank}\nspec:\n  image: x\n  commands: [account.open, account.flaky, account.close, account.tag]\n  events: {publishes: [account.opened]}\n  worker: {prefetch: 20, retry: {delaysSeconds: [1]}}\n";
 
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 100,
@@ -56,13 +56,20 @@ fn open(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
             .bind(&cmd.owner)
             .execute(&mut **ctx.tx())
             .await?;
-        ctx.emit("account.opened", serde_json::json!({"id": cmd.id}))
-            .await?;
+        ctx.emit("account.opened", &serde_json::json!({"id": cmd.id}))?;
         // Fails after writing and emitting: what it did must be undone, and only that.
         if cmd.owner == "!" {
             return Err(HandlerError::Reject("refused after writing".into()));
         }
         Ok(())
+    })
+}
+
+/// Emits an event whose payload JSON cannot hold (a map with non-string keys).
+fn tag(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
+    Box::pin(async move {
+        let tags: std::collections::HashMap<(u8, u8), u8> = [((1, 2), 3)].into();
+        ctx.emit("account.tagged", &tags)
     })
 }
 
@@ -161,6 +168,7 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
             Worker::new(worker_config(), "bank", "chimera.bank.events")
                 .on("account.open", open)
                 .on("account.flaky", flaky)
+                .on("account.tag", tag)
                 .with_metrics(metrics.clone()),
         );
         let (relay_wake, stop_relay, stop_worker) = (
@@ -223,6 +231,13 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
             )
             .await
             .unwrap();
+        publisher
+            .publish(
+                &send("account.tag", serde_json::json!({"id": "a1"})),
+                true,
+            )
+            .await
+            .unwrap();
         channel
             .basic_publish(
                 "chimera.bank.commands".into(),
@@ -248,7 +263,7 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
             .unwrap();
 
         let mut reasons = Vec::new();
-        while reasons.len() < 4 {
+        while reasons.len() < 5 {
             let m = get(&channel, "chimera.bank.worker.dlq", Duration::from_secs(15))
                 .await
                 .unwrap_or_else(|| {
@@ -266,6 +281,7 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
             "no handler for message type \"account.close\"",
             "not a Chimera envelope",
             "owner must not be empty",
+            "the payload of event account.tagged cannot be serialized",
         ];
         for e in expect {
             assert!(

@@ -74,7 +74,7 @@ struct Delete {
 }
 
 fn reject(message: impl Into<String>) -> HandlerError {
-    HandlerError::Reject(message.into())
+    HandlerError::reject(message)
 }
 
 /// Checks a name: 1-255 characters once trimmed.
@@ -153,11 +153,7 @@ fn register(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
             }
             Err(e) => return Err(e.into()),
         }
-        ctx.emit(
-            "user.registered",
-            serde_json::to_value(&user).unwrap_or_default(),
-        )
-        .await
+        ctx.emit("user.registered", &user)
     })
 }
 
@@ -189,11 +185,7 @@ fn update(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
             .bind(&user.user_id)
             .execute(&mut **ctx.tx())
             .await?;
-        ctx.emit(
-            "user.updated",
-            serde_json::to_value(&user).unwrap_or_default(),
-        )
-        .await
+        ctx.emit("user.updated", &user)
     })
 }
 
@@ -207,8 +199,7 @@ fn delete(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
             .bind(&user.user_id)
             .execute(&mut **ctx.tx())
             .await?;
-        ctx.emit("user.deleted", serde_json::json!({"user_id": user.user_id}))
-            .await
+        ctx.emit("user.deleted", &serde_json::json!({"user_id": user.user_id}))
     })
 }
 
