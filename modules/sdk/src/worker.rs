@@ -123,7 +123,9 @@ impl Context {
         data: &T,
     ) -> Result<(), HandlerError> {
         let data = serde_json::to_value(data).map_err(|e| {
-            HandlerError::reject(format!("the payload of event {kind} cannot be serialized: {e}"))
+            HandlerError::reject(format!(
+                "the payload of event {kind} cannot be serialized: {e}"
+            ))
         })?;
         let event = Envelope::new(kind, data);
         self.events.push(PendingEvent::new(

@@ -232,10 +232,7 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
             .await
             .unwrap();
         publisher
-            .publish(
-                &send("account.tag", serde_json::json!({"id": "a1"})),
-                true,
-            )
+            .publish(&send("account.tag", serde_json::json!({"id": "a1"})), true)
             .await
             .unwrap();
         channel

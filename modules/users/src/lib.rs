@@ -199,7 +199,10 @@ fn delete(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
             .bind(&user.user_id)
             .execute(&mut **ctx.tx())
             .await?;
-        ctx.emit("user.deleted", &serde_json::json!({"user_id": user.user_id}))
+        ctx.emit(
+            "user.deleted",
+            &serde_json::json!({"user_id": user.user_id}),
+        )
     })
 }
 

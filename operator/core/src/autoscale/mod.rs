@@ -10,6 +10,7 @@
 //!   histogram merged over a head's pods.
 
 pub mod exposition;
+pub mod head;
 pub mod histogram;
 pub mod query;
 pub mod series;

@@ -3,9 +3,10 @@
 
 use std::collections::VecDeque;
 
+use crate::autoscale::head::{QueryAutoscaler, WorkerAutoscaler};
 use crate::autoscale::histogram::Histogram;
-use crate::autoscale::query::{QueryLaw, QuerySettings, QuerySignals};
-use crate::autoscale::worker::{WorkerLaw, WorkerSettings, WorkerSignals};
+use crate::autoscale::query::{QuerySettings, QuerySignals};
+use crate::autoscale::worker::{WorkerSettings, WorkerSignals};
 use crate::autoscale::{Bounds, Decision, Replicas};
 
 use super::scenario::{Head, Scenario};
@@ -95,7 +96,7 @@ pub fn build(name: PolicyName, scenario: &Scenario, knob: Option<f64>) -> Box<dy
     let knob = knob.or(name.default_knob()).unwrap_or(0.0);
     match (name, scenario.head) {
         (PolicyName::Chimera, Head::Worker) => {
-            Box::new(ChimeraWorker(WorkerLaw::new(WorkerSettings {
+            Box::new(ChimeraWorker(WorkerAutoscaler::new(WorkerSettings {
                 bounds,
                 drain_seconds: scenario.slo.queue_wait_p99_s.unwrap_or(30.0),
                 startup_seconds: f64::from(scenario.startup_s),
@@ -103,7 +104,7 @@ pub fn build(name: PolicyName, scenario: &Scenario, knob: Option<f64>) -> Box<dy
             })))
         }
         (PolicyName::Chimera, Head::Query) => {
-            Box::new(ChimeraQuery(QueryLaw::new(QuerySettings {
+            Box::new(ChimeraQuery(QueryAutoscaler::new(QuerySettings {
                 bounds,
                 quantile: 0.95,
                 target_seconds: scenario.slo.latency_p95_ms.unwrap_or(150.0) / 1000.0,
@@ -122,7 +123,8 @@ pub fn build(name: PolicyName, scenario: &Scenario, knob: Option<f64>) -> Box<dy
     }
 }
 
-struct ChimeraWorker(WorkerLaw);
+/// Chimera's worker autoscaler, the operator's own type, on the model's signals.
+struct ChimeraWorker(WorkerAutoscaler);
 
 impl Policy for ChimeraWorker {
     fn decide(&mut self, o: &Observation) -> Decision {
@@ -133,7 +135,8 @@ impl Policy for ChimeraWorker {
     }
 }
 
-struct ChimeraQuery(QueryLaw);
+/// Chimera's query autoscaler, the operator's own type, on the model's merged histogram.
+struct ChimeraQuery(QueryAutoscaler);
 
 impl Policy for ChimeraQuery {
     fn decide(&mut self, o: &Observation) -> Decision {

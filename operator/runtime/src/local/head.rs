@@ -12,10 +12,11 @@ use serde::{Deserialize, Serialize};
 use super::balancer::Backends;
 use super::process::{Replica, ReplicaSpec};
 use chimera_core::api::ChimeraModule;
+use chimera_core::autoscale::head::{QueryAutoscaler, WorkerAutoscaler};
 use chimera_core::autoscale::histogram::Histogram;
-use chimera_core::autoscale::query::{QueryLaw, QuerySettings, QuerySignals};
-use chimera_core::autoscale::signals::{MergedLatency, QueueSample};
-use chimera_core::autoscale::worker::{WorkerLaw, WorkerSettings, WorkerSignals};
+use chimera_core::autoscale::query::QuerySettings;
+use chimera_core::autoscale::signals::QueueSample;
+use chimera_core::autoscale::worker::WorkerSettings;
 use chimera_core::autoscale::{Bounds, Decision, Replicas};
 use chimera_core::local::plan::{LocalContext, head_args, replica_env};
 use chimera_core::workloads::Head;
@@ -64,7 +65,7 @@ pub struct HeadRunner {
     logs: PathBuf,
     echo: bool,
     slots: Vec<(u32, u16, Slot)>, // (replica number, port, state)
-    law: Law,
+    autoscaler: Autoscaler,
     /// The balancer's backends (query heads).
     pub backends: Backends,
     /// The balancer's address (query heads).
@@ -88,9 +89,10 @@ pub struct HeadRunner {
     draining: Vec<(u32, tokio::task::JoinHandle<()>)>,
 }
 
-enum Law {
-    Worker(WorkerLaw),
-    Query(QueryLaw, MergedLatency),
+/// The runner's autoscaler: the head's own type, the one the operator and the simulator run.
+enum Autoscaler {
+    Worker(WorkerAutoscaler),
+    Query(QueryAutoscaler),
 }
 
 impl HeadRunner {
@@ -108,13 +110,16 @@ impl HeadRunner {
             Head::Worker => {
                 let settings =
                     WorkerSettings::for_head(module.spec.worker.as_ref()?, startup_seconds);
-                (Law::Worker(WorkerLaw::new(settings)), settings.bounds)
+                (
+                    Autoscaler::Worker(WorkerAutoscaler::new(settings)),
+                    settings.bounds,
+                )
             }
             Head::Query => {
                 let settings =
                     QuerySettings::for_head(module.spec.query.as_ref()?, startup_seconds);
                 (
-                    Law::Query(QueryLaw::new(settings), MergedLatency::default()),
+                    Autoscaler::Query(QueryAutoscaler::new(settings)),
                     settings.bounds,
                 )
             }
@@ -141,7 +146,7 @@ impl HeadRunner {
             logs,
             echo,
             slots: Vec::new(),
-            law,
+            autoscaler: law,
             backends: Backends::default(),
             front: None,
             decisions: VecDeque::new(),
@@ -321,19 +326,17 @@ impl HeadRunner {
     /// Runs the law on a worker queue sample (None: unavailable) and returns its decision.
     pub fn decide_worker(&mut self, now: f64, sample: Result<QueueSample, String>) -> Decision {
         let replicas = self.replicas();
-        let decision = match (&mut self.law, sample) {
-            (Law::Worker(law), Ok(s)) => {
-                self.last_queue = Some(s);
-                law.decide(&WorkerSignals {
-                    now,
-                    ready_messages: s.ready,
-                    unacked_messages: s.unacked,
-                    acked_total: s.acked_total,
-                    replicas,
-                })
+        let decision = match &mut self.autoscaler {
+            Autoscaler::Worker(autoscaler) => {
+                if let Ok(s) = &sample {
+                    self.last_queue = Some(*s);
+                }
+                autoscaler
+                    .decide_sample(now, sample.as_ref(), replicas)
+                    .decision
             }
-            (_, Err(e)) => Decision::hold(replicas.existing, &e),
-            (Law::Query(..), Ok(_)) => Decision::hold(replicas.existing, "not a worker head"),
+            // A runner is built for one head: `chimera up` asks each runner for its own kind.
+            Autoscaler::Query(_) => Decision::hold(replicas.existing, "not a worker head"),
         };
         self.record(now, &decision);
         decision
@@ -349,22 +352,16 @@ impl HeadRunner {
                 scrapes.push((target, s));
             }
         }
-        let decision = match &mut self.law {
-            Law::Query(law, merged) => match merged.update(&scrapes) {
-                Some((latency, in_flight)) => {
-                    let d = law.decide(&QuerySignals {
-                        now,
-                        latency: latency.clone(),
-                        in_flight,
-                        replicas,
-                    });
+        let decision = match &mut self.autoscaler {
+            Autoscaler::Query(autoscaler) => {
+                let (outcome, latency) =
+                    autoscaler.decide_scrapes(now, Ok::<_, &str>(&scrapes), replicas);
+                if let Some(latency) = latency {
                     self.track_latency(now, latency);
-                    d
                 }
-                // Nothing ready yet: hold (and start at least one when the head has none).
-                None => Decision::hold(replicas.existing.max(1), "no ready replica to read"),
-            },
-            Law::Worker(_) => Decision::hold(replicas.existing, "not a query head"),
+                outcome.decision
+            }
+            Autoscaler::Worker(_) => Decision::hold(replicas.existing, "not a query head"),
         };
         self.record(now, &decision);
         decision

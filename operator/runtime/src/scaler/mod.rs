@@ -22,9 +22,9 @@ use serde_json::json;
 use crate::cluster::{Context, REPLICAS_MANAGER, endpoint_for, publish};
 use chimera_contract::names;
 use chimera_core::api::{AutoscalingStatus, ChimeraModule, ScalingDecision};
-use chimera_core::autoscale::query::{QueryLaw, QuerySettings, QuerySignals};
-use chimera_core::autoscale::signals::MergedLatency;
-use chimera_core::autoscale::worker::{WorkerLaw, WorkerSettings, WorkerSignals};
+use chimera_core::autoscale::head::{Outcome, QueryAutoscaler, WorkerAutoscaler};
+use chimera_core::autoscale::query::QuerySettings;
+use chimera_core::autoscale::worker::WorkerSettings;
 use chimera_core::autoscale::{Decision, Replicas};
 use chimera_core::topology::state::BrokerEndpoint;
 use chimera_core::workloads::{Head, object_name};
@@ -60,16 +60,9 @@ impl Default for ScalerSettings {
     }
 }
 
-enum Law {
-    Worker(WorkerLaw),
-    Query(QueryLaw, MergedLatency),
-}
-
-struct HeadState {
-    law: Law,
-    /// The settings the law was built with; a changed spec rebuilds it.
-    built_for: String,
-}
+/// Each head's autoscaler, by `namespace/module/head`: what its law has learned lives here
+/// between ticks.
+type Heads<A> = Mutex<HashMap<String, Arc<tokio::sync::Mutex<A>>>>;
 
 #[derive(Default)]
 struct ModuleState {
@@ -85,7 +78,8 @@ pub struct Scaler {
     /// Its metrics.
     pub metrics: AutoscalerMetrics,
     settings: ScalerSettings,
-    heads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<HeadState>>>>,
+    workers: Heads<WorkerAutoscaler>,
+    queries: Heads<QueryAutoscaler>,
     modules: Mutex<HashMap<String, Arc<tokio::sync::Mutex<ModuleState>>>>,
     origin: Instant,
 }
@@ -112,7 +106,8 @@ impl Scaler {
             latency,
             metrics: AutoscalerMetrics::new(),
             settings,
-            heads: Mutex::default(),
+            workers: Mutex::default(),
+            queries: Mutex::default(),
             modules: Mutex::default(),
             origin: Instant::now(),
         }
@@ -142,40 +137,33 @@ impl Scaler {
 
     fn forget_gone(&self, live: &[Arc<ChimeraModule>]) {
         let keys: Vec<String> = live.iter().map(|m| key(m)).collect();
-        if let Ok(mut heads) = self.heads.lock() {
-            heads.retain(|k, _| keys.iter().any(|m| k.starts_with(&format!("{m}/"))));
+        let live = |k: &String| keys.iter().any(|m| k.starts_with(&format!("{m}/")));
+        if let Ok(mut heads) = self.workers.lock() {
+            heads.retain(|k, _| live(k));
+        }
+        if let Ok(mut heads) = self.queries.lock() {
+            heads.retain(|k, _| live(k));
         }
         if let Ok(mut modules) = self.modules.lock() {
             modules.retain(|k, _| keys.contains(k));
         }
     }
 
-    fn head_state(
-        &self,
+    /// The autoscaler of head `key`, created on first use.
+    fn autoscaler<A>(
+        heads: &Heads<A>,
         key: &str,
-        built_for: &str,
-        law: impl FnOnce() -> Law,
-    ) -> Arc<tokio::sync::Mutex<HeadState>> {
-        let mut heads = match self.heads.lock() {
+        new: impl FnOnce() -> A,
+    ) -> Arc<tokio::sync::Mutex<A>> {
+        let mut heads = match heads.lock() {
             Ok(h) => h,
             Err(poisoned) => poisoned.into_inner(),
         };
-        // A spec change to what the law holds (bounds, targets) starts it afresh.
-        if let Some(cell) = heads.get(key) {
-            let same = cell
-                .try_lock()
-                .map(|s| s.built_for == built_for)
-                .unwrap_or(true);
-            if same {
-                return Arc::clone(cell);
-            }
-        }
-        let fresh = Arc::new(tokio::sync::Mutex::new(HeadState {
-            law: law(),
-            built_for: built_for.to_owned(),
-        }));
-        heads.insert(key.to_owned(), Arc::clone(&fresh));
-        fresh
+        Arc::clone(
+            heads
+                .entry(key.to_owned())
+                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(new()))),
+        )
     }
 
     fn module_state(&self, module: &ChimeraModule) -> Arc<tokio::sync::Mutex<ModuleState>> {
@@ -243,16 +231,15 @@ impl Scaler {
             head: head.as_str().to_owned(),
         };
         let startup = self.settings.startup_seconds;
-        let (decision, stale) = match head {
+        let head_key = format!("{}/{}", key(module), head.as_str());
+        let Outcome { decision, stale } = match head {
             Head::Worker => {
-                let spec = module.spec.worker.as_ref()?;
-                let settings = WorkerSettings::for_head(spec, startup);
-                let cell = self.head_state(
-                    &format!("{}/{}", key(module), head.as_str()),
-                    &format!("{settings:?}"),
-                    || Law::Worker(WorkerLaw::new(settings)),
-                );
-                let mut cell = cell.lock().await;
+                let settings = WorkerSettings::for_head(module.spec.worker.as_ref()?, startup);
+                let cell =
+                    Self::autoscaler(&self.workers, &head_key, || WorkerAutoscaler::new(settings));
+                let mut autoscaler = cell.lock().await;
+                // A spec change to what the law holds (bounds, targets) starts it afresh.
+                autoscaler.reconfigure(settings);
                 let sample = match self.endpoint(module, state).await {
                     Ok(endpoint) => {
                         let queue = names::worker_queue(module.domain());
@@ -263,34 +250,20 @@ impl Scaler {
                     }
                     Err(e) => Err(e),
                 };
-                match (&mut cell.law, sample) {
-                    (Law::Worker(law), Ok(s)) => {
-                        self.metrics
-                            .backlog
-                            .get_or_create(&labels)
-                            .set(s.ready + s.unacked);
-                        let d = law.decide(&WorkerSignals {
-                            now,
-                            ready_messages: s.ready,
-                            unacked_messages: s.unacked,
-                            acked_total: s.acked_total,
-                            replicas,
-                        });
-                        (d, false)
-                    }
-                    (_, Err(e)) => (Decision::hold(current, &e), true),
-                    (Law::Query(..), Ok(_)) => return None,
+                if let Ok(s) = &sample {
+                    self.metrics
+                        .backlog
+                        .get_or_create(&labels)
+                        .set(s.ready + s.unacked);
                 }
+                autoscaler.decide_sample(now, sample.as_ref(), replicas)
             }
             Head::Query => {
-                let spec = module.spec.query.as_ref()?;
-                let settings = QuerySettings::for_head(spec, startup);
-                let cell = self.head_state(
-                    &format!("{}/{}", key(module), head.as_str()),
-                    &format!("{settings:?}"),
-                    || Law::Query(QueryLaw::new(settings), MergedLatency::default()),
-                );
-                let mut cell = cell.lock().await;
+                let settings = QuerySettings::for_head(module.spec.query.as_ref()?, startup);
+                let cell =
+                    Self::autoscaler(&self.queries, &head_key, || QueryAutoscaler::new(settings));
+                let mut autoscaler = cell.lock().await;
+                autoscaler.reconfigure(settings);
                 let service = object_name(&module.name_any(), Head::Query);
                 let scrapes =
                     tokio::time::timeout(SOURCE_TIMEOUT, self.latency.sample(&namespace, &service))
@@ -300,22 +273,9 @@ impl Scaler {
                                 "no answer within {SOURCE_TIMEOUT:?}"
                             )))
                         });
-                match (&mut cell.law, scrapes) {
-                    (Law::Query(law, merged), Ok(scrapes)) => match merged.update(&scrapes) {
-                        Some((latency, in_flight)) => {
-                            let d = law.decide(&QuerySignals {
-                                now,
-                                latency,
-                                in_flight,
-                                replicas,
-                            });
-                            (d, false)
-                        }
-                        None => (Decision::hold(current, "no pod answered"), true),
-                    },
-                    (_, Err(e)) => (Decision::hold(current, &e.to_string()), true),
-                    (Law::Worker(_), Ok(_)) => return None,
-                }
+                autoscaler
+                    .decide_scrapes(now, scrapes.as_deref(), replicas)
+                    .0
             }
         };
         self.metrics
