@@ -62,21 +62,29 @@ pub enum Error {
     /// The broker refused or could not be reached.
     #[error(transparent)]
     Broker(#[from] topology::management::BrokerError),
-    /// The topology could not be handled (its reason is in the module's TopologyReady).
-    #[error("topology: {0}")]
-    Topology(String),
+    /// The module's broker could not be resolved (the verdict is its TopologyReady).
+    #[error("topology: {}", .0.message)]
+    Topology(Box<chimera_core::status::Verdict>),
     /// Deleting the module's queues would lose messages.
     #[error("deletion blocked: {0}")]
-    DeletionBlocked(String),
+    DeletionBlocked(#[source] topology::declare::ReleaseError),
     /// Adding, running or removing the topology finalizer failed.
     #[error(transparent)]
     Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
     /// A ChimeraModule without a namespace (the CRD is namespaced, so the cache is corrupt).
     #[error("ChimeraModule has no namespace")]
     NotNamespaced,
-    /// The autoscaler or the metrics endpoint could not start.
+    /// The autoscaler could not start.
     #[error("autoscaler: {0}")]
-    Autoscaler(String),
+    Autoscaler(#[from] scaler::sources::SourceError),
+    /// The metrics endpoint could not listen.
+    #[error("cannot serve /metrics on {addr}: {source}")]
+    MetricsListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
     /// An applied object came back without the labels the builders put on it.
     #[error("object {0} does not carry the chimera.dev/head label of a declared head")]
     UnexpectedObject(String),
@@ -102,6 +110,7 @@ impl Error {
             Error::NotNamespaced => "not_namespaced",
             Error::UnexpectedObject(_) => "unexpected_object",
             Error::Autoscaler(_) => "autoscaler",
+            Error::MetricsListen { .. } => "metrics_listen",
         }
     }
 

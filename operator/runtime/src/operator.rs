@@ -58,8 +58,7 @@ fn start_autoscaler(
     )
     .default_backoff();
     tokio::spawn(stream.for_each(|_| futures::future::ready(())));
-    let pods = crate::scaler::sources::PodMetrics::new(ctx.client.clone())
-        .map_err(|e| Error::Autoscaler(e.to_string()))?;
+    let pods = crate::scaler::sources::PodMetrics::new(ctx.client.clone())?;
     let scaler = Arc::new(Scaler::new(
         Arc::clone(ctx),
         Arc::new(crate::scaler::sources::RabbitMq::default()),
@@ -83,7 +82,7 @@ async fn serve_metrics(
     use axum::{Router, routing::get};
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| Error::Autoscaler(format!("cannot listen on {addr}: {e}")))?;
+        .map_err(|source| Error::MetricsListen { addr, source })?;
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(

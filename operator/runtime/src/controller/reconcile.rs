@@ -213,12 +213,13 @@ async fn cleanup_module(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result
         }
         Err(error) => {
             if let Error::DeletionBlocked(reason) = &error {
+                let reason = reason.to_string();
                 publish(
                     &ctx.recorder,
                     &module,
                     EventType::Warning,
                     "DeletionBlocked",
-                    reason.clone(),
+                    reason,
                 )
                 .await;
             }

@@ -50,7 +50,7 @@ pub async fn declare(
     let endpoint = match endpoint_for(module, ctx).await {
         Ok(e) => e,
         Err(verdict) => {
-            let retry = Error::Topology(verdict.message.clone());
+            let retry = Error::Topology(Box::new(verdict.clone()));
             return Ok((verdict, Some(retry)));
         }
     };
@@ -77,7 +77,7 @@ pub async fn release(module: &ChimeraModule, ctx: &Context) -> Result<ReleaseRep
                 ..ReleaseReport::default()
             });
         }
-        Err(verdict) => return Err(Error::Topology(verdict.message)),
+        Err(verdict) => return Err(Error::Topology(Box::new(verdict))),
     };
     let force = module
         .annotations()
@@ -88,6 +88,6 @@ pub async fn release(module: &ChimeraModule, ctx: &Context) -> Result<ReleaseRep
         .await
         .map_err(|e| match e {
             ReleaseError::Broker(b) => Error::Broker(b),
-            unread @ ReleaseError::Unread(_) => Error::DeletionBlocked(unread.to_string()),
+            unread @ ReleaseError::Unread(_) => Error::DeletionBlocked(unread),
         })
 }

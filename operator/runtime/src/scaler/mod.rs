@@ -268,11 +268,7 @@ impl Scaler {
                 let scrapes =
                     tokio::time::timeout(SOURCE_TIMEOUT, self.latency.sample(&namespace, &service))
                         .await
-                        .unwrap_or_else(|_| {
-                            Err(sources::SourceError::Scrape(format!(
-                                "no answer within {SOURCE_TIMEOUT:?}"
-                            )))
-                        });
+                        .unwrap_or(Err(sources::SourceError::Timeout(SOURCE_TIMEOUT)));
                 autoscaler
                     .decide_scrapes(now, scrapes.as_deref(), replicas)
                     .0

@@ -14,7 +14,7 @@ use kube::{Api, Client};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 
-use crate::topology::management::ManagementClient;
+use crate::topology::management::{BrokerError, ManagementClient};
 use chimera_core::autoscale::exposition::{self, Scrape};
 pub use chimera_core::autoscale::signals::QueueSample;
 use chimera_core::topology::state::BrokerEndpoint;
@@ -22,15 +22,48 @@ use chimera_core::topology::state::BrokerEndpoint;
 /// Why a signal could not be read (the autoscaler then holds the replicas and says why).
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    /// The broker did not answer or refused.
+    /// The AMQP connection or channel failed.
+    #[error("broker: {action}: {source}")]
+    Amqp {
+        /// What was being done.
+        action: String,
+        /// What lapin said.
+        source: lapin::Error,
+    },
+    /// The management API failed.
     #[error("broker: {0}")]
-    Broker(String),
+    Management(#[from] BrokerError),
     /// The API server did not answer.
     #[error("listing the query head's endpoints: {0}")]
-    Endpoints(String),
+    Endpoints(#[source] kube::Error),
+    /// The head's Service has no ready endpoint.
+    #[error("no pod metrics: Service {namespace}/{service} has no ready endpoints")]
+    NoEndpoints {
+        /// The namespace.
+        namespace: String,
+        /// The Service.
+        service: String,
+    },
     /// No pod of the head could be scraped.
-    #[error("no pod metrics: {0}")]
-    Scrape(String),
+    #[error("no pod metrics: {}", .0.iter().map(|(t, e)| format!("{t}: {e}")).collect::<Vec<_>>().join("; "))]
+    Scrapes(Vec<(String, ScrapeError)>),
+    /// The scrape did not answer in time.
+    #[error("no pod metrics: no answer within {0:?}")]
+    Timeout(Duration),
+    /// The HTTP client could not be built.
+    #[error("HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
+/// Why one pod's `/metrics` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrapeError {
+    /// The request failed or answered an error status.
+    #[error(transparent)]
+    Http(#[from] reqwest::Error),
+    /// The body is not the head contract's metrics.
+    #[error(transparent)]
+    Exposition(#[from] chimera_core::autoscale::exposition::ExpositionError),
 }
 
 /// Reads a worker queue.
@@ -77,11 +110,17 @@ impl RabbitMq {
                 .with_connection_name("chimera-autoscaler".into()),
         )
         .await
-        .map_err(|e| SourceError::Broker(e.to_string()))?;
+        .map_err(|source| SourceError::Amqp {
+            action: "connecting".into(),
+            source,
+        })?;
         let channel = connection
             .create_channel()
             .await
-            .map_err(|e| SourceError::Broker(e.to_string()))?;
+            .map_err(|source| SourceError::Amqp {
+                action: "opening a channel".into(),
+                source,
+            })?;
         if let Ok(mut c) = self.channels.lock() {
             c.insert(url.to_owned(), channel.clone());
         }
@@ -101,9 +140,7 @@ impl RabbitMq {
         {
             return Ok(client);
         }
-        let client = std::sync::Arc::new(
-            ManagementClient::new(endpoint).map_err(|e| SourceError::Broker(e.to_string()))?,
-        );
+        let client = std::sync::Arc::new(ManagementClient::new(endpoint)?);
         if let Ok(mut m) = self.management.lock() {
             m.insert(key, client.clone());
         }
@@ -140,14 +177,14 @@ impl QueueSource for RabbitMq {
                 Err(e) => {
                     // A failed passive declare closes the channel.
                     self.forget(&endpoint.amqp_url);
-                    return Err(SourceError::Broker(format!("queue {queue}: {e}")));
+                    return Err(SourceError::Amqp {
+                        action: format!("reading queue {queue}"),
+                        source: e,
+                    });
                 }
             };
             let management = self.management_client(endpoint)?;
-            let stats = management
-                .queue(queue)
-                .await
-                .map_err(|e| SourceError::Broker(e.to_string()))?;
+            let stats = management.queue(queue).await?;
             #[allow(clippy::cast_precision_loss)]
             Ok(QueueSample {
                 ready: f64::from(declared.message_count()),
@@ -172,7 +209,7 @@ impl PodMetrics {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(800))
             .build()
-            .map_err(|e| SourceError::Scrape(e.to_string()))?;
+            .map_err(SourceError::Client)?;
         Ok(Self { client, http })
     }
 }
@@ -190,7 +227,7 @@ impl LatencySource for PodMetrics {
                     &ListParams::default().labels(&format!("kubernetes.io/service-name={service}")),
                 )
                 .await
-                .map_err(|e| SourceError::Endpoints(e.to_string()))?;
+                .map_err(SourceError::Endpoints)?;
             let mut targets = Vec::new();
             for slice in &list.items {
                 let port = slice
@@ -218,9 +255,10 @@ impl LatencySource for PodMetrics {
                 }
             }
             if targets.is_empty() {
-                return Err(SourceError::Scrape(format!(
-                    "Service {namespace}/{service} has no ready endpoints"
-                )));
+                return Err(SourceError::NoEndpoints {
+                    namespace: namespace.to_owned(),
+                    service: service.to_owned(),
+                });
             }
             let scrapes = futures::future::join_all(
                 targets
@@ -233,14 +271,14 @@ impl LatencySource for PodMetrics {
             for (target, result) in targets.iter().zip(scrapes) {
                 match result {
                     Ok(s) => ok.push(s),
-                    Err(e) => errors.push(format!("{target}: {e}")),
+                    Err(e) => errors.push((target.clone(), e)),
                 }
             }
             if ok.is_empty() {
-                return Err(SourceError::Scrape(errors.join("; ")));
+                return Err(SourceError::Scrapes(errors));
             }
             if !errors.is_empty() {
-                tracing::debug!(service, errors = %errors.join("; "), "some query pods could not be scraped");
+                tracing::debug!(service, errors = %SourceError::Scrapes(errors), "some query pods could not be scraped");
             }
             Ok(ok)
         })
@@ -248,15 +286,13 @@ impl LatencySource for PodMetrics {
 }
 
 /// Reads the `/metrics` of one head replica at `target` (`host:port`).
-pub async fn scrape(http: &reqwest::Client, target: &str) -> Result<Scrape, String> {
+pub async fn scrape(http: &reqwest::Client, target: &str) -> Result<Scrape, ScrapeError> {
     let text = http
         .get(format!("http://{target}/metrics"))
         .send()
         .await
-        .and_then(reqwest::Response::error_for_status)
-        .map_err(|e| e.to_string())?
+        .and_then(reqwest::Response::error_for_status)?
         .text()
-        .await
-        .map_err(|e| e.to_string())?;
-    exposition::parse(&text).map_err(|e| e.to_string())
+        .await?;
+    Ok(exposition::parse(&text)?)
 }
