@@ -60,7 +60,7 @@ fn start_autoscaler(
     tokio::spawn(stream.for_each(|_| futures::future::ready(())));
     let pods = crate::scaler::sources::PodMetrics::new(ctx.client.clone())?;
     let scaler = Arc::new(Scaler::new(
-        Arc::clone(ctx),
+        Arc::new(crate::scaler::writer::KubeWriter::new(Arc::clone(ctx))),
         Arc::new(crate::scaler::sources::RabbitMq::default()),
         Arc::new(pods),
         settings,

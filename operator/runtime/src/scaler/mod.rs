@@ -6,6 +6,7 @@
 
 pub mod metrics;
 pub mod sources;
+pub mod writer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,13 +14,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{Patch, PatchParams};
-use kube::runtime::events::EventType;
+use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Api, ResourceExt};
-use serde_json::json;
 
-use crate::cluster::{Context, REPLICAS_MANAGER, endpoint_for, publish};
 use chimera_contract::names;
 use chimera_core::api::{AutoscalingStatus, ChimeraModule, ScalingDecision};
 use chimera_core::autoscale::head::{Outcome, QueryAutoscaler, WorkerAutoscaler};
@@ -30,6 +27,7 @@ use chimera_core::topology::state::BrokerEndpoint;
 use chimera_core::workloads::{Head, object_name};
 use metrics::{ActionLabels, AutoscalerMetrics, HeadLabels};
 use sources::{LatencySource, QueueSource};
+use writer::ReplicaWriter;
 
 /// Field manager of `status.autoscaling`.
 pub const AUTOSCALER_MANAGER: &str = "chimera-operator/autoscaler";
@@ -72,7 +70,7 @@ struct ModuleState {
 
 /// The autoscaler and what its laws have learned, per head.
 pub struct Scaler {
-    ctx: Arc<Context>,
+    writer: Arc<dyn ReplicaWriter>,
     queues: Arc<dyn QueueSource>,
     latency: Arc<dyn LatencySource>,
     /// Its metrics.
@@ -95,13 +93,13 @@ fn key(module: &ChimeraModule) -> String {
 impl Scaler {
     /// A scaler with the given sources.
     pub fn new(
-        ctx: Arc<Context>,
+        writer: Arc<dyn ReplicaWriter>,
         queues: Arc<dyn QueueSource>,
         latency: Arc<dyn LatencySource>,
         settings: ScalerSettings,
     ) -> Self {
         Self {
-            ctx,
+            writer,
             queues,
             latency,
             metrics: AutoscalerMetrics::new(),
@@ -314,9 +312,7 @@ impl Scaler {
         {
             return Ok(endpoint.clone());
         }
-        let endpoint = endpoint_for(module, &self.ctx)
-            .await
-            .map_err(|v| v.message)?;
+        let endpoint = self.writer.endpoint(module).await?;
         state.endpoint = Some((endpoint.clone(), Instant::now()));
         Ok(endpoint)
     }
@@ -334,21 +330,7 @@ impl Scaler {
             return;
         };
         let name = deployment.name_any();
-        let api: Api<Deployment> = Api::namespaced(self.ctx.client.clone(), &namespace);
-        let patch = json!({
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": name},
-            "spec": {"replicas": decision.desired}
-        });
-        if let Err(error) = api
-            .patch(
-                &name,
-                &PatchParams::apply(REPLICAS_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-        {
+        if let Err(error) = self.writer.scale(&namespace, &name, decision.desired).await {
             tracing::warn!(%error, deployment = %name, "could not scale");
             return;
         }
@@ -374,24 +356,23 @@ impl Scaler {
             reason = %decision.reason,
             "scaled"
         );
-        publish(
-            &self.ctx.recorder,
-            module,
-            EventType::Normal,
-            if direction == "out" {
-                "ScaledOut"
-            } else {
-                "ScaledIn"
-            },
-            format!(
-                "{} head {current} -> {}: {} ({})",
-                head.as_str(),
-                decision.desired,
-                decision.reason,
-                decision.signal
-            ),
-        )
-        .await;
+        self.writer
+            .event(
+                module,
+                if direction == "out" {
+                    "ScaledOut"
+                } else {
+                    "ScaledIn"
+                },
+                format!(
+                    "{} head {current} -> {}: {} ({})",
+                    head.as_str(),
+                    decision.desired,
+                    decision.reason,
+                    decision.signal
+                ),
+            )
+            .await;
     }
 
     /// Writes both heads' decisions (one apply owns the whole `status.autoscaling`) when a
@@ -414,23 +395,7 @@ impl Scaler {
         {
             return;
         }
-        let Some(namespace) = module.namespace() else {
-            return;
-        };
-        let api: Api<ChimeraModule> = Api::namespaced(self.ctx.client.clone(), &namespace);
-        let patch = json!({
-            "apiVersion": "chimera.dev/v1alpha1",
-            "kind": "ChimeraModule",
-            "status": {"autoscaling": status},
-        });
-        match api
-            .patch_status(
-                &module.name_any(),
-                &PatchParams::apply(AUTOSCALER_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-        {
+        match self.writer.status(module, &status).await {
             Ok(_) => state.written = Some((status, Instant::now())),
             Err(error) => tracing::debug!(%error, "could not write the autoscaling status"),
         }
@@ -443,4 +408,192 @@ fn now_rfc3339() -> String {
     Timestamp::from_second(now.as_second())
         .unwrap_or(now)
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The scaling loop with fake sources and a fake writer: what it writes, and when not.
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Mutex as StdMutex;
+
+    use futures::future::BoxFuture;
+    use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStatus};
+    use kube::runtime::reflector;
+    use kube::runtime::watcher;
+
+    use super::sources::{QueueSample, SourceError};
+    use super::*;
+    use chimera_core::autoscale::exposition::Scrape;
+
+    const LEDGER: &str = "apiVersion: chimera.dev/v1alpha1\nkind: ChimeraModule\nmetadata: {name: ledger, namespace: shop}\nspec:\n  image: x/y:1\n  commands: [ledger.post]\n  worker: {prefetch: 10, replicas: {min: 1, max: 8}}\n";
+
+    /// A queue that answers what the test says.
+    struct Queue(StdMutex<Result<QueueSample, ()>>);
+
+    impl QueueSource for Queue {
+        fn sample<'a>(
+            &'a self,
+            _: &'a BrokerEndpoint,
+            _: &'a str,
+        ) -> BoxFuture<'a, Result<QueueSample, SourceError>> {
+            let answer = *self.0.lock().unwrap();
+            Box::pin(
+                async move { answer.map_err(|()| SourceError::Timeout(Duration::from_secs(3))) },
+            )
+        }
+    }
+
+    struct NoPods;
+
+    impl LatencySource for NoPods {
+        fn sample<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+        ) -> BoxFuture<'a, Result<Vec<(String, Scrape)>, SourceError>> {
+            Box::pin(async { Err(SourceError::Timeout(Duration::from_secs(3))) })
+        }
+    }
+
+    /// Records every write.
+    #[derive(Default)]
+    struct Recorder {
+        scaled: StdMutex<Vec<(String, u32)>>,
+        statuses: StdMutex<Vec<AutoscalingStatus>>,
+        events: StdMutex<Vec<&'static str>>,
+    }
+
+    impl ReplicaWriter for Recorder {
+        fn scale<'a>(
+            &'a self,
+            _: &'a str,
+            name: &'a str,
+            replicas: u32,
+        ) -> BoxFuture<'a, Result<(), kube::Error>> {
+            self.scaled
+                .lock()
+                .unwrap()
+                .push((name.to_owned(), replicas));
+            Box::pin(async { Ok(()) })
+        }
+        fn status<'a>(
+            &'a self,
+            _: &'a ChimeraModule,
+            status: &'a AutoscalingStatus,
+        ) -> BoxFuture<'a, Result<(), kube::Error>> {
+            self.statuses.lock().unwrap().push(status.clone());
+            Box::pin(async { Ok(()) })
+        }
+        fn event<'a>(
+            &'a self,
+            _: &'a ChimeraModule,
+            reason: &'static str,
+            _: String,
+        ) -> BoxFuture<'a, ()> {
+            self.events.lock().unwrap().push(reason);
+            Box::pin(async {})
+        }
+        fn endpoint<'a>(
+            &'a self,
+            _: &'a ChimeraModule,
+        ) -> BoxFuture<'a, Result<BrokerEndpoint, String>> {
+            Box::pin(async {
+                BrokerEndpoint::new("amqp://mq/%2f", None).map_err(|e| e.to_string())
+            })
+        }
+    }
+
+    fn world(
+        sample: Result<QueueSample, ()>,
+    ) -> (
+        Arc<Recorder>,
+        Arc<Queue>,
+        Scaler,
+        ChimeraModule,
+        Store<Deployment>,
+    ) {
+        let module = chimera_core::api::validation::modules_from_yaml(LEDGER)
+            .0
+            .remove(0);
+        let (store, mut writer) = reflector::store::<Deployment>();
+        let mut deployment = Deployment {
+            spec: Some(DeploymentSpec {
+                replicas: Some(1),
+                ..DeploymentSpec::default()
+            }),
+            status: Some(DeploymentStatus {
+                ready_replicas: Some(1),
+                ..DeploymentStatus::default()
+            }),
+            ..Deployment::default()
+        };
+        deployment.metadata.name = Some("ledger-worker".into());
+        deployment.metadata.namespace = Some("shop".into());
+        writer.apply_watcher_event(&watcher::Event::Apply(deployment));
+        let recorder = Arc::new(Recorder::default());
+        let queue = Arc::new(Queue(StdMutex::new(sample)));
+        let scaler = Scaler::new(
+            recorder.clone(),
+            queue.clone(),
+            Arc::new(NoPods),
+            ScalerSettings::default(),
+        );
+        (recorder, queue, scaler, module, store)
+    }
+
+    fn backlog(ready: f64) -> QueueSample {
+        QueueSample {
+            ready,
+            unacked: 0.0,
+            acked_total: 0.0,
+            consumers: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backlog_scales_the_worker_out_and_says_so() {
+        let (recorder, _, scaler, module, store) = world(Ok(backlog(200.0)));
+        scaler.scale_module(&module, &store).await;
+        let scaled = recorder.scaled.lock().unwrap().clone();
+        assert_eq!(scaled.len(), 1, "{scaled:?}");
+        assert_eq!(scaled[0].0, "ledger-worker");
+        assert!(scaled[0].1 > 1, "{scaled:?}");
+        assert_eq!(*recorder.events.lock().unwrap(), ["ScaledOut"]);
+        let statuses = recorder.statuses.lock().unwrap();
+        let worker = statuses[0].worker.as_ref().unwrap();
+        assert!(!worker.metrics_stale);
+        assert_eq!(worker.desired_replicas, i32::try_from(scaled[0].1).unwrap());
+        assert!(worker.signal.contains("backlog 200"), "{worker:?}");
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_queue_holds_writes_no_replicas_and_an_unchanged_status_once() {
+        let (recorder, _, scaler, module, store) = world(Err(()));
+        for _ in 0..3 {
+            scaler.scale_module(&module, &store).await;
+        }
+        assert!(recorder.scaled.lock().unwrap().is_empty());
+        assert!(recorder.events.lock().unwrap().is_empty());
+        let statuses = recorder.statuses.lock().unwrap();
+        assert_eq!(
+            statuses.len(),
+            1,
+            "nothing changed after the first: {statuses:?}"
+        );
+        let worker = statuses[0].worker.as_ref().unwrap();
+        assert!(worker.metrics_stale);
+        assert_eq!(worker.desired_replicas, 1);
+    }
+
+    #[tokio::test]
+    async fn a_recovered_queue_writes_the_status_again() {
+        let (recorder, queue, scaler, module, store) = world(Err(()));
+        scaler.scale_module(&module, &store).await;
+        *queue.0.lock().unwrap() = Ok(backlog(0.0));
+        scaler.scale_module(&module, &store).await;
+        let statuses = recorder.statuses.lock().unwrap();
+        assert_eq!(statuses.len(), 2, "staleness changed: {statuses:?}");
+        assert!(!statuses[1].worker.as_ref().unwrap().metrics_stale);
+    }
 }
