@@ -83,21 +83,88 @@ pub struct Order {
     pub buyer_id: String,
     /// Price at placing time.
     pub price_cents: i64,
-    /// `placed`, `rejected`, `delivered`, `completed` or `cancelled`.
-    pub status: String,
+    /// Where the order is in its lifecycle.
+    pub status: OrderStatus,
     /// Why it was rejected or cancelled.
     pub reason: Option<String>,
 }
 
+/// Where an order is: `placed`, then `delivered`, then `completed`; `rejected` at placing, or
+/// `cancelled` from placed or delivered. Stored and sent as the lowercase word.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderStatus {
+    /// Accepted, not delivered yet.
+    Placed,
+    /// Refused at placing (unknown or paused gig, unknown buyer).
+    Rejected,
+    /// The seller delivered.
+    Delivered,
+    /// The buyer accepted the delivery.
+    Completed,
+    /// Cancelled before completion.
+    Cancelled,
+}
+
+impl OrderStatus {
+    const ALL: [OrderStatus; 5] = [
+        Self::Placed,
+        Self::Rejected,
+        Self::Delivered,
+        Self::Completed,
+        Self::Cancelled,
+    ];
+
+    /// The word stored in the `status` column and sent in events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Placed => "placed",
+            Self::Rejected => "rejected",
+            Self::Delivered => "delivered",
+            Self::Completed => "completed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// The status stored as `word`.
+    pub fn parse(word: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == word)
+    }
+}
+
+/// What a command asks of an existing order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// `order.deliver`
+    Deliver,
+    /// `order.complete`
+    Complete,
+    /// `order.cancel`
+    Cancel,
+}
+
+impl Action {
+    fn verb(self) -> &'static str {
+        match self {
+            Self::Deliver => "deliver",
+            Self::Complete => "complete",
+            Self::Cancel => "cancel",
+        }
+    }
+}
+
 /// The status an action moves an order to, if it may: placed -> delivered -> completed, and
 /// cancel from placed or delivered. Pure, so the rules are tested on their own.
-pub fn transition(from: &str, action: &str) -> Result<&'static str, String> {
+pub fn transition(from: OrderStatus, action: Action) -> Result<OrderStatus, String> {
+    use OrderStatus::{Cancelled, Completed, Delivered, Placed};
     match (from, action) {
-        ("placed", "deliver") => Ok("delivered"),
-        ("delivered", "complete") => Ok("completed"),
-        ("placed" | "delivered", "cancel") => Ok("cancelled"),
+        (Placed, Action::Deliver) => Ok(Delivered),
+        (Delivered, Action::Complete) => Ok(Completed),
+        (Placed | Delivered, Action::Cancel) => Ok(Cancelled),
         _ => Err(format!(
-            "illegal state change: cannot {action} an order that is {from}"
+            "illegal state change: cannot {} an order that is {}",
+            action.verb(),
+            from.as_str()
         )),
     }
 }
@@ -112,7 +179,12 @@ fn order_of(r: &impl Columns) -> Result<Order, sqlx::Error> {
         gig_id: r.get("gig_id")?,
         buyer_id: r.get("buyer_id")?,
         price_cents: r.get("price_cents")?,
-        status: r.get("status")?,
+        status: {
+            let word: String = r.get("status")?;
+            OrderStatus::parse(&word).ok_or_else(|| {
+                sqlx::Error::Decode(format!("unknown order status {word:?}").into())
+            })?
+        },
         reason: r.get("reason")?,
     })
 }
@@ -135,7 +207,7 @@ async fn insert(ctx: &mut Context, o: &Order) -> Result<(), HandlerError> {
         .bind(&o.gig_id)
         .bind(&o.buyer_id)
         .bind(o.price_cents)
-        .bind(&o.status)
+        .bind(o.status.as_str())
         .bind(&o.reason)
         .execute(&mut **ctx.tx())
         .await?;
@@ -144,7 +216,7 @@ async fn insert(ctx: &mut Context, o: &Order) -> Result<(), HandlerError> {
 
 async fn set_status(ctx: &mut Context, o: &Order) -> Result<(), HandlerError> {
     sqlx::query("UPDATE orders SET status = ?, reason = ? WHERE order_id = ?")
-        .bind(&o.status)
+        .bind(o.status.as_str())
         .bind(&o.reason)
         .bind(&o.order_id)
         .execute(&mut **ctx.tx())
@@ -210,11 +282,11 @@ fn place(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
             gig_id: cmd.gig_id,
             buyer_id: cmd.buyer_id,
             price_cents: price,
-            status: "placed".into(),
+            status: OrderStatus::Placed,
             reason: None,
         };
         if let Some(reason) = refusal {
-            order.status = "rejected".into();
+            order.status = OrderStatus::Rejected;
             order.reason = Some(reason);
             insert(ctx, &order).await?;
             return emit(ctx, "order.rejected", &order);
@@ -229,28 +301,26 @@ struct OrderRef {
     order_id: String,
 }
 
-async fn change(ctx: &mut Context, action: &str, event: &str) -> Result<(), HandlerError> {
+async fn change(ctx: &mut Context, action: Action, event: &str) -> Result<(), HandlerError> {
     let cmd: OrderRef = ctx.data()?;
     let Some(mut order) = load(ctx, &cmd.order_id).await? else {
         return Err(reject(format!("no order {}", cmd.order_id)));
     };
-    order.status = transition(&order.status, action)
-        .map_err(reject)?
-        .to_owned();
+    order.status = transition(order.status, action).map_err(reject)?;
     set_status(ctx, &order).await?;
     emit(ctx, event, &order)
 }
 
 fn deliver(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(change(ctx, "deliver", "order.delivered"))
+    Box::pin(change(ctx, Action::Deliver, "order.delivered"))
 }
 
 fn complete(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(change(ctx, "complete", "order.completed"))
+    Box::pin(change(ctx, Action::Complete, "order.completed"))
 }
 
 fn cancel(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(change(ctx, "cancel", "order.cancelled"))
+    Box::pin(change(ctx, Action::Cancel, "order.cancelled"))
 }
 
 #[derive(Deserialize)]
@@ -331,7 +401,7 @@ fn user_deleted(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
         .await?;
         let open = rows.iter().map(order_of).collect::<Result<Vec<_>, _>>()?;
         for mut order in open {
-            order.status = "cancelled".into();
+            order.status = OrderStatus::Cancelled;
             order.reason = Some(format!("buyer {} was deleted", u.user_id));
             set_status(ctx, &order).await?;
             emit(ctx, "order.cancelled", &order)?;
@@ -411,22 +481,33 @@ mod tests {
 
     #[test]
     fn the_order_lifecycle() {
-        assert_eq!(transition("placed", "deliver"), Ok("delivered"));
-        assert_eq!(transition("delivered", "complete"), Ok("completed"));
-        assert_eq!(transition("placed", "cancel"), Ok("cancelled"));
-        assert_eq!(transition("delivered", "cancel"), Ok("cancelled"));
+        use OrderStatus::*;
+        assert_eq!(transition(Placed, Action::Deliver), Ok(Delivered));
+        assert_eq!(transition(Delivered, Action::Complete), Ok(Completed));
+        assert_eq!(transition(Placed, Action::Cancel), Ok(Cancelled));
+        assert_eq!(transition(Delivered, Action::Cancel), Ok(Cancelled));
         for (from, action) in [
-            ("cancelled", "deliver"),
-            ("completed", "cancel"),
-            ("placed", "complete"),
-            ("rejected", "deliver"),
-            ("completed", "complete"),
+            (Cancelled, Action::Deliver),
+            (Completed, Action::Cancel),
+            (Placed, Action::Complete),
+            (Rejected, Action::Deliver),
+            (Completed, Action::Complete),
         ] {
             let err = transition(from, action).err().unwrap_or_default();
             assert!(
                 err.contains("illegal state change"),
-                "{from} {action}: {err}"
+                "{from:?} {action:?}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn statuses_are_stored_and_sent_as_their_words() {
+        for status in OrderStatus::ALL {
+            assert_eq!(OrderStatus::parse(status.as_str()), Some(status));
+            let json = serde_json::to_string(&status).unwrap_or_default();
+            assert_eq!(json, format!("\"{}\"", status.as_str()));
+        }
+        assert_eq!(OrderStatus::parse("lost"), None);
     }
 }

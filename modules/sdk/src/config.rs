@@ -75,6 +75,16 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// The retry rule: after a failed attempt number `attempt` (from 1), the retry it goes to
+    /// (`Some(n)`: retry queue n, delay `retry_delays_seconds[n-1]`), or `None` when that was
+    /// the last attempt and the message is dead-lettered.
+    pub fn retry_after(&self, attempt: i64) -> Option<usize> {
+        let n = usize::try_from(attempt).ok()?;
+        (attempt < i64::from(self.max_attempts)
+            && (1..=self.retry_delays_seconds.len()).contains(&n))
+        .then_some(n)
+    }
+
     /// The retry queue for retry number `n` (from 1): the contract's retry rule.
     pub fn retry_queue(&self, n: usize) -> String {
         names::retry_queue_of(&self.queue, n)
@@ -246,6 +256,28 @@ mod tests {
                 "{name} not in VARIABLES"
             );
         }
+    }
+
+    #[test]
+    fn the_retry_rule_gives_each_attempt_its_queue_then_the_dead_letter_queue() {
+        let mut w = HeadConfig::from_vars(&worker_env())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .worker
+            .unwrap_or_else(|| panic!("worker config"));
+        // delays 1,10,60 and max attempts 4: attempts 1-3 retry through queues 1-3.
+        assert_eq!(
+            (0..=5).map(|a| w.retry_after(a)).collect::<Vec<_>>(),
+            [None, Some(1), Some(2), Some(3), None, None]
+        );
+        // Fewer attempts than delays: the attempts end it.
+        w.max_attempts = 2;
+        assert_eq!(w.retry_after(1), Some(1));
+        assert_eq!(w.retry_after(2), None);
+        // No delays: the first failure is the last.
+        w.retry_delays_seconds.clear();
+        w.max_attempts = 5;
+        assert_eq!(w.retry_after(1), None);
+        assert_eq!(w.retry_after(-1), None);
     }
 
     #[test]

@@ -17,145 +17,24 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use futures::future::BoxFuture;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions};
 use lapin::types::AMQPValue;
-use serde::de::DeserializeOwned;
-use sqlx::{Any, Transaction};
 use tokio::sync::Notify;
 
-use crate::broker::{BrokerError, Outgoing, Publisher, consume};
+use crate::broker::{BrokerError, Publisher, consume};
 use crate::config::WorkerConfig;
 use crate::db::{Database, DbError, WriteTransaction};
-use crate::envelope::{ATTEMPT, Envelope, ORIGINAL_ROUTING_KEY, REASON, TRACEPARENT, TraceParent};
+use crate::envelope::{ATTEMPT, Envelope, TRACEPARENT, TraceParent};
 use crate::http::{HttpMetrics, MessageLabels};
-use crate::outbox::PendingEvent;
 use crate::{inbox, outbox};
 
-/// Why a handler did not complete.
-#[derive(Debug, thiserror::Error)]
-pub enum HandlerError {
-    /// Might work later (a dependency was down): retried through the retry queues.
-    #[error("{0}")]
-    Retry(String),
-    /// Will never work (invalid command, illegal state change): dead-lettered at once.
-    #[error("{0}")]
-    Reject(String),
-}
+mod handler;
+mod settle;
 
-impl HandlerError {
-    /// A failure that may pass later (a dependency down, a row not there yet): retried.
-    pub fn retry(reason: impl Into<String>) -> Self {
-        Self::Retry(reason.into())
-    }
+use settle::settle;
 
-    /// A message that will never work (invalid, illegal in the current state): dead-lettered at
-    /// once with `reason`.
-    pub fn reject(reason: impl Into<String>) -> Self {
-        Self::Reject(reason.into())
-    }
-}
-
-impl From<DbError> for HandlerError {
-    fn from(e: DbError) -> Self {
-        Self::Retry(e.to_string())
-    }
-}
-
-impl From<sqlx::Error> for HandlerError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Retry(format!("database: {e}"))
-    }
-}
-
-/// What a handler works with: the message, the open transaction, and a way to emit events.
-pub struct Context {
-    envelope: Arc<Envelope>,
-    attempt: i64,
-    last_attempt: bool,
-    tx: WriteTransaction,
-    trace: TraceParent,
-    events_exchange: Arc<str>,
-    /// Events emitted so far, written to the outbox with the batch (one statement for all).
-    events: Vec<PendingEvent>,
-}
-
-impl Context {
-    /// The message being handled.
-    pub fn envelope(&self) -> &Envelope {
-        &self.envelope
-    }
-
-    /// Which attempt this is (1 on first delivery).
-    pub fn attempt(&self) -> i64 {
-        self.attempt
-    }
-
-    /// Whether a [`HandlerError::Retry`] now would dead-letter the message (no retry left):
-    /// a handler waiting for data that may not have arrived yet decides on this one.
-    pub fn is_last_attempt(&self) -> bool {
-        self.last_attempt
-    }
-
-    /// The payload as `T`; a payload that does not fit is a [`HandlerError::Reject`] naming
-    /// what is wrong.
-    pub fn data<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
-        T::deserialize(&self.envelope.data).map_err(|e| {
-            HandlerError::Reject(format!("invalid {} payload: {e}", self.envelope.kind))
-        })
-    }
-
-    /// The transaction the handler's writes go in (committed only when the handler succeeds).
-    pub fn tx(&mut self) -> &mut Transaction<'static, Any> {
-        &mut self.tx
-    }
-
-    /// Emits an event of this domain: written to the outbox in the same transaction as the
-    /// handler's writes (with the rest of the batch, when the handler succeeds), published by
-    /// the relay after commit, carrying this message's trace.
-    ///
-    /// The payload is serialized now: a payload that cannot be (a map with non-string keys,
-    /// a failing `Serialize`) rejects the message with the reason instead of emitting `null`.
-    pub fn emit<T: serde::Serialize + ?Sized>(
-        &mut self,
-        kind: &str,
-        data: &T,
-    ) -> Result<(), HandlerError> {
-        let data = serde_json::to_value(data).map_err(|e| {
-            HandlerError::reject(format!(
-                "the payload of event {kind} cannot be serialized: {e}"
-            ))
-        })?;
-        let event = Envelope::new(kind, data);
-        self.events.push(PendingEvent::new(
-            &self.events_exchange,
-            &event,
-            Some(self.trace.child()),
-        ));
-        Ok(())
-    }
-}
-
-/// A message handler. It changes the database only through `ctx.tx()` and emits events only
-/// through `ctx.emit`: when another handler of its batch fails, the batch runs again, so any
-/// other side effect must be idempotent.
-pub trait Handler: Send + Sync + 'static {
-    /// Handles one message.
-    fn handle<'a>(&'a self, ctx: &'a mut Context) -> BoxFuture<'a, Result<(), HandlerError>>;
-}
-
-impl<F> Handler for F
-where
-    F: for<'a> Fn(&'a mut Context) -> BoxFuture<'a, Result<(), HandlerError>>
-        + Send
-        + Sync
-        + 'static,
-{
-    fn handle<'a>(&'a self, ctx: &'a mut Context) -> BoxFuture<'a, Result<(), HandlerError>> {
-        self(ctx)
-    }
-}
+pub use handler::{Context, Handler, HandlerError};
 
 /// What happened to one delivery (for metrics, logs and tests).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -432,9 +311,7 @@ impl Worker {
                     .await
                     .map_err(q("savepoint"))?;
             }
-            let last_attempt = p.attempt >= i64::from(self.config.max_attempts)
-                || usize::try_from(p.attempt).unwrap_or(usize::MAX)
-                    > self.config.retry_delays_seconds.len();
+            let last_attempt = self.config.retry_after(p.attempt).is_none();
             let mut ctx = Context {
                 envelope: Arc::clone(&p.envelope),
                 attempt: p.attempt,
@@ -476,90 +353,6 @@ impl Worker {
         outbox::enqueue_all(&mut tx, &events).await?;
         tx.commit().await.map_err(q("commit"))?;
         Ok(Some((results, events.len())))
-    }
-
-    /// Settles the outcome of a handled message: retry, dead-letter, or nothing more to do.
-    async fn conclude(
-        &self,
-        publisher: &Publisher,
-        p: &Prepared,
-        result: Result<HandleResult, HandlerError>,
-    ) -> Result<Outcome, BrokerError> {
-        match result {
-            Ok(HandleResult::Committed) => Ok(Outcome::Handled),
-            Ok(HandleResult::Duplicate) => Ok(Outcome::Duplicate),
-            Err(HandlerError::Reject(reason)) => {
-                self.dead_letter(
-                    publisher,
-                    &p.delivery,
-                    Some(p.envelope.as_ref()),
-                    p.attempt,
-                    &reason,
-                )
-                .await
-            }
-            Err(HandlerError::Retry(reason)) => {
-                let n = usize::try_from(p.attempt).unwrap_or(usize::MAX);
-                if p.attempt < i64::from(self.config.max_attempts)
-                    && n <= self.config.retry_delays_seconds.len()
-                {
-                    let mut retry = Outgoing::new("", Envelope::clone(&p.envelope));
-                    retry.routing_key = self.config.retry_queue(n);
-                    retry.attempt = u32::try_from(p.attempt + 1).unwrap_or(u32::MAX);
-                    retry.trace = Some(p.trace);
-                    retry.headers.push((REASON.to_owned(), reason));
-                    publisher.publish(&retry, true).await?;
-                    Ok(Outcome::Retried(n))
-                } else {
-                    let reason = format!("failed {} time(s); last error: {reason}", p.attempt);
-                    self.dead_letter(
-                        publisher,
-                        &p.delivery,
-                        Some(p.envelope.as_ref()),
-                        p.attempt,
-                        &reason,
-                    )
-                    .await
-                }
-            }
-        }
-    }
-
-    async fn dead_letter(
-        &self,
-        publisher: &Publisher,
-        delivery: &Delivery,
-        envelope: Option<&Envelope>,
-        attempt: i64,
-        reason: &str,
-    ) -> Result<Outcome, BrokerError> {
-        tracing::warn!(reason, "dead-lettering a message");
-        let original = header_str(delivery, ORIGINAL_ROUTING_KEY)
-            .unwrap_or_else(|| delivery.routing_key.to_string());
-        match envelope {
-            Some(envelope) => {
-                let mut parked = Outgoing::new("", envelope.clone());
-                parked.routing_key = self.config.dead_letter_queue.clone();
-                parked.attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
-                parked.headers.push((REASON.to_owned(), reason.to_owned()));
-                parked
-                    .headers
-                    .push((ORIGINAL_ROUTING_KEY.to_owned(), original));
-                publisher.publish(&parked, true).await?;
-            }
-            // Undecodable: keep the bytes exactly as they came.
-            None => {
-                publisher
-                    .publish_raw(
-                        &self.config.dead_letter_queue,
-                        &delivery.data,
-                        &delivery.properties,
-                        &[(REASON, reason), (ORIGINAL_ROUTING_KEY, &original)],
-                    )
-                    .await?;
-            }
-        }
-        Ok(Outcome::DeadLettered(reason.to_owned()))
     }
 
     /// Consumes the worker queue until `stop` is notified, then stops consuming, finishes the
@@ -660,27 +453,4 @@ async fn undo(tx: &mut WriteTransaction) -> Result<(), DbError> {
             })?;
     }
     Ok(())
-}
-
-/// Acks a settled message; nacks (requeue) one whose settlement failed, so it comes back.
-async fn settle(delivery: &Delivery, outcome: Result<Outcome, BrokerError>) -> Outcome {
-    let settled = match &outcome {
-        Ok(_) => delivery.acker.ack(BasicAckOptions::default()).await,
-        Err(_) => {
-            delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await
-        }
-    };
-    if let Err(error) = settled {
-        tracing::warn!(%error, "could not settle a delivery; the broker will redeliver it");
-    }
-    outcome.unwrap_or_else(|error| {
-        tracing::warn!(%error, "message returned to the queue");
-        Outcome::Requeued
-    })
 }

@@ -1,0 +1,116 @@
+//! Settling a handled message per the head contract: nothing more (committed or a
+//! duplicate), to its retry queue with the attempt raised, or to the dead-letter queue with the
+//! reason; then the ack, only once what replaces the message is confirmed.
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+
+use super::{HandleResult, HandlerError, Outcome, Prepared, Worker, header_str};
+use crate::broker::{BrokerError, Outgoing, Publisher};
+use crate::envelope::{Envelope, ORIGINAL_ROUTING_KEY, REASON};
+
+impl Worker {
+    /// Settles the outcome of a handled message: retry, dead-letter, or nothing more to do.
+    pub(super) async fn conclude(
+        &self,
+        publisher: &Publisher,
+        p: &Prepared,
+        result: Result<HandleResult, HandlerError>,
+    ) -> Result<Outcome, BrokerError> {
+        match result {
+            Ok(HandleResult::Committed) => Ok(Outcome::Handled),
+            Ok(HandleResult::Duplicate) => Ok(Outcome::Duplicate),
+            Err(HandlerError::Reject(reason)) => {
+                self.dead_letter(
+                    publisher,
+                    &p.delivery,
+                    Some(p.envelope.as_ref()),
+                    p.attempt,
+                    &reason,
+                )
+                .await
+            }
+            Err(HandlerError::Retry(reason)) => {
+                if let Some(n) = self.config.retry_after(p.attempt) {
+                    let mut retry = Outgoing::new("", Envelope::clone(&p.envelope));
+                    retry.routing_key = self.config.retry_queue(n);
+                    retry.attempt = u32::try_from(p.attempt + 1).unwrap_or(u32::MAX);
+                    retry.trace = Some(p.trace);
+                    retry.headers.push((REASON.to_owned(), reason));
+                    publisher.publish(&retry, true).await?;
+                    Ok(Outcome::Retried(n))
+                } else {
+                    let reason = format!("failed {} time(s); last error: {reason}", p.attempt);
+                    self.dead_letter(
+                        publisher,
+                        &p.delivery,
+                        Some(p.envelope.as_ref()),
+                        p.attempt,
+                        &reason,
+                    )
+                    .await
+                }
+            }
+        }
+    }
+
+    pub(super) async fn dead_letter(
+        &self,
+        publisher: &Publisher,
+        delivery: &Delivery,
+        envelope: Option<&Envelope>,
+        attempt: i64,
+        reason: &str,
+    ) -> Result<Outcome, BrokerError> {
+        tracing::warn!(reason, "dead-lettering a message");
+        let original = header_str(delivery, ORIGINAL_ROUTING_KEY)
+            .unwrap_or_else(|| delivery.routing_key.to_string());
+        match envelope {
+            Some(envelope) => {
+                let mut parked = Outgoing::new("", envelope.clone());
+                parked.routing_key = self.config.dead_letter_queue.clone();
+                parked.attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
+                parked.headers.push((REASON.to_owned(), reason.to_owned()));
+                parked
+                    .headers
+                    .push((ORIGINAL_ROUTING_KEY.to_owned(), original));
+                publisher.publish(&parked, true).await?;
+            }
+            // Undecodable: keep the bytes exactly as they came.
+            None => {
+                publisher
+                    .publish_raw(
+                        &self.config.dead_letter_queue,
+                        &delivery.data,
+                        &delivery.properties,
+                        &[(REASON, reason), (ORIGINAL_ROUTING_KEY, &original)],
+                    )
+                    .await?;
+            }
+        }
+        Ok(Outcome::DeadLettered(reason.to_owned()))
+    }
+}
+
+/// Acks a settled message; nacks (requeue) one whose settlement failed, so it comes back.
+pub(super) async fn settle(delivery: &Delivery, outcome: Result<Outcome, BrokerError>) -> Outcome {
+    let settled = match &outcome {
+        Ok(_) => delivery.acker.ack(BasicAckOptions::default()).await,
+        Err(_) => {
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        }
+    };
+    if let Err(error) = settled {
+        tracing::warn!(%error, "could not settle a delivery; the broker will redeliver it");
+    }
+    outcome.unwrap_or_else(|error| {
+        tracing::warn!(%error, "message returned to the queue");
+        Outcome::Requeued
+    })
+}
