@@ -10,7 +10,7 @@ use chimera_sdk::axum::extract::State;
 use chimera_sdk::axum::routing::get;
 use chimera_sdk::axum::{Json, Router};
 use chimera_sdk::db::{Columns, Database, Migration, Param};
-use chimera_sdk::futures::future::BoxFuture;
+use chimera_sdk::handler;
 use chimera_sdk::head::Module;
 use chimera_sdk::http::{ApiError, ValidPath, ValidQuery};
 use chimera_sdk::sqlx::{self, Row};
@@ -147,46 +147,44 @@ struct Publish {
     price_cents: i64,
 }
 
-fn publish(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(async move {
-        let cmd: Publish = ctx.data()?;
-        valid_id(&cmd.gig_id)
-            .and(valid_id(&cmd.seller_id))
-            .and(valid_title(&cmd.title))
-            .and(valid_price(cmd.price_cents))
-            .map_err(reject)?;
-        if load(ctx, &cmd.gig_id).await?.is_some() {
-            return Err(reject(format!("gig {} already exists", cmd.gig_id)));
+async fn publish(ctx: &mut Context) -> Result<(), HandlerError> {
+    let cmd: Publish = ctx.data()?;
+    valid_id(&cmd.gig_id)
+        .and(valid_id(&cmd.seller_id))
+        .and(valid_title(&cmd.title))
+        .and(valid_price(cmd.price_cents))
+        .map_err(reject)?;
+    if load(ctx, &cmd.gig_id).await?.is_some() {
+        return Err(reject(format!("gig {} already exists", cmd.gig_id)));
+    }
+    let seller = sqlx::query("SELECT deleted FROM sellers WHERE user_id = ?")
+        .bind(&cmd.seller_id)
+        .fetch_optional(&mut **ctx.tx())
+        .await?;
+    match seller {
+        // The user.registered event may not have arrived yet: retry, and give up only when
+        // no retry is left.
+        None if !ctx.is_last_attempt() => {
+            return Err(HandlerError::retry(format!(
+                "seller {} not known yet",
+                cmd.seller_id
+            )));
         }
-        let seller = sqlx::query("SELECT deleted FROM sellers WHERE user_id = ?")
-            .bind(&cmd.seller_id)
-            .fetch_optional(&mut **ctx.tx())
-            .await?;
-        match seller {
-            // The user.registered event may not have arrived yet: retry, and give up only when
-            // no retry is left.
-            None if !ctx.is_last_attempt() => {
-                return Err(HandlerError::retry(format!(
-                    "seller {} not known yet",
-                    cmd.seller_id
-                )));
-            }
-            None => return Err(reject(format!("unknown seller {}", cmd.seller_id))),
-            Some(r) if r.try_get::<i64, _>("deleted")? != 0 => {
-                return Err(reject(format!("seller {} was deleted", cmd.seller_id)));
-            }
-            Some(_) => {}
+        None => return Err(reject(format!("unknown seller {}", cmd.seller_id))),
+        Some(r) if r.try_get::<i64, _>("deleted")? != 0 => {
+            return Err(reject(format!("seller {} was deleted", cmd.seller_id)));
         }
-        let gig = Gig {
-            gig_id: cmd.gig_id,
-            seller_id: cmd.seller_id,
-            title: cmd.title.trim().to_owned(),
-            price_cents: cmd.price_cents,
-            status: "active".into(),
-        };
-        save(ctx, &gig, true).await?;
-        emit(ctx, "gig.published", &gig)
-    })
+        Some(_) => {}
+    }
+    let gig = Gig {
+        gig_id: cmd.gig_id,
+        seller_id: cmd.seller_id,
+        title: cmd.title.trim().to_owned(),
+        price_cents: cmd.price_cents,
+        status: "active".into(),
+    };
+    save(ctx, &gig, true).await?;
+    emit(ctx, "gig.published", &gig)
 }
 
 #[derive(Deserialize)]
@@ -196,30 +194,28 @@ struct Update {
     price_cents: Option<i64>,
 }
 
-fn update(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(async move {
-        let cmd: Update = ctx.data()?;
-        if cmd.title.is_none() && cmd.price_cents.is_none() {
-            return Err(reject("gig.update needs a title or a price_cents"));
-        }
-        if let Some(t) = &cmd.title {
-            valid_title(t).map_err(reject)?;
-        }
-        if let Some(p) = cmd.price_cents {
-            valid_price(p).map_err(reject)?;
-        }
-        let Some(mut gig) = load(ctx, &cmd.gig_id).await? else {
-            return Err(reject(format!("no gig {}", cmd.gig_id)));
-        };
-        if let Some(t) = cmd.title {
-            gig.title = t.trim().to_owned();
-        }
-        if let Some(p) = cmd.price_cents {
-            gig.price_cents = p;
-        }
-        save(ctx, &gig, false).await?;
-        emit(ctx, "gig.updated", &gig)
-    })
+async fn update(ctx: &mut Context) -> Result<(), HandlerError> {
+    let cmd: Update = ctx.data()?;
+    if cmd.title.is_none() && cmd.price_cents.is_none() {
+        return Err(reject("gig.update needs a title or a price_cents"));
+    }
+    if let Some(t) = &cmd.title {
+        valid_title(t).map_err(reject)?;
+    }
+    if let Some(p) = cmd.price_cents {
+        valid_price(p).map_err(reject)?;
+    }
+    let Some(mut gig) = load(ctx, &cmd.gig_id).await? else {
+        return Err(reject(format!("no gig {}", cmd.gig_id)));
+    };
+    if let Some(t) = cmd.title {
+        gig.title = t.trim().to_owned();
+    }
+    if let Some(p) = cmd.price_cents {
+        gig.price_cents = p;
+    }
+    save(ctx, &gig, false).await?;
+    emit(ctx, "gig.updated", &gig)
 }
 
 #[derive(Deserialize)]
@@ -227,19 +223,17 @@ struct Pause {
     gig_id: String,
 }
 
-fn pause(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(async move {
-        let cmd: Pause = ctx.data()?;
-        let Some(mut gig) = load(ctx, &cmd.gig_id).await? else {
-            return Err(reject(format!("no gig {}", cmd.gig_id)));
-        };
-        if gig.status == "paused" {
-            return Err(reject(format!("gig {} is already paused", gig.gig_id)));
-        }
-        gig.status = "paused".into();
-        save(ctx, &gig, false).await?;
-        emit(ctx, "gig.paused", &gig)
-    })
+async fn pause(ctx: &mut Context) -> Result<(), HandlerError> {
+    let cmd: Pause = ctx.data()?;
+    let Some(mut gig) = load(ctx, &cmd.gig_id).await? else {
+        return Err(reject(format!("no gig {}", cmd.gig_id)));
+    };
+    if gig.status == "paused" {
+        return Err(reject(format!("gig {} is already paused", gig.gig_id)));
+    }
+    gig.status = "paused".into();
+    save(ctx, &gig, false).await?;
+    emit(ctx, "gig.paused", &gig)
 }
 
 #[derive(Deserialize)]
@@ -248,62 +242,58 @@ struct UserEvent {
     name: Option<String>,
 }
 
-fn user_changed(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(async move {
-        let event: UserEvent = ctx.data()?;
-        let name = event.name.unwrap_or_default();
-        let updated = sqlx::query("UPDATE sellers SET name = ? WHERE user_id = ?")
-            .bind(&name)
+async fn user_changed(ctx: &mut Context) -> Result<(), HandlerError> {
+    let event: UserEvent = ctx.data()?;
+    let name = event.name.unwrap_or_default();
+    let updated = sqlx::query("UPDATE sellers SET name = ? WHERE user_id = ?")
+        .bind(&name)
+        .bind(&event.user_id)
+        .execute(&mut **ctx.tx())
+        .await?;
+    if updated.rows_affected() == 0 {
+        sqlx::query("INSERT INTO sellers (user_id, name, deleted) VALUES (?, ?, 0)")
             .bind(&event.user_id)
+            .bind(&name)
             .execute(&mut **ctx.tx())
             .await?;
-        if updated.rows_affected() == 0 {
-            sqlx::query("INSERT INTO sellers (user_id, name, deleted) VALUES (?, ?, 0)")
-                .bind(&event.user_id)
-                .bind(&name)
-                .execute(&mut **ctx.tx())
-                .await?;
-        }
-        Ok(())
-    })
+    }
+    Ok(())
 }
 
-fn user_deleted(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(async move {
-        let event: UserEvent = ctx.data()?;
-        let updated = sqlx::query("UPDATE sellers SET deleted = 1 WHERE user_id = ?")
+async fn user_deleted(ctx: &mut Context) -> Result<(), HandlerError> {
+    let event: UserEvent = ctx.data()?;
+    let updated = sqlx::query("UPDATE sellers SET deleted = 1 WHERE user_id = ?")
+        .bind(&event.user_id)
+        .execute(&mut **ctx.tx())
+        .await?;
+    if updated.rows_affected() == 0 {
+        sqlx::query("INSERT INTO sellers (user_id, name, deleted) VALUES (?, '', 1)")
             .bind(&event.user_id)
             .execute(&mut **ctx.tx())
             .await?;
-        if updated.rows_affected() == 0 {
-            sqlx::query("INSERT INTO sellers (user_id, name, deleted) VALUES (?, '', 1)")
-                .bind(&event.user_id)
-                .execute(&mut **ctx.tx())
-                .await?;
-        }
-        let rows = sqlx::query("SELECT gig_id, seller_id, title, price_cents, status FROM gigs WHERE seller_id = ? AND status = 'active' ORDER BY gig_id")
-            .bind(&event.user_id)
-            .fetch_all(&mut **ctx.tx())
-            .await?;
-        let gigs = rows.iter().map(gig_of).collect::<Result<Vec<_>, _>>()?;
-        for mut gig in gigs {
-            gig.status = "paused".into();
-            save(ctx, &gig, false).await?;
-            emit(ctx, "gig.paused", &gig)?;
-        }
-        Ok(())
-    })
+    }
+    let rows = sqlx::query("SELECT gig_id, seller_id, title, price_cents, status FROM gigs WHERE seller_id = ? AND status = 'active' ORDER BY gig_id")
+        .bind(&event.user_id)
+        .fetch_all(&mut **ctx.tx())
+        .await?;
+    let gigs = rows.iter().map(gig_of).collect::<Result<Vec<_>, _>>()?;
+    for mut gig in gigs {
+        gig.status = "paused".into();
+        save(ctx, &gig, false).await?;
+        emit(ctx, "gig.paused", &gig)?;
+    }
+    Ok(())
 }
 
 /// The worker's handlers.
 pub fn handlers(worker: Worker) -> Worker {
     worker
-        .on("gig.publish", publish)
-        .on("gig.update", update)
-        .on("gig.pause", pause)
-        .on("user.registered", user_changed)
-        .on("user.updated", user_changed)
-        .on("user.deleted", user_deleted)
+        .on("gig.publish", handler!(publish))
+        .on("gig.update", handler!(update))
+        .on("gig.pause", handler!(pause))
+        .on("user.registered", handler!(user_changed))
+        .on("user.updated", handler!(user_changed))
+        .on("user.deleted", handler!(user_deleted))
 }
 
 /// A gig with its seller's name, as `GET /gigs/{id}` answers.

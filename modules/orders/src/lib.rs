@@ -15,7 +15,7 @@ use chimera_sdk::axum::extract::State;
 use chimera_sdk::axum::routing::get;
 use chimera_sdk::axum::{Json, Router};
 use chimera_sdk::db::{Columns, Database, Migration, Param};
-use chimera_sdk::futures::future::BoxFuture;
+use chimera_sdk::handler;
 use chimera_sdk::head::Module;
 use chimera_sdk::http::{ApiError, ValidPath, ValidQuery};
 use chimera_sdk::sqlx::{self, Row};
@@ -235,65 +235,63 @@ struct Place {
     buyer_id: String,
 }
 
-fn place(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(async move {
-        let cmd: Place = ctx.data()?;
-        valid_id(&cmd.order_id)
-            .and(valid_id(&cmd.gig_id))
-            .and(valid_id(&cmd.buyer_id))
-            .map_err(reject)?;
-        if load(ctx, &cmd.order_id).await?.is_some() {
-            return Err(reject(format!("order {} already exists", cmd.order_id)));
+async fn place(ctx: &mut Context) -> Result<(), HandlerError> {
+    let cmd: Place = ctx.data()?;
+    valid_id(&cmd.order_id)
+        .and(valid_id(&cmd.gig_id))
+        .and(valid_id(&cmd.buyer_id))
+        .map_err(reject)?;
+    if load(ctx, &cmd.order_id).await?.is_some() {
+        return Err(reject(format!("order {} already exists", cmd.order_id)));
+    }
+    let gig = sqlx::query("SELECT price_cents, status FROM gigs_view WHERE gig_id = ?")
+        .bind(&cmd.gig_id)
+        .fetch_optional(&mut **ctx.tx())
+        .await?;
+    let buyer = sqlx::query("SELECT deleted FROM buyers WHERE user_id = ?")
+        .bind(&cmd.buyer_id)
+        .fetch_optional(&mut **ctx.tx())
+        .await?;
+    let unseen = match (&gig, &buyer) {
+        (None, _) => Some(format!("unknown gig {}", cmd.gig_id)),
+        (_, None) => Some(format!("unknown buyer {}", cmd.buyer_id)),
+        _ => None,
+    };
+    if let Some(why) = &unseen
+        && !ctx.is_last_attempt()
+    {
+        return Err(HandlerError::retry(format!("{why} (not seen yet)")));
+    }
+    let price = match &gig {
+        Some(g) => g.try_get::<i64, _>("price_cents")?,
+        None => 0,
+    };
+    let refusal = match (unseen, &gig, &buyer) {
+        (Some(why), _, _) => Some(why),
+        (None, Some(g), _) if g.try_get::<String, _>("status")? != "active" => {
+            Some(format!("gig {} is paused", cmd.gig_id))
         }
-        let gig = sqlx::query("SELECT price_cents, status FROM gigs_view WHERE gig_id = ?")
-            .bind(&cmd.gig_id)
-            .fetch_optional(&mut **ctx.tx())
-            .await?;
-        let buyer = sqlx::query("SELECT deleted FROM buyers WHERE user_id = ?")
-            .bind(&cmd.buyer_id)
-            .fetch_optional(&mut **ctx.tx())
-            .await?;
-        let unseen = match (&gig, &buyer) {
-            (None, _) => Some(format!("unknown gig {}", cmd.gig_id)),
-            (_, None) => Some(format!("unknown buyer {}", cmd.buyer_id)),
-            _ => None,
-        };
-        if let Some(why) = &unseen
-            && !ctx.is_last_attempt()
-        {
-            return Err(HandlerError::retry(format!("{why} (not seen yet)")));
+        (None, _, Some(b)) if b.try_get::<i64, _>("deleted")? != 0 => {
+            Some(format!("buyer {} was deleted", cmd.buyer_id))
         }
-        let price = match &gig {
-            Some(g) => g.try_get::<i64, _>("price_cents")?,
-            None => 0,
-        };
-        let refusal = match (unseen, &gig, &buyer) {
-            (Some(why), _, _) => Some(why),
-            (None, Some(g), _) if g.try_get::<String, _>("status")? != "active" => {
-                Some(format!("gig {} is paused", cmd.gig_id))
-            }
-            (None, _, Some(b)) if b.try_get::<i64, _>("deleted")? != 0 => {
-                Some(format!("buyer {} was deleted", cmd.buyer_id))
-            }
-            _ => None,
-        };
-        let mut order = Order {
-            order_id: cmd.order_id,
-            gig_id: cmd.gig_id,
-            buyer_id: cmd.buyer_id,
-            price_cents: price,
-            status: OrderStatus::Placed,
-            reason: None,
-        };
-        if let Some(reason) = refusal {
-            order.status = OrderStatus::Rejected;
-            order.reason = Some(reason);
-            insert(ctx, &order).await?;
-            return emit(ctx, "order.rejected", &order);
-        }
+        _ => None,
+    };
+    let mut order = Order {
+        order_id: cmd.order_id,
+        gig_id: cmd.gig_id,
+        buyer_id: cmd.buyer_id,
+        price_cents: price,
+        status: OrderStatus::Placed,
+        reason: None,
+    };
+    if let Some(reason) = refusal {
+        order.status = OrderStatus::Rejected;
+        order.reason = Some(reason);
         insert(ctx, &order).await?;
-        emit(ctx, "order.placed", &order)
-    })
+        return emit(ctx, "order.rejected", &order);
+    }
+    insert(ctx, &order).await?;
+    emit(ctx, "order.placed", &order)
 }
 
 #[derive(Deserialize)]
@@ -311,16 +309,16 @@ async fn change(ctx: &mut Context, action: Action, event: &str) -> Result<(), Ha
     emit(ctx, event, &order)
 }
 
-fn deliver(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(change(ctx, Action::Deliver, "order.delivered"))
+async fn deliver(ctx: &mut Context) -> Result<(), HandlerError> {
+    change(ctx, Action::Deliver, "order.delivered").await
 }
 
-fn complete(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(change(ctx, Action::Complete, "order.completed"))
+async fn complete(ctx: &mut Context) -> Result<(), HandlerError> {
+    change(ctx, Action::Complete, "order.completed").await
 }
 
-fn cancel(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(change(ctx, Action::Cancel, "order.cancelled"))
+async fn cancel(ctx: &mut Context) -> Result<(), HandlerError> {
+    change(ctx, Action::Cancel, "order.cancelled").await
 }
 
 #[derive(Deserialize)]
@@ -331,11 +329,19 @@ struct GigEvent {
     status: String,
 }
 
-fn gig_changed(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(async move {
-        let g: GigEvent = ctx.data()?;
-        let updated = sqlx::query(
-            "UPDATE gigs_view SET title = ?, price_cents = ?, status = ? WHERE gig_id = ?",
+async fn gig_changed(ctx: &mut Context) -> Result<(), HandlerError> {
+    let g: GigEvent = ctx.data()?;
+    let updated =
+        sqlx::query("UPDATE gigs_view SET title = ?, price_cents = ?, status = ? WHERE gig_id = ?")
+            .bind(&g.title)
+            .bind(g.price_cents)
+            .bind(&g.status)
+            .bind(&g.gig_id)
+            .execute(&mut **ctx.tx())
+            .await?;
+    if updated.rows_affected() == 0 {
+        sqlx::query(
+            "INSERT INTO gigs_view (title, price_cents, status, gig_id) VALUES (?, ?, ?, ?)",
         )
         .bind(&g.title)
         .bind(g.price_cents)
@@ -343,19 +349,8 @@ fn gig_changed(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
         .bind(&g.gig_id)
         .execute(&mut **ctx.tx())
         .await?;
-        if updated.rows_affected() == 0 {
-            sqlx::query(
-                "INSERT INTO gigs_view (title, price_cents, status, gig_id) VALUES (?, ?, ?, ?)",
-            )
-            .bind(&g.title)
-            .bind(g.price_cents)
-            .bind(&g.status)
-            .bind(&g.gig_id)
-            .execute(&mut **ctx.tx())
-            .await?;
-        }
-        Ok(())
-    })
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -363,65 +358,61 @@ struct UserEvent {
     user_id: String,
 }
 
-fn user_registered(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(async move {
-        let u: UserEvent = ctx.data()?;
-        let exists = sqlx::query("SELECT 1 FROM buyers WHERE user_id = ?")
-            .bind(&u.user_id)
-            .fetch_optional(&mut **ctx.tx())
-            .await?;
-        if exists.is_none() {
-            sqlx::query("INSERT INTO buyers (user_id, deleted) VALUES (?, 0)")
-                .bind(&u.user_id)
-                .execute(&mut **ctx.tx())
-                .await?;
-        }
-        Ok(())
-    })
-}
-
-fn user_deleted(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(async move {
-        let u: UserEvent = ctx.data()?;
-        let updated = sqlx::query("UPDATE buyers SET deleted = 1 WHERE user_id = ?")
+async fn user_registered(ctx: &mut Context) -> Result<(), HandlerError> {
+    let u: UserEvent = ctx.data()?;
+    let exists = sqlx::query("SELECT 1 FROM buyers WHERE user_id = ?")
+        .bind(&u.user_id)
+        .fetch_optional(&mut **ctx.tx())
+        .await?;
+    if exists.is_none() {
+        sqlx::query("INSERT INTO buyers (user_id, deleted) VALUES (?, 0)")
             .bind(&u.user_id)
             .execute(&mut **ctx.tx())
             .await?;
-        if updated.rows_affected() == 0 {
-            sqlx::query("INSERT INTO buyers (user_id, deleted) VALUES (?, 1)")
-                .bind(&u.user_id)
-                .execute(&mut **ctx.tx())
-                .await?;
-        }
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "{COLUMNS} WHERE buyer_id = ? AND status IN ('placed', 'delivered') ORDER BY order_id"
-        )))
+    }
+    Ok(())
+}
+
+async fn user_deleted(ctx: &mut Context) -> Result<(), HandlerError> {
+    let u: UserEvent = ctx.data()?;
+    let updated = sqlx::query("UPDATE buyers SET deleted = 1 WHERE user_id = ?")
         .bind(&u.user_id)
-        .fetch_all(&mut **ctx.tx())
+        .execute(&mut **ctx.tx())
         .await?;
-        let open = rows.iter().map(order_of).collect::<Result<Vec<_>, _>>()?;
-        for mut order in open {
-            order.status = OrderStatus::Cancelled;
-            order.reason = Some(format!("buyer {} was deleted", u.user_id));
-            set_status(ctx, &order).await?;
-            emit(ctx, "order.cancelled", &order)?;
-        }
-        Ok(())
-    })
+    if updated.rows_affected() == 0 {
+        sqlx::query("INSERT INTO buyers (user_id, deleted) VALUES (?, 1)")
+            .bind(&u.user_id)
+            .execute(&mut **ctx.tx())
+            .await?;
+    }
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{COLUMNS} WHERE buyer_id = ? AND status IN ('placed', 'delivered') ORDER BY order_id"
+    )))
+    .bind(&u.user_id)
+    .fetch_all(&mut **ctx.tx())
+    .await?;
+    let open = rows.iter().map(order_of).collect::<Result<Vec<_>, _>>()?;
+    for mut order in open {
+        order.status = OrderStatus::Cancelled;
+        order.reason = Some(format!("buyer {} was deleted", u.user_id));
+        set_status(ctx, &order).await?;
+        emit(ctx, "order.cancelled", &order)?;
+    }
+    Ok(())
 }
 
 /// The worker's handlers.
 pub fn handlers(worker: Worker) -> Worker {
     worker
-        .on("order.place", place)
-        .on("order.deliver", deliver)
-        .on("order.complete", complete)
-        .on("order.cancel", cancel)
-        .on("gig.published", gig_changed)
-        .on("gig.updated", gig_changed)
-        .on("gig.paused", gig_changed)
-        .on("user.registered", user_registered)
-        .on("user.deleted", user_deleted)
+        .on("order.place", handler!(place))
+        .on("order.deliver", handler!(deliver))
+        .on("order.complete", handler!(complete))
+        .on("order.cancel", handler!(cancel))
+        .on("gig.published", handler!(gig_changed))
+        .on("gig.updated", handler!(gig_changed))
+        .on("gig.paused", handler!(gig_changed))
+        .on("user.registered", handler!(user_registered))
+        .on("user.deleted", handler!(user_deleted))
 }
 
 async fn get_order(

@@ -9,7 +9,7 @@ use chimera_sdk::axum::extract::State;
 use chimera_sdk::axum::routing::get;
 use chimera_sdk::axum::{Json, Router};
 use chimera_sdk::db::{Columns, Database, Migration, Param};
-use chimera_sdk::futures::future::BoxFuture;
+use chimera_sdk::handler;
 use chimera_sdk::head::Module;
 use chimera_sdk::http::{ApiError, ValidPath, ValidQuery};
 use chimera_sdk::sqlx::{self, Row};
@@ -122,96 +122,90 @@ async fn current(ctx: &mut Context, user_id: &str) -> Result<Option<User>, Handl
     })
 }
 
-fn register(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(async move {
-        let cmd: Register = ctx.data()?;
-        valid_id(&cmd.user_id)
-            .and(valid_name(&cmd.name))
-            .and(valid_email(&cmd.email))
-            .map_err(reject)?;
-        let user = User {
-            user_id: cmd.user_id,
-            name: cmd.name.trim().to_owned(),
-            email: cmd.email,
-        };
-        // The primary key says whether the id is taken: one statement instead of a read and a
-        // write.
-        let inserted =
-            sqlx::query("INSERT INTO users (user_id, name, email, deleted) VALUES (?, ?, ?, 0)")
-                .bind(&user.user_id)
-                .bind(&user.name)
-                .bind(&user.email)
-                .execute(&mut **ctx.tx())
-                .await;
-        match inserted {
-            Ok(_) => {}
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                return Err(reject(format!(
-                    "user {} is already registered",
-                    user.user_id
-                )));
-            }
-            Err(e) => return Err(e.into()),
-        }
-        ctx.emit("user.registered", &user)
-    })
-}
-
-fn update(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(async move {
-        let cmd: Update = ctx.data()?;
-        valid_id(&cmd.user_id).map_err(reject)?;
-        if cmd.name.is_none() && cmd.email.is_none() {
-            return Err(reject("user.update needs a name or an email"));
-        }
-        if let Some(name) = &cmd.name {
-            valid_name(name).map_err(reject)?;
-        }
-        if let Some(email) = &cmd.email {
-            valid_email(email).map_err(reject)?;
-        }
-        let Some(mut user) = current(ctx, &cmd.user_id).await? else {
-            return Err(reject(format!("no user {}", cmd.user_id)));
-        };
-        if let Some(name) = cmd.name {
-            user.name = name.trim().to_owned();
-        }
-        if let Some(email) = cmd.email {
-            user.email = email;
-        }
-        sqlx::query("UPDATE users SET name = ?, email = ? WHERE user_id = ?")
+async fn register(ctx: &mut Context) -> Result<(), HandlerError> {
+    let cmd: Register = ctx.data()?;
+    valid_id(&cmd.user_id)
+        .and(valid_name(&cmd.name))
+        .and(valid_email(&cmd.email))
+        .map_err(reject)?;
+    let user = User {
+        user_id: cmd.user_id,
+        name: cmd.name.trim().to_owned(),
+        email: cmd.email,
+    };
+    // The primary key says whether the id is taken: one statement instead of a read and a
+    // write.
+    let inserted =
+        sqlx::query("INSERT INTO users (user_id, name, email, deleted) VALUES (?, ?, ?, 0)")
+            .bind(&user.user_id)
             .bind(&user.name)
             .bind(&user.email)
-            .bind(&user.user_id)
             .execute(&mut **ctx.tx())
-            .await?;
-        ctx.emit("user.updated", &user)
-    })
+            .await;
+    match inserted {
+        Ok(_) => {}
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            return Err(reject(format!(
+                "user {} is already registered",
+                user.user_id
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    ctx.emit("user.registered", &user)
 }
 
-fn delete(ctx: &mut Context) -> BoxFuture<'_, Result<(), HandlerError>> {
-    Box::pin(async move {
-        let cmd: Delete = ctx.data()?;
-        let Some(user) = current(ctx, &cmd.user_id).await? else {
-            return Err(reject(format!("no user {}", cmd.user_id)));
-        };
-        sqlx::query("UPDATE users SET deleted = 1 WHERE user_id = ?")
-            .bind(&user.user_id)
-            .execute(&mut **ctx.tx())
-            .await?;
-        ctx.emit(
-            "user.deleted",
-            &serde_json::json!({"user_id": user.user_id}),
-        )
-    })
+async fn update(ctx: &mut Context) -> Result<(), HandlerError> {
+    let cmd: Update = ctx.data()?;
+    valid_id(&cmd.user_id).map_err(reject)?;
+    if cmd.name.is_none() && cmd.email.is_none() {
+        return Err(reject("user.update needs a name or an email"));
+    }
+    if let Some(name) = &cmd.name {
+        valid_name(name).map_err(reject)?;
+    }
+    if let Some(email) = &cmd.email {
+        valid_email(email).map_err(reject)?;
+    }
+    let Some(mut user) = current(ctx, &cmd.user_id).await? else {
+        return Err(reject(format!("no user {}", cmd.user_id)));
+    };
+    if let Some(name) = cmd.name {
+        user.name = name.trim().to_owned();
+    }
+    if let Some(email) = cmd.email {
+        user.email = email;
+    }
+    sqlx::query("UPDATE users SET name = ?, email = ? WHERE user_id = ?")
+        .bind(&user.name)
+        .bind(&user.email)
+        .bind(&user.user_id)
+        .execute(&mut **ctx.tx())
+        .await?;
+    ctx.emit("user.updated", &user)
+}
+
+async fn delete(ctx: &mut Context) -> Result<(), HandlerError> {
+    let cmd: Delete = ctx.data()?;
+    let Some(user) = current(ctx, &cmd.user_id).await? else {
+        return Err(reject(format!("no user {}", cmd.user_id)));
+    };
+    sqlx::query("UPDATE users SET deleted = 1 WHERE user_id = ?")
+        .bind(&user.user_id)
+        .execute(&mut **ctx.tx())
+        .await?;
+    ctx.emit(
+        "user.deleted",
+        &serde_json::json!({"user_id": user.user_id}),
+    )
 }
 
 /// The worker's handlers.
 pub fn handlers(worker: Worker) -> Worker {
     worker
-        .on("user.register", register)
-        .on("user.update", update)
-        .on("user.delete", delete)
+        .on("user.register", handler!(register))
+        .on("user.update", handler!(update))
+        .on("user.delete", handler!(delete))
 }
 
 #[derive(Deserialize)]

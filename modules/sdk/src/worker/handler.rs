@@ -134,3 +134,28 @@ where
         self(ctx)
     }
 }
+
+/// A [`Handler`] from an `async fn(&mut Context) -> Result<(), HandlerError>`, without the
+/// `Box::pin(async move { .. })` of the trait's boxed future:
+///
+/// ```text
+/// async fn place(ctx: &mut Context) -> Result<(), HandlerError> { .. }
+/// worker.on("order.place", handler!(place))
+/// ```
+///
+/// (A plain `impl Fn(&mut Context) -> impl Future` cannot say that the future borrows the
+/// context and is `Send`; a named fn with an explicit lifetime can, and this writes it.)
+#[macro_export]
+macro_rules! handler {
+    ($handler:path) => {{
+        fn boxed<'a>(
+            ctx: &'a mut $crate::worker::Context,
+        ) -> $crate::futures::future::BoxFuture<
+            'a,
+            ::std::result::Result<(), $crate::worker::HandlerError>,
+        > {
+            ::std::boxed::Box::pin($handler(ctx))
+        }
+        boxed
+    }};
+}
