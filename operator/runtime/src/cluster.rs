@@ -15,6 +15,27 @@ use chimera_core::status::Verdict;
 use chimera_core::topology::state::BrokerEndpoint;
 use chimera_core::workloads::WorkloadSettings;
 
+/// Sets a Deployment's `spec.replicas` as [`REPLICAS_MANAGER`], the one owner of that field
+/// (the reconciler holding bounds and the autoscaler share it, so they never fight).
+pub async fn set_replicas(
+    api: &Api<k8s_openapi::api::apps::v1::Deployment>,
+    name: &str,
+    replicas: i64,
+) -> Result<k8s_openapi::api::apps::v1::Deployment, kube::Error> {
+    let patch = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas}
+    });
+    api.patch(
+        name,
+        &kube::api::PatchParams::apply(REPLICAS_MANAGER).force(),
+        &kube::api::Patch::Apply(&patch),
+    )
+    .await
+}
+
 /// Where the operator looks for modules.
 #[derive(Clone, Debug, Default)]
 pub enum Scope {

@@ -21,7 +21,9 @@ use serde_json::json;
 use tracing::{info, instrument};
 
 use crate::Error;
-use crate::cluster::{Context, FIELD_MANAGER, REPLICAS_MANAGER, STATUS_MANAGER, publish};
+use crate::cluster::{
+    Context, FIELD_MANAGER, REPLICAS_MANAGER, STATUS_MANAGER, publish, set_replicas,
+};
 use chimera_core::api::ChimeraModule;
 use chimera_core::status::{self, ObservedHeads};
 use chimera_core::workloads::{self, Head};
@@ -138,23 +140,13 @@ async fn hold_replicas(
         return Ok(deployment);
     }
     let name = deployment.name_any();
-    let patch = json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name},
-        "spec": {"replicas": wanted}
-    });
-    api.patch(
-        &name,
-        &PatchParams::apply(REPLICAS_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|cause| Error::Apply {
-        kind: "Deployment".into(),
-        name,
-        cause,
-    })
+    set_replicas(api, &name, i64::from(wanted))
+        .await
+        .map_err(|cause| Error::Apply {
+            kind: "Deployment".into(),
+            name,
+            cause,
+        })
 }
 
 fn now() -> Time {

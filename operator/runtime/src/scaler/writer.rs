@@ -12,7 +12,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 
 use super::AUTOSCALER_MANAGER;
-use crate::cluster::{Context, REPLICAS_MANAGER, endpoint_for, publish};
+use crate::cluster::{Context, endpoint_for, publish, set_replicas};
 use chimera_core::api::{AutoscalingStatus, ChimeraModule};
 use chimera_core::topology::state::BrokerEndpoint;
 
@@ -69,19 +69,9 @@ impl ReplicaWriter for KubeWriter {
     ) -> BoxFuture<'a, Result<(), kube::Error>> {
         Box::pin(async move {
             let api: Api<Deployment> = Api::namespaced(self.ctx.client.clone(), namespace);
-            let patch = json!({
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "metadata": {"name": name},
-                "spec": {"replicas": replicas}
-            });
-            api.patch(
-                name,
-                &PatchParams::apply(REPLICAS_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-            .map(|_| ())
+            set_replicas(&api, name, i64::from(replicas))
+                .await
+                .map(|_| ())
         })
     }
 
