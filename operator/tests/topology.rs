@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use chimera_core::api::validation::modules_from_yaml;
 use chimera_core::topology::plan::{TopologyPlan, plan};
 use chimera_core::topology::state::BrokerEndpoint;
+use chimera_core::topology::verdict::BrokerFailureKind;
 use chimera_runtime::topology::amqp::connect;
 use chimera_runtime::topology::declare::{apply, current_diff};
 use chimera_runtime::topology::management::BrokerError;
@@ -395,6 +396,7 @@ async fn bad_brokers_fail_clearly_and_change_nothing() {
     let err = apply(&missing, &p).await.unwrap_err();
     assert!(matches!(err, BrokerError::VhostNotFound { .. }), "{err}");
     assert!(err.to_string().contains("does not exist"), "{err}");
+    assert_eq!(err.failure().kind, BrokerFailureKind::VhostNotFound);
 
     let wrong_password = vhost.amqp_url.replacen("guest:guest@", "guest:wrong@", 1);
     let err = apply(
@@ -404,6 +406,12 @@ async fn bad_brokers_fail_clearly_and_change_nothing() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("ACCESS_REFUSED"), "{err}");
+    // Classified by the AMQP reply code (403), not by the message's text.
+    assert_eq!(
+        err.failure().kind,
+        BrokerFailureKind::AccessRefused,
+        "{err:?}"
+    );
     assert!(
         !err.to_string().contains("wrong"),
         "the password must not be printed: {err}"

@@ -210,13 +210,13 @@ mod tests {
         assert_eq!(v.message, "what the broker said");
         let v = topology_verdict(&[], Err(&failure(BrokerFailureKind::AccessRefused)));
         assert_eq!(v.reason, "BrokerAccessRefused");
-        for kind in [
-            BrokerFailureKind::Unreachable,
-            BrokerFailureKind::UrlInvalid,
-            BrokerFailureKind::Other,
+        for (kind, reason) in [
+            (BrokerFailureKind::Unreachable, "BrokerUnreachable"),
+            (BrokerFailureKind::UrlInvalid, "BrokerUrlInvalid"),
+            (BrokerFailureKind::Other, "BrokerError"),
         ] {
             let v = topology_verdict(&[], Err(&failure(kind)));
-            assert_eq!(v.reason, kind.reason());
+            assert_eq!((v.status, v.reason.as_str()), (false, reason));
         }
     }
 }

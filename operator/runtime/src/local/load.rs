@@ -297,7 +297,9 @@ pub async fn load(args: &LoadArgs) -> anyhow::Result<Summary> {
     let tick = Duration::from_millis(100);
     let mut ticks = tokio::time::interval(tick);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut pace = Pace::default();
+    // At most one second of the peak rate per tick: after a stall, the generator catches up
+    // over several ticks, and what it cannot catch up shows as behind.
+    let mut pace = Pace::with_max_batch(args.rate);
     let mut last_line = Line::default();
     let reads = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::<Result<f64, ()>>::new()));
     // Reads in flight at once; beyond it reads are shed (and counted), commands go on.
@@ -369,7 +371,7 @@ pub async fn load(args: &LoadArgs) -> anyhow::Result<Summary> {
     }
     summary.elapsed_s = started.elapsed().as_secs_f64();
     summary.asked = pace.asked_whole();
-    summary.asked_rate = rate(summary.asked, summary.elapsed_s);
+    summary.asked_rate = rate(summary.asked, duration);
     summary.achieved_rate = rate(summary.sent, summary.elapsed_s);
     summary.fell_behind = pace.behind();
     // Every read finishes (or times out) before the summary.
@@ -389,7 +391,7 @@ pub async fn load(args: &LoadArgs) -> anyhow::Result<Summary> {
 }
 
 /// Commands asked for against commands sent: the open-loop accounting of a run.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Pace {
     /// Commands the profile asked for up to the last `owed` call (fractional).
     asked: f64,
@@ -397,18 +399,34 @@ struct Pace {
     t: f64,
     /// Commands sent so far.
     sent: u64,
+    /// The most commands one call owes.
+    max_batch: u64,
 }
 
 impl Pace {
-    /// Commands to send now: everything asked for up to `t` and not yet sent. The profile is
-    /// integrated over the real time since the last call (a slow tick owes more), at the rate
-    /// of the interval's midpoint.
+    /// A pace that owes at most `per_call` commands (at least 1) at once.
+    fn with_max_batch(per_call: f64) -> Self {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let max_batch = per_call.ceil().max(1.0) as u64;
+        Self {
+            asked: 0.0,
+            t: 0.0,
+            sent: 0,
+            max_batch,
+        }
+    }
+
+    /// Commands to send now: what was asked for up to `t` and not yet sent, at most the
+    /// maximum batch. The profile is integrated over the real time since the last call (a slow
+    /// tick owes more), at the rate of the interval's midpoint.
     fn owed(&mut self, t: f64, rate: impl Fn(f64) -> f64) -> usize {
         let dt = (t - self.t).max(0.0);
         self.asked += rate(self.t + dt / 2.0).max(0.0) * dt;
         self.t = t;
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        let due = (self.asked.floor() as u64).saturating_sub(self.sent);
+        let due = (self.asked.floor() as u64)
+            .saturating_sub(self.sent)
+            .min(self.max_batch);
         usize::try_from(due).unwrap_or(usize::MAX)
     }
 
@@ -514,7 +532,7 @@ mod tests {
 
     #[test]
     fn pace_owes_what_the_clock_asked_for() {
-        let mut pace = Pace::default();
+        let mut pace = Pace::with_max_batch(1000.0);
         // 100/s: 10 due after 0.1 s.
         assert_eq!(pace.owed(0.1, |_| 100.0), 10);
         pace.sent(10);
@@ -528,10 +546,33 @@ mod tests {
         assert!(!pace.behind());
         assert_eq!(pace.asked_whole(), 60);
         // The rate of each interval's midpoint: a step from 0 to 100/s at t = 1.
-        let mut step = Pace::default();
+        let mut step = Pace::with_max_batch(1000.0);
         let profile = |t: f64| if t < 1.0 { 0.0 } else { 100.0 };
         assert_eq!(step.owed(1.0, profile), 0);
         assert_eq!(step.owed(2.0, profile), 100);
+    }
+
+    #[test]
+    fn a_stall_is_caught_up_a_batch_at_a_time_and_what_is_not_shows_as_behind() {
+        // 100/s with batches of at most 100: a 3 s stall owes 300, paid over three calls.
+        let mut pace = Pace::with_max_batch(100.0);
+        let n = pace.owed(3.0, |_| 100.0);
+        assert_eq!(n, 100);
+        pace.sent(n);
+        assert!(pace.behind(), "200 still owed");
+        // Each half second asks 50 more and pays at most 100: the debt shrinks by 50 a call.
+        for (t, owed) in [(3.5, 100), (4.0, 100), (4.5, 100), (5.0, 100), (5.5, 50)] {
+            let n = pace.owed(t, |_| 100.0);
+            assert_eq!(n, owed, "at {t}");
+            pace.sent(n);
+        }
+        assert!(!pace.behind());
+        // A run that ends right after a stall ends behind: what it owed is not sent at once.
+        let mut late = Pace::with_max_batch(100.0);
+        let n = late.owed(10.0, |_| 100.0);
+        late.sent(n);
+        assert!(late.behind());
+        assert_eq!(late.asked_whole() - late.sent, 900);
     }
 
     #[test]
