@@ -75,10 +75,6 @@ pub struct Gig {
     pub status: String,
 }
 
-fn reject(message: impl Into<String>) -> HandlerError {
-    HandlerError::reject(message)
-}
-
 /// Checks a title: 1-200 characters once trimmed.
 pub fn valid_title(title: &str) -> Result<(), String> {
     let t = title.trim();
@@ -153,9 +149,12 @@ async fn publish(ctx: &mut Context) -> Result<(), HandlerError> {
         .and(valid_id(&cmd.seller_id))
         .and(valid_title(&cmd.title))
         .and(valid_price(cmd.price_cents))
-        .map_err(reject)?;
+        .map_err(HandlerError::reject)?;
     if load(ctx, &cmd.gig_id).await?.is_some() {
-        return Err(reject(format!("gig {} already exists", cmd.gig_id)));
+        return Err(HandlerError::reject(format!(
+            "gig {} already exists",
+            cmd.gig_id
+        )));
     }
     let seller = sqlx::query("SELECT deleted FROM sellers WHERE user_id = ?")
         .bind(&cmd.seller_id)
@@ -170,9 +169,17 @@ async fn publish(ctx: &mut Context) -> Result<(), HandlerError> {
                 cmd.seller_id
             )));
         }
-        None => return Err(reject(format!("unknown seller {}", cmd.seller_id))),
+        None => {
+            return Err(HandlerError::reject(format!(
+                "unknown seller {}",
+                cmd.seller_id
+            )));
+        }
         Some(r) if r.try_get::<i64, _>("deleted")? != 0 => {
-            return Err(reject(format!("seller {} was deleted", cmd.seller_id)));
+            return Err(HandlerError::reject(format!(
+                "seller {} was deleted",
+                cmd.seller_id
+            )));
         }
         Some(_) => {}
     }
@@ -197,16 +204,18 @@ struct Update {
 async fn update(ctx: &mut Context) -> Result<(), HandlerError> {
     let cmd: Update = ctx.data()?;
     if cmd.title.is_none() && cmd.price_cents.is_none() {
-        return Err(reject("gig.update needs a title or a price_cents"));
+        return Err(HandlerError::reject(
+            "gig.update needs a title or a price_cents",
+        ));
     }
     if let Some(t) = &cmd.title {
-        valid_title(t).map_err(reject)?;
+        valid_title(t).map_err(HandlerError::reject)?;
     }
     if let Some(p) = cmd.price_cents {
-        valid_price(p).map_err(reject)?;
+        valid_price(p).map_err(HandlerError::reject)?;
     }
     let Some(mut gig) = load(ctx, &cmd.gig_id).await? else {
-        return Err(reject(format!("no gig {}", cmd.gig_id)));
+        return Err(HandlerError::reject(format!("no gig {}", cmd.gig_id)));
     };
     if let Some(t) = cmd.title {
         gig.title = t.trim().to_owned();
@@ -226,10 +235,13 @@ struct Pause {
 async fn pause(ctx: &mut Context) -> Result<(), HandlerError> {
     let cmd: Pause = ctx.data()?;
     let Some(mut gig) = load(ctx, &cmd.gig_id).await? else {
-        return Err(reject(format!("no gig {}", cmd.gig_id)));
+        return Err(HandlerError::reject(format!("no gig {}", cmd.gig_id)));
     };
     if gig.status == "paused" {
-        return Err(reject(format!("gig {} is already paused", gig.gig_id)));
+        return Err(HandlerError::reject(format!(
+            "gig {} is already paused",
+            gig.gig_id
+        )));
     }
     gig.status = "paused".into();
     save(ctx, &gig, false).await?;

@@ -169,10 +169,6 @@ pub fn transition(from: OrderStatus, action: Action) -> Result<OrderStatus, Stri
     }
 }
 
-fn reject(message: impl Into<String>) -> HandlerError {
-    HandlerError::reject(message)
-}
-
 fn order_of(r: &impl Columns) -> Result<Order, sqlx::Error> {
     Ok(Order {
         order_id: r.get("order_id")?,
@@ -240,9 +236,12 @@ async fn place(ctx: &mut Context) -> Result<(), HandlerError> {
     valid_id(&cmd.order_id)
         .and(valid_id(&cmd.gig_id))
         .and(valid_id(&cmd.buyer_id))
-        .map_err(reject)?;
+        .map_err(HandlerError::reject)?;
     if load(ctx, &cmd.order_id).await?.is_some() {
-        return Err(reject(format!("order {} already exists", cmd.order_id)));
+        return Err(HandlerError::reject(format!(
+            "order {} already exists",
+            cmd.order_id
+        )));
     }
     let gig = sqlx::query("SELECT price_cents, status FROM gigs_view WHERE gig_id = ?")
         .bind(&cmd.gig_id)
@@ -302,9 +301,9 @@ struct OrderRef {
 async fn change(ctx: &mut Context, action: Action, event: &str) -> Result<(), HandlerError> {
     let cmd: OrderRef = ctx.data()?;
     let Some(mut order) = load(ctx, &cmd.order_id).await? else {
-        return Err(reject(format!("no order {}", cmd.order_id)));
+        return Err(HandlerError::reject(format!("no order {}", cmd.order_id)));
     };
-    order.status = transition(order.status, action).map_err(reject)?;
+    order.status = transition(order.status, action).map_err(HandlerError::reject)?;
     set_status(ctx, &order).await?;
     emit(ctx, event, &order)
 }

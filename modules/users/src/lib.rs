@@ -73,10 +73,6 @@ struct Delete {
     user_id: String,
 }
 
-fn reject(message: impl Into<String>) -> HandlerError {
-    HandlerError::reject(message)
-}
-
 /// Checks a name: 1-255 characters once trimmed.
 pub fn valid_name(name: &str) -> Result<(), String> {
     let trimmed = name.trim();
@@ -127,7 +123,7 @@ async fn register(ctx: &mut Context) -> Result<(), HandlerError> {
     valid_id(&cmd.user_id)
         .and(valid_name(&cmd.name))
         .and(valid_email(&cmd.email))
-        .map_err(reject)?;
+        .map_err(HandlerError::reject)?;
     let user = User {
         user_id: cmd.user_id,
         name: cmd.name.trim().to_owned(),
@@ -145,7 +141,7 @@ async fn register(ctx: &mut Context) -> Result<(), HandlerError> {
     match inserted {
         Ok(_) => {}
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-            return Err(reject(format!(
+            return Err(HandlerError::reject(format!(
                 "user {} is already registered",
                 user.user_id
             )));
@@ -157,18 +153,18 @@ async fn register(ctx: &mut Context) -> Result<(), HandlerError> {
 
 async fn update(ctx: &mut Context) -> Result<(), HandlerError> {
     let cmd: Update = ctx.data()?;
-    valid_id(&cmd.user_id).map_err(reject)?;
+    valid_id(&cmd.user_id).map_err(HandlerError::reject)?;
     if cmd.name.is_none() && cmd.email.is_none() {
-        return Err(reject("user.update needs a name or an email"));
+        return Err(HandlerError::reject("user.update needs a name or an email"));
     }
     if let Some(name) = &cmd.name {
-        valid_name(name).map_err(reject)?;
+        valid_name(name).map_err(HandlerError::reject)?;
     }
     if let Some(email) = &cmd.email {
-        valid_email(email).map_err(reject)?;
+        valid_email(email).map_err(HandlerError::reject)?;
     }
     let Some(mut user) = current(ctx, &cmd.user_id).await? else {
-        return Err(reject(format!("no user {}", cmd.user_id)));
+        return Err(HandlerError::reject(format!("no user {}", cmd.user_id)));
     };
     if let Some(name) = cmd.name {
         user.name = name.trim().to_owned();
@@ -188,7 +184,7 @@ async fn update(ctx: &mut Context) -> Result<(), HandlerError> {
 async fn delete(ctx: &mut Context) -> Result<(), HandlerError> {
     let cmd: Delete = ctx.data()?;
     let Some(user) = current(ctx, &cmd.user_id).await? else {
-        return Err(reject(format!("no user {}", cmd.user_id)));
+        return Err(HandlerError::reject(format!("no user {}", cmd.user_id)));
     };
     sqlx::query("UPDATE users SET deleted = 1 WHERE user_id = ?")
         .bind(&user.user_id)

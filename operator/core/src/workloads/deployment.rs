@@ -1,8 +1,8 @@
 //! The Deployment of one head.
 //!
 //! `spec.replicas` is deliberately left out: a separate field manager owns it (see
-//! `controller::replicas` and docs/adr/0003-replicas-ownership.md), so the autoscaler and this
-//! template never fight over it.
+//! `REPLICAS_MANAGER` in `chimera_runtime::cluster` and docs/adr/0003-replicas-ownership.md),
+//! so the autoscaler and this template never fight over it.
 
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
