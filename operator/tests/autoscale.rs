@@ -300,20 +300,6 @@ impl FakePod {
     }
 }
 
-/// This machine's address on its default route (no packet is sent).
-fn machine_ip() -> std::net::IpAddr {
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-    socket
-        .connect("10.254.254.254:9")
-        .expect("this test needs a non-loopback IPv4 address (a default route)");
-    let ip = socket.local_addr().unwrap().ip();
-    assert!(
-        !ip.is_loopback() && !ip.is_unspecified(),
-        "this test needs a non-loopback IPv4 address, found {ip}"
-    );
-    ip
-}
-
 /// Stands in for the kubelet: marks the head's pods Running and Ready.
 async fn mark_pods_ready(h: &Harness, selector: &str) {
     let pods: Api<Pod> = h.api();
@@ -387,8 +373,9 @@ async fn slow_query_pods_scale_the_query_head_out_then_in() {
             async move { text }
         }),
     );
-    // EndpointSlices refuse loopback addresses: serve on the machine's own address.
-    let ip = machine_ip();
+    // EndpointSlices refuse loopback addresses: serve on the node's bridge address (only this
+    // machine and its pods reach it).
+    let ip = chimera_testenv::node_ip();
     let listener = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
     tokio::spawn(async move { chimera_sdk::axum::serve(listener, app).await });
     let slices: Api<EndpointSlice> = h.api();

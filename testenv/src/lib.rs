@@ -70,6 +70,15 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The dev node's bridge address (`CHIMERA_NODE_IP`): a non-loopback address of this machine
+/// that only it and the node's pods reach, for a server a test starts itself.
+pub fn node_ip() -> std::net::IpAddr {
+    let value = required_env("CHIMERA_NODE_IP");
+    value
+        .parse()
+        .unwrap_or_else(|e| panic!("CHIMERA_NODE_IP={value} is not an IP address: {e}"))
+}
+
 /// A client for the test kube-apiserver (from KUBECONFIG), checked to answer.
 pub async fn kube_client() -> Client {
     let kubeconfig = required_env("KUBECONFIG");
@@ -88,15 +97,43 @@ pub struct TestNamespace {
     pub name: String,
 }
 
+/// The node label no node has: the PodNodeSelector admission plugin gives every pod of an
+/// API-only test namespace this selector, so the dev node's kubelet never runs (or reports on)
+/// the pods of a test that plays the kubelet itself.
+const NO_NODE_SELECTOR: &str = "chimera.dev/api-only-test=true";
+
 impl TestNamespace {
-    /// Creates a fresh namespace named after `prefix`.
+    /// A fresh namespace named after `prefix` for a test of the control plane alone: its pods
+    /// are never scheduled (see [`NO_NODE_SELECTOR`]).
     pub async fn create(client: &Client, prefix: &str) -> Self {
-        let name = unique_name(prefix);
-        let api: Api<Namespace> = Api::all(client.clone());
-        let ns: Namespace = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "labels": {"chimera.dev/test": "true"}}
+        Self::create_with(client, prefix, serde_json::json!({
+            "name": "",
+            "labels": {"chimera.dev/test": "true"},
+            "annotations": {"scheduler.alpha.kubernetes.io/node-selector": NO_NODE_SELECTOR}
         }))
-        .expect("namespace literal");
+        .await
+    }
+
+    /// A fresh namespace whose pods run on the dev node, under the `restricted` Pod Security
+    /// Standard (what a production namespace enforces).
+    pub async fn on_node(client: &Client, prefix: &str) -> Self {
+        Self::create_with(client, prefix, serde_json::json!({
+            "name": "",
+            "labels": {
+                "chimera.dev/test": "true",
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/warn": "restricted"
+            }
+        }))
+        .await
+    }
+
+    async fn create_with(client: &Client, prefix: &str, mut metadata: serde_json::Value) -> Self {
+        let name = unique_name(prefix);
+        metadata["name"] = serde_json::Value::String(name.clone());
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({ "metadata": metadata }))
+            .expect("namespace literal");
         api.create(&PostParams::default(), &ns)
             .await
             .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));

@@ -1,0 +1,580 @@
+# The dev environment's Kubernetes node: containerd, kubelet, kube-scheduler, kube-proxy, a CNI
+# bridge and CoreDNS. Sourced by scripts/dev-env, which defines log, die, step, spawn, running,
+# wait_for, stop, $state, $certs, $tools_dir and the versions.
+#
+# Every change to the host is undone by node_down, in reverse: the bridge and its sysctl, the
+# iptables rules (ours and kube-proxy's), the sysctls the kubelet sets, the pods' network
+# namespaces, mounts and cgroups, and the few paths the daemons use whatever their config says
+# (k8s-node.md, pitfall 11). What cannot be undone is said.
+#
+# Network: pods live on the bridge's subnet and reach the host only at the bridge address, where
+# the API server, RabbitMQ and MariaDB listen. Forwarding is on for the bridge alone, and a rule
+# drops whatever would be routed between the bridge and any other interface: no pod reaches
+# beyond this machine, and nothing listens on the external interface.
+
+node_bridge=${CHIMERA_NODE_BRIDGE:-chimera0}
+node_ip=${CHIMERA_NODE_IP:-10.244.0.1}
+pod_cidr=${CHIMERA_POD_CIDR:-10.244.0.0/24}
+service_cidr=10.0.0.0/24
+dns_ip=10.0.0.10
+node_name=chimera-dev-node
+node_dir="$state/node"
+containerd_sock="$node_dir/containerd/containerd.sock"
+iptables_chain=CHIMERA-DEV-NODE
+# Paths the daemons create whatever their configuration says: removed at down when they were
+# not there before up (recorded in $node_dir/created-paths).
+host_paths=(/run/containerd/s /run/containerd /run/netns /var/lib/kubelet/device-plugins /var/lib/kubelet
+  /var/lib/cni/results /var/lib/cni)
+saved_sysctls=(vm/overcommit_memory kernel/panic kernel/panic_on_oops net/bridge/bridge-nf-call-iptables)
+
+pause_image="chimera.dev/pause:$(sha256sum "$here/tools/pause/main.go" | cut -c1-12)"
+coredns_image="chimera.dev/coredns:$COREDNS_VERSION"
+
+ctr_() { ctr --address "$containerd_sock" --namespace k8s.io "$@"; }
+
+# --- host changes -------------------------------------------------------------------------------
+
+record_host_state() {
+  step="record the host's state"
+  [ -f "$node_dir/sysctls" ] && return
+  mkdir -p "$node_dir"
+  local path key
+  : >"$node_dir/created-paths.tmp"
+  for path in "${host_paths[@]}"; do
+    [ -e "$path" ] || echo "$path" >>"$node_dir/created-paths.tmp"
+  done
+  mv "$node_dir/created-paths.tmp" "$node_dir/created-paths"
+  : >"$node_dir/sysctls.tmp"
+  for key in "${saved_sysctls[@]}"; do
+    [ -f "/proc/sys/$key" ] && echo "$key $(cat "/proc/sys/$key")" >>"$node_dir/sysctls.tmp"
+  done
+  mv "$node_dir/sysctls.tmp" "$node_dir/sysctls"
+}
+
+create_bridge() {
+  step="create the node's bridge $node_bridge ($node_ip)"
+  command -v ip >/dev/null 2>&1 || die "ip (iproute2) not found: run scripts/install-tools"
+  if ! ip link show "$node_bridge" >/dev/null 2>&1; then
+    [ "$(id -u)" = 0 ] || die "the node needs root (network bridge, iptables, cgroups)"
+    log "creating bridge $node_bridge with $node_ip for pods on $pod_cidr"
+    ip link add "$node_bridge" type bridge
+    ip addr add "$node_ip/${pod_cidr#*/}" dev "$node_bridge"
+  fi
+  ip link set "$node_bridge" up
+  # Forwarding for this bridge only (pod -> Service -> pod): the host-wide switch stays as it is.
+  echo 1 >"/proc/sys/net/ipv4/conf/$node_bridge/forwarding"
+  # kube-proxy's Service rules must see bridged traffic (pod -> Service -> pod on one bridge).
+  [ ! -f /proc/sys/net/bridge/bridge-nf-call-iptables ] || echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables
+  [ -f /proc/sys/net/bridge/bridge-nf-call-iptables ] \
+    || die "bridged traffic does not pass iptables (no /proc/sys/net/bridge: the kernel lacks br_netfilter)"
+  if ! iptables -w -n -L "$iptables_chain" >/dev/null 2>&1; then
+    iptables -w -N "$iptables_chain"
+    iptables -w -A "$iptables_chain" -i "$node_bridge" ! -o "$node_bridge" -j DROP
+    iptables -w -A "$iptables_chain" -o "$node_bridge" ! -i "$node_bridge" -j DROP
+  fi
+  iptables -w -C FORWARD -j "$iptables_chain" 2>/dev/null || iptables -w -I FORWARD 1 -j "$iptables_chain"
+}
+
+# --- certificates and configuration ---------------------------------------------------------------
+
+make_node_certs() {
+  step="generate the node's certificates"
+  [ -f "$certs/kube-proxy.crt" ] && return
+  local client="basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=clientAuth"
+  sign kubelet-serving "/CN=$node_name" "basicConstraints=CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=IP:$node_ip,DNS:$node_name"
+  # The Node authorizer knows a kubelet by this name and group.
+  sign kubelet "/O=system:nodes/CN=system:node:$node_name" "$client"
+  # Users the default RBAC bindings already grant what each component needs.
+  sign kube-scheduler "/CN=system:kube-scheduler" "$client"
+  sign kube-proxy "/CN=system:kube-proxy" "$client"
+}
+
+# write_file FILE: stdin into FILE, leaving FILE untouched when the content is the same (kube-proxy
+# exits when its configuration file changes).
+write_file() {
+  cat >"$1.new"
+  if cmp -s "$1.new" "$1"; then rm -f "$1.new"; else mv "$1.new" "$1"; fi
+}
+
+write_node_config() {
+  step="write the node's configuration"
+  mkdir -p "$node_dir"/{containerd,kubelet,cni/net.d,cni/ipam,certs.d/_default}
+  kubeconfig_for kubelet "$node_dir/kubelet.kubeconfig"
+  kubeconfig_for kube-scheduler "$node_dir/scheduler.kubeconfig"
+  kubeconfig_for kube-proxy "$node_dir/proxy.kubeconfig"
+
+  # Every registry is this unreachable loopback port: a pod naming an image that was not
+  # imported fails at once (ErrImagePull) and no request ever leaves the machine.
+  write_file "$node_dir/certs.d/_default/hosts.toml" <<'EOF'
+server = "http://127.0.0.1:9"
+[host."http://127.0.0.1:9"]
+  capabilities = ["pull", "resolve"]
+EOF
+  write_file "$node_dir/containerd/config.toml" <<EOF
+version = 2
+root = "$node_dir/containerd/root"
+state = "$node_dir/containerd/state"
+[grpc]
+  address = "$containerd_sock"
+[ttrpc]
+  address = "$containerd_sock.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$node_dir/containerd/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$pause_image"
+  # root here cannot lower oom_score_adj (no CAP_SYS_RESOURCE): k8s-node.md, pitfall 4
+  restrict_oom_score_adj = true
+  # no hugetlb hierarchy on this kernel (pitfall 9)
+  disable_hugetlb_controller = true
+  stream_server_address = "127.0.0.1"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        # containerd 1.6 cannot tell the kubelet its driver: both say cgroupfs (pitfall 8)
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$node_dir/cni/net.d"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$node_dir/certs.d"
+EOF
+  # hairpinMode without promiscMode (pitfall 3); isGateway false keeps host-wide forwarding off.
+  write_file "$node_dir/cni/net.d/10-chimera-dev.conflist" <<EOF
+{
+  "cniVersion": "1.0.0",
+  "name": "chimera-dev",
+  "plugins": [{
+    "type": "bridge",
+    "bridge": "$node_bridge",
+    "isGateway": false,
+    "ipMasq": false,
+    "hairpinMode": true,
+    "ipam": {
+      "type": "host-local",
+      "dataDir": "$node_dir/cni/ipam",
+      "ranges": [[{"subnet": "$pod_cidr", "gateway": "$node_ip"}]],
+      "routes": [{"dst": "0.0.0.0/0"}]
+    }
+  }]
+}
+EOF
+  # Pods with dnsPolicy Default get this, never the machine's resolver (pitfall 7).
+  printf 'nameserver %s\n' "$dns_ip" | write_file "$node_dir/kubelet/resolv.conf"
+  write_file "$node_dir/kubelet/config.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: $node_ip
+port: 10250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: 10248
+tlsCertFile: $certs/kubelet-serving.crt
+tlsPrivateKeyFile: $certs/kubelet-serving.key
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: false}
+  x509: {clientCAFile: $certs/ca.crt}
+authorization: {mode: AlwaysAllow}
+cgroupDriver: cgroupfs
+failCgroupV1: false
+containerRuntimeEndpoint: unix://$containerd_sock
+clusterDNS: [$dns_ip]
+clusterDomain: cluster.local
+resolvConf: $node_dir/kubelet/resolv.conf
+# Imported images are the only images: never collect them (pitfall 2).
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {memory.available: 200Mi, nodefs.available: 2%, imagefs.available: 2%}
+volumePluginDir: $node_dir/kubelet/volume-plugins
+serializeImagePulls: false
+maxPods: 110
+shutdownGracePeriod: 0s
+EOF
+  write_file "$node_dir/kube-proxy.yaml" <<EOF
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection: {kubeconfig: $node_dir/proxy.kubeconfig}
+hostnameOverride: $node_name
+mode: iptables
+clusterCIDR: $pod_cidr
+bindAddress: $node_ip
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+# Nothing host-wide: NodePorts on the node address only, no route_localnet, conntrack as it is
+# (pitfall 10).
+nodePortAddresses: [$node_ip/32]
+iptables: {localhostNodePorts: false}
+conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
+EOF
+}
+
+# --- images -------------------------------------------------------------------------------------
+
+# scratch_image NAME ARCHIVE BINARY [ARG...]: an image of one static program, run as a non-root
+# user, built with buildah from scratch and kept as a docker archive in the tools cache.
+scratch_image() {
+  local name=$1 archive=$2 binary=$3
+  shift 3
+  [ -f "$archive" ] && return
+  command -v buildah >/dev/null 2>&1 || die "buildah not found: run scripts/install-tools"
+  local container args=""
+  container=$(buildah_ from scratch)
+  buildah_ copy "$container" "$binary" "/$(basename "$binary")" >/dev/null
+  for arg in "/$(basename "$binary")" "$@"; do args+="\"$arg\","; done
+  buildah_ config --entrypoint "[${args%,}]" --user 65532:65532 "$container"
+  mkdir -p "$(dirname "$archive")"
+  buildah_ commit --quiet --rm "$container" "docker-archive:$archive.tmp:$name" >/dev/null
+  mv "$archive.tmp" "$archive"
+}
+
+# buildah with storage of its own under the tools cache (never the machine's image store).
+buildah_() {
+  buildah --root "$tools_dir/buildah/storage" --runroot "$tools_dir/buildah/run" --storage-driver vfs "$@"
+}
+
+import_image() { # import_image ARCHIVE NAME
+  ctr_ images ls -q | grep -Fx "$2" >/dev/null && return
+  ctr_ images import "$1" >/dev/null
+}
+
+node_images() {
+  step="build and import the node's own images (pause, CoreDNS)"
+  local pause="$tools_dir/pause-$(sha256sum "$here/tools/pause/main.go" | cut -c1-12)/pause"
+  local coredns="$tools_dir/coredns-$COREDNS_VERSION/coredns"
+  [ -x "$pause" ] || die "the pause program is not built: run scripts/install-tools"
+  [ -x "$coredns" ] || die "CoreDNS is not built: run scripts/install-tools"
+  scratch_image "$pause_image" "$tools_dir/images/pause-${pause_image##*:}.tar" "$pause"
+  scratch_image "$coredns_image" "$tools_dir/images/coredns-$COREDNS_VERSION.tar" "$coredns" -conf /etc/coredns/Corefile
+  import_image "$tools_dir/images/pause-${pause_image##*:}.tar" "$pause_image"
+  import_image "$tools_dir/images/coredns-$COREDNS_VERSION.tar" "$coredns_image"
+}
+
+# --- daemons ------------------------------------------------------------------------------------
+
+start_containerd() {
+  step="start containerd"
+  running containerd && return
+  command -v containerd >/dev/null 2>&1 || die "containerd not found: run scripts/install-tools"
+  log "starting containerd ($containerd_sock)"
+  spawn containerd containerd --config "$node_dir/containerd/config.toml"
+  wait_for containerd 30 ctr --address "$containerd_sock" version
+}
+
+node_ready() {
+  [ "$(kubectl --kubeconfig "$kubeconfig" get node "$node_name" \
+    -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]
+}
+
+start_kubelet() {
+  step="start the kubelet"
+  running kubelet && return
+  local bin="$tools_dir/kubernetes-$K8S_VERSION/kubelet"
+  [ -x "$bin" ] || die "kubelet not built: run scripts/install-tools"
+  log "starting the kubelet (node $node_name at $node_ip)"
+  spawn kubelet "$bin" --config "$node_dir/kubelet/config.yaml" \
+    --kubeconfig "$node_dir/kubelet.kubeconfig" --root-dir "$node_dir/kubelet/root" \
+    --cert-dir "$node_dir/kubelet/pki" --hostname-override "$node_name" --node-ip "$node_ip" --v 1
+  wait_for kubelet 60 node_ready
+}
+
+start_scheduler() {
+  step="start kube-scheduler"
+  running kube-scheduler && return
+  local bin="$tools_dir/kubernetes-$K8S_VERSION/kube-scheduler"
+  [ -x "$bin" ] || die "kube-scheduler not built: run scripts/install-tools"
+  log "starting kube-scheduler"
+  spawn kube-scheduler "$bin" --kubeconfig "$node_dir/scheduler.kubeconfig" \
+    --authentication-kubeconfig "$node_dir/scheduler.kubeconfig" \
+    --authorization-kubeconfig "$node_dir/scheduler.kubeconfig" \
+    --leader-elect=false --bind-address 127.0.0.1 --secure-port 10259 --v 1
+  wait_for kube-scheduler 30 curl -fsSk https://127.0.0.1:10259/healthz
+}
+
+start_kube_proxy() {
+  step="start kube-proxy"
+  running kube-proxy && return
+  local bin="$tools_dir/kubernetes-$K8S_VERSION/kube-proxy"
+  [ -x "$bin" ] || die "kube-proxy not built: run scripts/install-tools"
+  log "starting kube-proxy (iptables)"
+  spawn kube-proxy "$bin" --config "$node_dir/kube-proxy.yaml" --v 1
+  wait_for kube-proxy 30 curl -fsS http://127.0.0.1:10256/healthz
+}
+
+# The cluster's DNS: CoreDNS as a pod from its scratch image, answering cluster names only.
+start_coredns() {
+  step="start CoreDNS"
+  kubectl --kubeconfig "$kubeconfig" apply --server-side --field-manager chimera-dev-env -f - >/dev/null <<EOF
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: coredns, namespace: kube-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: chimera-dev:coredns}
+rules:
+  - apiGroups: [""]
+    resources: [services, namespaces, pods]
+    verbs: [list, watch]
+  - apiGroups: [discovery.k8s.io]
+    resources: [endpointslices]
+    verbs: [list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: chimera-dev:coredns}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: chimera-dev:coredns}
+subjects: [{kind: ServiceAccount, name: coredns, namespace: kube-system}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: coredns, namespace: kube-system}
+data:
+  Corefile: |
+    .:1053 {
+        errors
+        health :8080
+        ready :8181
+        kubernetes cluster.local in-addr.arpa ip6.arpa {
+            pods insecure
+        }
+        cache 10
+    }
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: coredns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec:
+  replicas: 1
+  selector: {matchLabels: {k8s-app: kube-dns}}
+  template:
+    metadata: {labels: {k8s-app: kube-dns}}
+    spec:
+      serviceAccountName: coredns
+      dnsPolicy: Default
+      securityContext: {runAsNonRoot: true, runAsUser: 65532, seccompProfile: {type: RuntimeDefault}}
+      containers:
+        - name: coredns
+          image: $coredns_image
+          imagePullPolicy: Never
+          ports:
+            - {name: dns, containerPort: 1053, protocol: UDP}
+            - {name: dns-tcp, containerPort: 1053, protocol: TCP}
+          readinessProbe: {httpGet: {path: /ready, port: 8181}, periodSeconds: 2}
+          livenessProbe: {httpGet: {path: /health, port: 8080}}
+          resources:
+            requests: {cpu: 20m, memory: 32Mi}
+            limits: {memory: 128Mi}
+          securityContext:
+            allowPrivilegeEscalation: false
+            readOnlyRootFilesystem: true
+            capabilities: {drop: [ALL]}
+          volumeMounts: [{name: config, mountPath: /etc/coredns}]
+      volumes: [{name: config, configMap: {name: coredns}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec:
+  clusterIP: $dns_ip
+  selector: {k8s-app: kube-dns}
+  ports:
+    - {name: dns, port: 53, targetPort: 1053, protocol: UDP}
+    - {name: dns-tcp, port: 53, targetPort: 1053, protocol: TCP}
+EOF
+  kubectl --kubeconfig "$kubeconfig" -n kube-system rollout status deployment/coredns --timeout=60s >/dev/null \
+    || die "CoreDNS did not become ready; kubectl -n kube-system describe pod -l k8s-app=kube-dns"
+}
+
+# The host's servers as Services in namespace chimera-dev, the way a cluster reaches a managed
+# broker or database: a Service without selector and an EndpointSlice to the bridge address.
+host_services() {
+  step="publish the host's servers as Services (namespace chimera-dev)"
+  kubectl --kubeconfig "$kubeconfig" apply --server-side --field-manager chimera-dev-env -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Namespace
+metadata: {name: chimera-dev}
+$(host_service rabbitmq amqp 5672 "$amqp_port" management 15672 "$mgmt_port")
+$(host_service mariadb mysql 3306 "$mariadb_port")
+EOF
+}
+
+host_service() { # host_service NAME (PORT_NAME PORT TARGET)...
+  local name=$1
+  shift
+  local ports="" endpoints=""
+  while [ $# -gt 0 ]; do
+    ports+="    - {name: $1, port: $2, targetPort: $3, protocol: TCP}"$'\n'
+    endpoints+="  - {name: $1, port: $3, protocol: TCP}"$'\n'
+    shift 3
+  done
+  cat <<EOF
+---
+apiVersion: v1
+kind: Service
+metadata: {name: $name, namespace: chimera-dev}
+spec:
+  ports:
+$ports---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: $name-host
+  namespace: chimera-dev
+  labels: {kubernetes.io/service-name: $name, endpointslice.kubernetes.io/managed-by: chimera-dev-env}
+addressType: IPv4
+endpoints: [{addresses: ["$node_ip"], conditions: {ready: true}}]
+ports:
+$endpoints
+EOF
+}
+
+node_up() {
+  record_host_state
+  make_node_certs
+  write_node_config
+  start_containerd
+  node_images
+  start_scheduler
+  start_kubelet
+  start_kube_proxy
+  start_coredns
+  host_services
+}
+
+# --- down ---------------------------------------------------------------------------------------
+
+# Lines of "undo: what" for each change that could not be undone; down prints them.
+node_leftovers=()
+undo() { # undo WHAT COMMAND...: runs COMMAND, remembering WHAT when it fails
+  local what=$1
+  shift
+  "$@" >/dev/null 2>&1 || node_leftovers+=("$what")
+}
+
+kill_pod_processes() {
+  # Every process of a pod lives in the kubelet's kubepods cgroups (one hierarchy suffices).
+  local dir pids pid
+  for dir in /sys/fs/cgroup/pids/kubepods /sys/fs/cgroup/memory/kubepods; do
+    [ -d "$dir" ] || continue
+    pids=$(find "$dir" -name cgroup.procs -exec cat {} + 2>/dev/null || true)
+    for pid in $pids; do kill -KILL "$pid" 2>/dev/null || true; done
+  done
+}
+
+remove_cgroups() {
+  local hierarchy dir
+  for hierarchy in /sys/fs/cgroup/*/; do
+    [ -d "${hierarchy}kubepods" ] || continue
+    # Deepest first: a cgroup is removed only once empty of children.
+    while IFS= read -r dir; do rmdir "$dir" 2>/dev/null || true; done \
+      < <(find "${hierarchy}kubepods" -depth -type d 2>/dev/null)
+    [ ! -d "${hierarchy}kubepods" ] || node_leftovers+=("cgroup ${hierarchy}kubepods (still has processes)")
+  done
+}
+
+# The pods' network namespaces (containerd makes them in /var/run/netns): ours hold an address
+# on the pod subnet.
+remove_pod_netns() {
+  local ns prefix=${pod_cidr%.*}.
+  for ns in /var/run/netns/cni-*; do
+    [ -e "$ns" ] || continue
+    if ip -n "$(basename "$ns")" -4 -o addr 2>/dev/null | grep -F " $prefix" >/dev/null; then
+      undo "network namespace $ns" ip netns delete "$(basename "$ns")"
+    fi
+  done
+}
+
+unmount_under() { # unmount_under DIR: every mount below DIR, deepest first
+  local mount
+  while IFS= read -r mount; do
+    undo "mount $mount" umount -l "$mount"
+  done < <(awk -v dir="$1/" 'index($2, dir) == 1 {print $2}' /proc/self/mounts | sort -r)
+}
+
+# remove_chain TABLE CHAIN: the rules that jump to CHAIN, then CHAIN itself.
+remove_chain() {
+  local table=$1 chain=$2 rule
+  iptables -w -t "$table" -n -L "$chain" >/dev/null 2>&1 || return 0
+  while IFS= read -r rule; do
+    # shellcheck disable=SC2086 # a rule as iptables -S prints it: one word per argument
+    iptables -w -t "$table" -D ${rule#-A } 2>/dev/null || true
+  done < <(iptables -w -t "$table" -S | grep -E -- "^-A .* -j $chain( |\$)" || true)
+  iptables -w -t "$table" -F "$chain" 2>/dev/null || true
+  undo "iptables chain $table/$chain" iptables -w -t "$table" -X "$chain"
+}
+
+remove_iptables() {
+  local bin="$tools_dir/kubernetes-$K8S_VERSION/kube-proxy"
+  # kube-proxy removes every rule and chain it made.
+  [ ! -x "$bin" ] || undo "kube-proxy's iptables rules (kube-proxy --cleanup failed)" "$bin" --cleanup
+  remove_chain filter "$iptables_chain"
+  # The kubelet's own chains.
+  local table chain
+  for table in mangle nat filter; do
+    for chain in KUBE-FIREWALL KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT; do remove_chain "$table" "$chain"; done
+  done
+}
+
+restore_sysctls() {
+  [ -f "$node_dir/sysctls" ] || return 0
+  local key value
+  while read -r key value; do
+    [ "$(cat "/proc/sys/$key" 2>/dev/null)" = "$value" ] && continue
+    if ! echo "$value" >"/proc/sys/$key" 2>/dev/null; then node_leftovers+=("sysctl $key (was $value)"); fi
+  done <"$node_dir/sysctls"
+}
+
+remove_created_paths() {
+  [ -f "$node_dir/created-paths" ] || return 0
+  local path
+  while IFS= read -r path; do
+    [ -n "$path" ] && [ -e "$path" ] && undo "$path" rm -rf "$path"
+  done <"$node_dir/created-paths"
+  rm -f /var/lib/cni/results/chimera-dev-* 2>/dev/null || true
+}
+
+# node_stop: the node's daemons and every pod process.
+node_stop() {
+  step="stop the node"
+  stop kubelet
+  stop kube-proxy
+  stop kube-scheduler
+  kill_pod_processes
+  stop containerd
+  # containerd's shims outlive it; ours name its socket.
+  pkill -KILL -f "containerd-shim-runc-v2 .*-address $containerd_sock" 2>/dev/null || true
+  kill_pod_processes
+}
+
+# node_cleanup: undoes every host change (once nothing listens on the bridge any more).
+node_cleanup() {
+  step="undo the node's host changes"
+  remove_pod_netns
+  unmount_under "$node_dir"
+  remove_cgroups
+  remove_iptables
+  restore_sysctls
+  if ip link show "$node_bridge" >/dev/null 2>&1; then undo "bridge $node_bridge" ip link delete "$node_bridge"; fi
+  remove_created_paths
+  local leftover
+  for leftover in "${node_leftovers[@]}"; do log "could not undo: $leftover"; done
+}
+
+node_status() {
+  local name
+  for name in containerd kubelet kube-scheduler kube-proxy; do
+    if running "$name"; then echo "$name: running (pid $(cat "$state/$name.pid"))"; else echo "$name: stopped"; fi
+  done
+}

@@ -1,0 +1,3 @@
+module chimera.dev/tools/pause
+
+go 1.23
