@@ -79,6 +79,42 @@ pub fn node_ip() -> std::net::IpAddr {
         .unwrap_or_else(|e| panic!("CHIMERA_NODE_IP={value} is not an IP address: {e}"))
 }
 
+/// The helm the dev environment built (`CHIMERA_HELM`).
+pub fn helm() -> std::path::PathBuf {
+    std::path::PathBuf::from(required_env("CHIMERA_HELM"))
+}
+
+/// Fails, saying how to build them, unless every image is in the dev node's containerd.
+pub fn require_images(images: &[&str]) {
+    let address = required_env("CHIMERA_CONTAINERD_ADDRESS");
+    let out = std::process::Command::new("ctr")
+        .args([
+            "--address",
+            &address,
+            "--namespace",
+            "k8s.io",
+            "images",
+            "ls",
+            "-q",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("ctr (containerd's client) cannot run: {e}; {HOW_TO_START}"));
+    assert!(
+        out.status.success(),
+        "ctr images ls failed: {}; {HOW_TO_START}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    for image in images {
+        let full = format!("docker.io/{image}");
+        assert!(
+            listed.lines().any(|l| l == full || l == *image),
+            "image {image} is not in the dev node's containerd: build and import it with \
+             `scripts/images --debug` (scripts/test does this before the tests)"
+        );
+    }
+}
+
 /// A client for the test kube-apiserver (from KUBECONFIG), checked to answer.
 pub async fn kube_client() -> Client {
     let kubeconfig = required_env("KUBECONFIG");
@@ -106,25 +142,33 @@ impl TestNamespace {
     /// A fresh namespace named after `prefix` for a test of the control plane alone: its pods
     /// are never scheduled (see [`NO_NODE_SELECTOR`]).
     pub async fn create(client: &Client, prefix: &str) -> Self {
-        Self::create_with(client, prefix, serde_json::json!({
-            "name": "",
-            "labels": {"chimera.dev/test": "true"},
-            "annotations": {"scheduler.alpha.kubernetes.io/node-selector": NO_NODE_SELECTOR}
-        }))
+        Self::create_with(
+            client,
+            prefix,
+            serde_json::json!({
+                "name": "",
+                "labels": {"chimera.dev/test": "true"},
+                "annotations": {"scheduler.alpha.kubernetes.io/node-selector": NO_NODE_SELECTOR}
+            }),
+        )
         .await
     }
 
     /// A fresh namespace whose pods run on the dev node, under the `restricted` Pod Security
     /// Standard (what a production namespace enforces).
     pub async fn on_node(client: &Client, prefix: &str) -> Self {
-        Self::create_with(client, prefix, serde_json::json!({
-            "name": "",
-            "labels": {
-                "chimera.dev/test": "true",
-                "pod-security.kubernetes.io/enforce": "restricted",
-                "pod-security.kubernetes.io/warn": "restricted"
-            }
-        }))
+        Self::create_with(
+            client,
+            prefix,
+            serde_json::json!({
+                "name": "",
+                "labels": {
+                    "chimera.dev/test": "true",
+                    "pod-security.kubernetes.io/enforce": "restricted",
+                    "pod-security.kubernetes.io/warn": "restricted"
+                }
+            }),
+        )
         .await
     }
 
@@ -407,6 +451,21 @@ impl TestVhost {
     }
 }
 
+impl TestVhost {
+    /// The vhost's AMQP URL as pods on the dev node reach the broker (through the Service in
+    /// namespace chimera-dev).
+    pub fn cluster_amqp_url(&self) -> String {
+        let base = required_env("CHIMERA_CLUSTER_AMQP_URL");
+        let server = base.rsplit_once('/').map_or(base.as_str(), |(s, _)| s);
+        format!("{server}/{}", self.name)
+    }
+
+    /// The management API as pods on the dev node reach it.
+    pub fn cluster_management_url(&self) -> String {
+        required_env("CHIMERA_CLUSTER_RABBITMQ_MANAGEMENT_URL")
+    }
+}
+
 impl Drop for TestVhost {
     fn drop(&mut self) {
         let (base, user, pass) = split_credentials(&self.management);
@@ -463,6 +522,20 @@ impl TestDatabase {
         Self {
             url: format!("{server}/{name}"),
             cleanup: Cleanup::MySql { server, name },
+        }
+    }
+}
+
+impl TestDatabase {
+    /// The database's URL as pods on the dev node reach MariaDB (through the Service in
+    /// namespace chimera-dev); `None` for a SQLite file.
+    pub fn cluster_url(&self) -> Option<String> {
+        match &self.cleanup {
+            Cleanup::MySql { name, .. } => Some(format!(
+                "{}/{name}",
+                required_env("CHIMERA_CLUSTER_MYSQL_URL").trim_end_matches('/')
+            )),
+            Cleanup::Folder(_) => None,
         }
     }
 }

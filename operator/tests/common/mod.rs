@@ -16,6 +16,9 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use tokio::task::JoinHandle;
 
+pub mod flow;
+pub mod node;
+
 /// Installs (or updates) the ChimeraModule CRD and waits until it is served.
 pub async fn install_crd(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());

@@ -1,0 +1,278 @@
+//! Tests on the dev node: the operator installed by helm from charts/ as a pod (its image, its
+//! ServiceAccount, the chart's RBAC), modules as real pods behind real Services, in a namespace
+//! that enforces the `restricted` Pod Security Standard.
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use chimera_core::api::ChimeraModule;
+use chimera_testenv::{TestDatabase, TestNamespace, TestVhost};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+use super::{eventually, install_crd, repo_root};
+
+/// The images the node tests run (`scripts/images --debug` builds and imports them).
+pub const IMAGES: [&str; 4] = [
+    "chimera/operator:dev",
+    "chimera/users:dev",
+    "chimera/gigs:dev",
+    "chimera/orders:dev",
+];
+
+/// A namespace on the node with its own broker vhost and its own operator release.
+pub struct NodeHarness {
+    pub client: Client,
+    pub vhost: TestVhost,
+    pub databases: Vec<(String, TestDatabase)>,
+    release: String,
+    // Last: dropped after the release is uninstalled.
+    pub ns: TestNamespace,
+}
+
+/// Runs helm, failing the test with its output when it fails.
+pub fn helm(args: &[&str]) -> String {
+    let out = Command::new(chimera_testenv::helm())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run helm: {e}"));
+    assert!(
+        out.status.success(),
+        "helm {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl NodeHarness {
+    /// A restricted namespace, its broker Secret, and the chart installed into it (operator
+    /// watching only this namespace, declaring topology on the test's vhost, autoscaling).
+    pub async fn start(prefix: &str, extra_values: &[&str]) -> Self {
+        chimera_testenv::require_images(&IMAGES);
+        let client = chimera_testenv::kube_client().await;
+        install_crd(&client).await;
+        let ns = TestNamespace::on_node(&client, prefix).await;
+        let vhost = TestVhost::create(prefix);
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": "chimera-broker"},
+                    "stringData": {
+                        "url": vhost.cluster_amqp_url(),
+                        "managementUrl": vhost.cluster_management_url()
+                    }
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        let release = ns.name.clone();
+        let chart = repo_root().join("charts/chimera-operator");
+        let watch = format!("watchNamespace={}", ns.name);
+        let mut args = vec![
+            "install",
+            &release,
+            chart.to_str().unwrap(),
+            "--namespace",
+            &ns.name,
+            "--set",
+            "image.tag=dev",
+            "--set",
+            "image.pullPolicy=Never",
+            "--set",
+            "brokerSecret=chimera-broker",
+            "--set",
+            &watch,
+            "--set",
+            "logFormat=text",
+            "--set",
+            "topologyResyncSeconds=5",
+        ];
+        for value in extra_values {
+            args.extend(["--set", value]);
+        }
+        args.extend(["--wait", "--timeout", "120s"]);
+        helm(&args);
+        Self {
+            client,
+            vhost,
+            databases: vec![],
+            release,
+            ns,
+        }
+    }
+
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), &self.ns.name)
+    }
+
+    /// A MariaDB database of the domain's own and its Secret `<domain>-db` (key `url`), as the
+    /// examples name it.
+    pub async fn database(&mut self, domain: &str) {
+        let db = TestDatabase::mysql(domain).await;
+        let url = db.cluster_url().expect("a MariaDB database");
+        self.api::<Secret>()
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": format!("{domain}-db")},
+                    "stringData": {"url": url}
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        self.databases.push((domain.to_owned(), db));
+    }
+
+    /// The host's URL of a domain's database (for reading what the pods wrote).
+    pub fn database_url(&self, domain: &str) -> &str {
+        &self
+            .databases
+            .iter()
+            .find(|(d, _)| d == domain)
+            .expect("a database made by NodeHarness::database")
+            .1
+            .url
+    }
+
+    /// Server-side applies a module as kubectl would.
+    pub async fn apply_module(&self, module: &serde_json::Value) {
+        let name = module["metadata"]["name"].as_str().expect("module name");
+        self.api::<ChimeraModule>()
+            .patch(
+                name,
+                &PatchParams::apply("kubectl").force(),
+                &Patch::Apply(module),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("apply module {name}: {e}"));
+    }
+
+    /// Waits until the module's Ready condition is True; returns how long that took.
+    pub async fn wait_ready(&self, name: &str, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        let modules = self.api::<ChimeraModule>();
+        let deadline = started + timeout;
+        loop {
+            let module = modules.get_opt(name).await.ok().flatten();
+            let ready = module
+                .as_ref()
+                .and_then(|m| m.status.as_ref())
+                .is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                });
+            if ready {
+                return started.elapsed();
+            }
+            if Instant::now() > deadline {
+                let pods = self.pod_report().await;
+                panic!(
+                    "module {name} not Ready after {timeout:?}: status {:?}\npods:\n{pods}",
+                    module.and_then(|m| m.status)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// One line per pod: name, phase, readiness and the last container state (for failures).
+    pub async fn pod_report(&self) -> String {
+        let pods = self
+            .api::<Pod>()
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default();
+        pods.iter()
+            .map(|p| {
+                let status = p.status.clone().unwrap_or_default();
+                format!(
+                    "{} {:?} {:?}",
+                    p.metadata.name.clone().unwrap_or_default(),
+                    status.phase,
+                    status.container_statuses.map(|c| c
+                        .into_iter()
+                        .map(|c| (c.ready, c.state, c.last_state))
+                        .collect::<Vec<_>>())
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// `http://<ClusterIP>:<port>` of the module's query Service.
+    pub async fn query_url(&self, module: &str) -> String {
+        let service = self
+            .api::<Service>()
+            .get(&format!("{module}-query"))
+            .await
+            .unwrap();
+        let spec = service.spec.unwrap();
+        let ip = spec.cluster_ip.unwrap();
+        let port = spec.ports.unwrap()[0].port;
+        format!("http://{ip}:{port}")
+    }
+
+    /// The Ready pods of one head (label selector of the operator's head labels).
+    pub async fn ready_pods(&self, module: &str, head: &str) -> usize {
+        let selector = format!("chimera.dev/module={module},chimera.dev/head={head}");
+        let pods = self
+            .api::<Pod>()
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default();
+        pods.iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .count()
+    }
+
+    /// The replicas written on a head's Deployment.
+    pub async fn replicas(&self, deployment: &str) -> i32 {
+        eventually(deployment, Duration::from_secs(60), || async {
+            self.api::<Deployment>()
+                .get_opt(deployment)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|d| d.spec)
+                .and_then(|s| s.replicas)
+        })
+        .await
+    }
+}
+
+impl Drop for NodeHarness {
+    fn drop(&mut self) {
+        // The release's cluster-wide RBAC would outlive the namespace.
+        let _ = Command::new(chimera_testenv::helm())
+            .args(["uninstall", &self.release, "--namespace", &self.ns.name])
+            .output();
+    }
+}
+
+/// A marketplace module from examples/, ready for the node: the examples already name the
+/// images `scripts/images` tags.
+pub fn example_module(name: &str) -> serde_json::Value {
+    super::example(name)
+}
