@@ -12,6 +12,12 @@
 # drops whatever would be routed between the bridge and any other interface: no pod reaches
 # beyond this machine, and nothing listens on the external interface.
 
+# Where the host's kernel interfaces and system paths are: "" (the machine itself), or a
+# scratch folder when scripts/tests/run plays the host with stubs (never touching the real one).
+host_root=${CHIMERA_HOST_ROOT:-}
+proc_sys="$host_root/proc/sys"
+cgroup_root="$host_root/sys/fs/cgroup"
+netns_dir="$host_root/var/run/netns"
 node_bridge=${CHIMERA_NODE_BRIDGE:-chimera0}
 node_ip=${CHIMERA_NODE_IP:-10.244.0.1}
 pod_cidr=${CHIMERA_POD_CIDR:-10.244.0.0/24}
@@ -23,8 +29,9 @@ containerd_sock="$node_dir/containerd/containerd.sock"
 iptables_chain=CHIMERA-DEV-NODE
 # Paths the daemons create whatever their configuration says: removed at down when they were
 # not there before up (recorded in $node_dir/created-paths).
-host_paths=(/run/containerd/s /run/containerd /run/netns /var/lib/kubelet/device-plugins /var/lib/kubelet
-  /var/lib/cni/results /var/lib/cni)
+host_paths=("$host_root"/run/containerd/s "$host_root"/run/containerd "$host_root"/run/netns
+  "$host_root"/var/lib/kubelet/device-plugins "$host_root"/var/lib/kubelet
+  "$host_root"/var/lib/cni/results "$host_root"/var/lib/cni)
 saved_sysctls=(vm/overcommit_memory kernel/panic kernel/panic_on_oops net/bridge/bridge-nf-call-iptables)
 
 pause_image="chimera.dev/pause:$(sha256sum "$here/tools/pause/main.go" | cut -c1-12)"
@@ -46,7 +53,7 @@ record_host_state() {
   mv "$node_dir/created-paths.tmp" "$node_dir/created-paths"
   : >"$node_dir/sysctls.tmp"
   for key in "${saved_sysctls[@]}"; do
-    [ -f "/proc/sys/$key" ] && echo "$key $(cat "/proc/sys/$key")" >>"$node_dir/sysctls.tmp"
+    [ -f "$proc_sys/$key" ] && echo "$key $(cat "$proc_sys/$key")" >>"$node_dir/sysctls.tmp"
   done
   mv "$node_dir/sysctls.tmp" "$node_dir/sysctls"
 }
@@ -62,10 +69,10 @@ create_bridge() {
   fi
   ip link set "$node_bridge" up
   # Forwarding for this bridge only (pod -> Service -> pod): the host-wide switch stays as it is.
-  echo 1 >"/proc/sys/net/ipv4/conf/$node_bridge/forwarding"
+  echo 1 >"$proc_sys/net/ipv4/conf/$node_bridge/forwarding"
   # kube-proxy's Service rules must see bridged traffic (pod -> Service -> pod on one bridge).
-  [ ! -f /proc/sys/net/bridge/bridge-nf-call-iptables ] || echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables
-  [ -f /proc/sys/net/bridge/bridge-nf-call-iptables ] \
+  [ ! -f "$proc_sys/net/bridge/bridge-nf-call-iptables" ] || echo 1 >"$proc_sys/net/bridge/bridge-nf-call-iptables"
+  [ -f "$proc_sys/net/bridge/bridge-nf-call-iptables" ] \
     || die "bridged traffic does not pass iptables (no /proc/sys/net/bridge: the kernel lacks br_netfilter)"
   if ! iptables -w -n -L "$iptables_chain" >/dev/null 2>&1; then
     iptables -w -N "$iptables_chain"
@@ -466,7 +473,7 @@ undo() { # undo WHAT COMMAND...: runs COMMAND, remembering WHAT when it fails
 kill_pod_processes() {
   # Every process of a pod lives in the kubelet's kubepods cgroups (one hierarchy suffices).
   local dir pids pid
-  for dir in /sys/fs/cgroup/pids/kubepods /sys/fs/cgroup/memory/kubepods; do
+  for dir in "$cgroup_root"/pids/kubepods "$cgroup_root"/memory/kubepods; do
     [ -d "$dir" ] || continue
     pids=$(find "$dir" -name cgroup.procs -exec cat {} + 2>/dev/null || true)
     for pid in $pids; do kill -KILL "$pid" 2>/dev/null || true; done
@@ -475,7 +482,7 @@ kill_pod_processes() {
 
 remove_cgroups() {
   local hierarchy dir
-  for hierarchy in /sys/fs/cgroup/*/; do
+  for hierarchy in "$cgroup_root"/*/; do
     [ -d "${hierarchy}kubepods" ] || continue
     # Deepest first: a cgroup is removed only once empty of children.
     while IFS= read -r dir; do rmdir "$dir" 2>/dev/null || true; done \
@@ -488,7 +495,7 @@ remove_cgroups() {
 # on the pod subnet.
 remove_pod_netns() {
   local ns prefix=${pod_cidr%.*}.
-  for ns in /var/run/netns/cni-*; do
+  for ns in "$netns_dir"/cni-*; do
     [ -e "$ns" ] || continue
     if ip -n "$(basename "$ns")" -4 -o addr 2>/dev/null | grep -F " $prefix" >/dev/null; then
       undo "network namespace $ns" ip netns delete "$(basename "$ns")"
@@ -531,8 +538,8 @@ restore_sysctls() {
   [ -f "$node_dir/sysctls" ] || return 0
   local key value
   while read -r key value; do
-    [ "$(cat "/proc/sys/$key" 2>/dev/null)" = "$value" ] && continue
-    if ! echo "$value" >"/proc/sys/$key" 2>/dev/null; then node_leftovers+=("sysctl $key (was $value)"); fi
+    [ "$(cat "$proc_sys/$key" 2>/dev/null)" = "$value" ] && continue
+    if ! echo "$value" >"$proc_sys/$key" 2>/dev/null; then node_leftovers+=("sysctl $key (was $value)"); fi
   done <"$node_dir/sysctls"
 }
 
@@ -542,7 +549,7 @@ remove_created_paths() {
   while IFS= read -r path; do
     [ -n "$path" ] && [ -e "$path" ] && undo "$path" rm -rf "$path"
   done <"$node_dir/created-paths"
-  rm -f /var/lib/cni/results/chimera-dev-* 2>/dev/null || true
+  rm -f "$host_root"/var/lib/cni/results/chimera-dev-* 2>/dev/null || true
 }
 
 # node_stop: the node's daemons and every pod process.
