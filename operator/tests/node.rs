@@ -203,3 +203,279 @@ async fn a_backlog_scales_worker_pods_out_and_back_to_the_floor() {
     assert_eq!(dlq["messages"], 0, "nothing dead-lettered: {dlq}");
     connection.close(200, "done".into()).await.ok();
 }
+
+/// Traffic that runs until stopped: GETs on a query Service (a fresh connection each, as many
+/// clients arriving would) and `user.register` commands; counts what failed.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    http: tokio::task::JoinHandle<(u64, Vec<String>)>,
+    commands: tokio::task::JoinHandle<u64>,
+}
+
+impl Load {
+    fn start(publisher: Publisher, query_url: String, prefix: &'static str) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let http = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder()
+                    .pool_max_idle_per_host(0)
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .unwrap();
+                let (mut ok, mut failures) = (0, vec![]);
+                let started = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let at = started.elapsed().as_secs_f64();
+                    match client
+                        .get(format!("{query_url}/users?limit=5"))
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status().is_success() => ok += 1,
+                        Ok(r) => failures.push(format!("{at:.1} s: HTTP {}", r.status())),
+                        Err(e) => failures.push(format!("{at:.1} s: {e:?}")),
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                (ok, failures)
+            })
+        };
+        let commands = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut sent = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = format!("{prefix}{sent}");
+                    let command = Outgoing::new(
+                        "chimera.users.commands",
+                        Envelope::new(
+                            "user.register",
+                            json!({"user_id": id, "name": id, "email": format!("{id}@example.com")}),
+                        ),
+                    );
+                    publisher.publish(&command, true).await.unwrap();
+                    sent += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                sent
+            })
+        };
+        Self {
+            stop,
+            http,
+            commands,
+        }
+    }
+
+    /// Stops the traffic: (successful GETs, failed GETs, commands sent).
+    async fn finish(self) -> (u64, Vec<String>, i64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (ok, failures) = self.http.await.unwrap();
+        let sent = self.commands.await.unwrap();
+        (ok, failures, i64::try_from(sent).unwrap())
+    }
+}
+
+/// Gives the images already imported a second tag, as a new release of the module would be.
+fn tag_images(tag: &str) {
+    let address = std::env::var("CHIMERA_CONTAINERD_ADDRESS").unwrap();
+    let out = std::process::Command::new("ctr")
+        .args([
+            "--address",
+            &address,
+            "--namespace",
+            "k8s.io",
+            "images",
+            "tag",
+            "--force",
+        ])
+        .args([
+            "docker.io/chimera/users:dev",
+            &format!("docker.io/chimera/users:{tag}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ctr images tag: {out:?}");
+}
+
+/// Waits until every pod of the module runs `image` and the old ones are gone.
+async fn rolled_out(h: &NodeHarness, image: &str) {
+    common::eventually("the rollout", Duration::from_secs(180), || async {
+        let pods = h
+            .api::<Pod>()
+            .list(&ListParams::default().labels("chimera.dev/module=users"))
+            .await
+            .ok()?;
+        let done = !pods.items.is_empty()
+            && pods.items.iter().all(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && p.spec
+                        .as_ref()
+                        .is_some_and(|s| s.containers[0].image.as_deref() == Some(image))
+            });
+        (done
+            && h.ready_pods("users", "query").await >= 1
+            && h.ready_pods("users", "worker").await >= 1)
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_rolling_update_and_a_killed_worker_lose_nothing_under_load() {
+    let mut h = NodeHarness::start("node-rollout", &[]).await;
+    h.database("users").await;
+    let mut users = example_module("users");
+    users["spec"]["worker"]["replicas"] = json!({"min": 1, "max": 3});
+    users["spec"]["query"]["replicas"] = json!({"min": 2, "max": 2});
+    h.apply_module(&users).await;
+    h.wait_ready("users", READY_TIMEOUT).await;
+    let query_url = h.query_url("users").await;
+    let connection = connect(&h.vhost.amqp_url, &unique_name("client"))
+        .await
+        .unwrap();
+    let publisher = Publisher::open(&connection).await.unwrap();
+    let db = Database::connect(h.database_url("users"), &[])
+        .await
+        .unwrap();
+
+    // A new image tag under load.
+    tag_images("rollout");
+    let load = Load::start(publisher.clone(), query_url.clone(), "roll-");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    users["spec"]["image"] = json!("chimera/users:rollout");
+    h.apply_module(&users).await;
+    rolled_out(&h, "chimera/users:rollout").await;
+    println!(
+        "measured: rolling update of both heads (2 query + 1 worker pods): {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ok, failures, sent) = load.finish().await;
+    assert!(ok > 0, "the query Service answered nothing");
+    assert!(
+        failures.is_empty(),
+        "{} of {} GETs failed during the rollout: {:?}",
+        failures.len(),
+        ok + failures.len() as u64,
+        &failures[..failures.len().min(5)]
+    );
+    common::eventually(
+        "every command of the rollout applied",
+        Duration::from_secs(120),
+        || async { (users_written(&db, "roll-").await.0 == sent).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        users_written(&db, "roll-").await,
+        (sent, sent),
+        "exactly once"
+    );
+
+    // A worker pod killed outright (no SIGTERM, no drain) while it consumes.
+    let load = Load::start(publisher.clone(), query_url, "kill-");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let workers = h
+        .api::<Pod>()
+        .list(&ListParams::default().labels("chimera.dev/module=users,chimera.dev/head=worker"))
+        .await
+        .unwrap();
+    let victim = workers.items[0].metadata.name.clone().unwrap();
+    h.api::<Pod>()
+        .delete(&victim, &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, _, sent) = load.finish().await;
+    common::eventually(
+        "every command around the kill applied",
+        Duration::from_secs(120),
+        || async { (users_written(&db, "kill-").await.0 == sent).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        users_written(&db, "kill-").await,
+        (sent, sent),
+        "exactly once"
+    );
+    let dlq = h.vhost.management_get(&format!(
+        "/api/queues/{}/chimera.users.worker.dlq",
+        h.vhost.name
+    ));
+    assert_eq!(dlq["messages"], 0, "nothing dead-lettered: {dlq}");
+    connection.close(200, "done".into()).await.ok();
+}
+
+#[tokio::test]
+async fn slow_query_pods_scale_the_query_head_out_then_in() {
+    let mut h = NodeHarness::start("node-query-scale", &[]).await;
+    h.database("users").await;
+    let mut users = example_module("users");
+    // Pods starved of CPU (2 ms of every 100) answer slowly under a load one pod with a core
+    // would serve at once: latency, not demand alone, must bring more pods.
+    users["spec"]["query"]["resources"] = json!({
+        "requests": {"cpu": "10m", "memory": "32Mi"},
+        "limits": {"cpu": "20m", "memory": "256Mi"}
+    });
+    users["spec"]["query"]["replicas"] = json!({"min": 1, "max": 4});
+    users["spec"]["query"]["autoscale"] = json!({"latency": {"percentile": 95, "targetMs": 100}});
+    h.apply_module(&users).await;
+    h.wait_ready("users", READY_TIMEOUT).await;
+    let url = format!("{}/users?limit=20", h.query_url("users").await);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (stop, url) = (stop.clone(), url.clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = client
+                        .get(&url)
+                        .timeout(Duration::from_secs(10))
+                        .send()
+                        .await;
+                }
+            })
+        })
+        .collect();
+    let loaded = Instant::now();
+    let out = common::eventually(
+        "the query head scaled out",
+        Duration::from_secs(90),
+        || async { (h.replicas("users-query").await > 1).then(Instant::now) },
+    )
+    .await;
+    common::eventually("more Ready query pods", Duration::from_secs(60), || async {
+        (h.ready_pods("users", "query").await > 1).then_some(())
+    })
+    .await;
+    println!(
+        "measured: slow query pods -> scale-out written after {:.1} s",
+        (out - loaded).as_secs_f64()
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let idle = Instant::now();
+    common::eventually(
+        "the query head back to its floor",
+        Duration::from_secs(240),
+        || async { (h.replicas("users-query").await == 1).then_some(()) },
+    )
+    .await;
+    println!(
+        "measured: idle -> query head back to 1 after {:.1} s",
+        idle.elapsed().as_secs_f64()
+    );
+    let module = h.api::<ChimeraModule>().get("users").await.unwrap();
+    let status = serde_json::to_value(module.status).unwrap();
+    assert!(
+        status["autoscaling"]["query"]["reason"].is_string(),
+        "the decision is explained in status: {status}"
+    );
+}

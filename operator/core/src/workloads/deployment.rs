@@ -8,8 +8,8 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, HTTPGetAction, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext,
+    Capabilities, Container, ContainerPort, HTTPGetAction, Lifecycle, LifecycleHandler, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, SleepAction,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -28,6 +28,22 @@ struct HeadTemplate<'a> {
     resources: Option<&'a ResourceRequirements>,
     probes: Option<&'a HeadProbes>,
     termination_grace_period_seconds: i64,
+    /// Seconds a stopping pod keeps serving before its SIGTERM (see [`query_pre_stop_sleep`]).
+    pre_stop_sleep_seconds: Option<i64>,
+}
+
+/// Longest wait, after a query pod is marked for deletion, before its process gets SIGTERM.
+const QUERY_PRE_STOP_SLEEP_SECONDS: i64 = 5;
+
+/// A terminating pod leaves its Service's endpoints at the same moment the kubelet stops it, but
+/// kube-proxy (and every other node's) rules catch up a moment later: a head that stopped
+/// accepting at once would refuse the connections still routed to it. So the query head keeps
+/// serving for a few seconds first (a native `sleep` preStop: the images have no shell), within
+/// half of its grace period so the drain that follows keeps the other half. The worker needs no
+/// such wait: no Service routes to it, it stops consuming on SIGTERM.
+fn query_pre_stop_sleep(grace_seconds: i64) -> Option<i64> {
+    let seconds = QUERY_PRE_STOP_SLEEP_SECONDS.min(grace_seconds / 2);
+    (seconds > 0).then_some(seconds)
 }
 
 pub(crate) fn query_deployment(
@@ -45,6 +61,9 @@ pub(crate) fn query_deployment(
             resources: query.resources.as_ref(),
             probes: query.probes.as_ref(),
             termination_grace_period_seconds: query.termination_grace_period_seconds.unwrap_or(30),
+            pre_stop_sleep_seconds: query_pre_stop_sleep(
+                query.termination_grace_period_seconds.unwrap_or(30),
+            ),
         },
     )
 }
@@ -64,6 +83,7 @@ pub(crate) fn worker_deployment(
             resources: worker.resources.as_ref(),
             probes: worker.probes.as_ref(),
             termination_grace_period_seconds: worker.termination_grace_period_seconds,
+            pre_stop_sleep_seconds: None,
         },
     )
 }
@@ -175,6 +195,13 @@ fn head_deployment(
         startup_probe: probes.startup,
         resources: t.resources.cloned(),
         security_context: Some(restricted_security_context()),
+        lifecycle: t.pre_stop_sleep_seconds.map(|seconds| Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction { seconds }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         ..Container::default()
     };
 
@@ -210,6 +237,9 @@ fn head_deployment(
                 spec: Some(PodSpec {
                     containers: vec![container],
                     service_account_name: spec.service_account_name.clone(),
+                    // The heads never call the API server: no token unless the module names
+                    // an account of its own (for its own reasons).
+                    automount_service_account_token: Some(spec.service_account_name.is_some()),
                     termination_grace_period_seconds: Some(t.termination_grace_period_seconds),
                     ..PodSpec::default()
                 }),
@@ -250,6 +280,44 @@ mod tests {
         for dep in d.deployments {
             assert_eq!(dep.spec.and_then(|s| s.replicas), None);
         }
+    }
+
+    fn pre_stop_sleep(d: &Deployment) -> Option<i64> {
+        container(d)
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|p| p.sleep.as_ref())
+            .map(|s| s.seconds)
+    }
+
+    #[test]
+    fn only_the_query_head_keeps_serving_a_moment_before_its_sigterm() {
+        let m = module("orders");
+        assert_eq!(pre_stop_sleep(&built(&m, Head::Query)), Some(5));
+        assert_eq!(pre_stop_sleep(&built(&m, Head::Worker)), None);
+    }
+
+    #[test]
+    fn the_pre_stop_sleep_keeps_half_of_the_grace_period_for_the_drain() {
+        assert_eq!(query_pre_stop_sleep(30), Some(5));
+        assert_eq!(query_pre_stop_sleep(6), Some(3));
+        assert_eq!(query_pre_stop_sleep(1), None);
+        assert_eq!(query_pre_stop_sleep(0), None);
+    }
+
+    #[test]
+    fn heads_get_no_api_token_unless_the_module_names_an_account() {
+        let automount = |m: &crate::api::ChimeraModule| {
+            built(m, Head::Query)
+                .spec
+                .and_then(|s| s.template.spec)
+                .and_then(|p| p.automount_service_account_token)
+        };
+        let mut m = module("orders");
+        assert_eq!(automount(&m), Some(false));
+        m.spec.service_account_name = Some("orders-reader".into());
+        assert_eq!(automount(&m), Some(true));
     }
 
     #[test]
