@@ -4,8 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
@@ -58,6 +59,28 @@ fn start_autoscaler(
     )
     .default_backoff();
     tokio::spawn(stream.for_each(|_| futures::future::ready(())));
+    // The heads' pods, for their start-up times (created -> Ready). Only the fields the
+    // scaler reads are kept: a cluster's pods are many.
+    let (heads_pods, pods_writer) = reflector::store();
+    let pods_stream = reflector::reflector(
+        pods_writer,
+        watcher(
+            scope.api::<Pod>(ctx.client.clone()),
+            watcher::Config::default().labels(&format!(
+                "{}={}",
+                "app.kubernetes.io/managed-by",
+                chimera_core::workloads::MANAGED_BY
+            )),
+        )
+        .map_ok(|event| {
+            event.modify(|pod| {
+                pod.metadata.managed_fields = None;
+                pod.spec = None;
+            })
+        }),
+    )
+    .default_backoff();
+    tokio::spawn(pods_stream.for_each(|_| futures::future::ready(())));
     let pods = crate::scaler::sources::PodMetrics::new(ctx.client.clone())?;
     let scaler = Arc::new(Scaler::new(
         Arc::new(crate::scaler::writer::KubeWriter::new(Arc::clone(ctx))),
@@ -66,7 +89,7 @@ fn start_autoscaler(
         settings,
     ));
     let metrics = scaler.metrics.clone();
-    tokio::spawn(scaler.run(modules, deployments));
+    tokio::spawn(scaler.run(modules, deployments, heads_pods));
     info!(
         interval_ms = settings.interval.as_millis(),
         "autoscaler started"

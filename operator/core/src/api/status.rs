@@ -30,7 +30,7 @@ pub struct ChimeraModuleStatus {
 }
 
 /// The autoscaler's last decisions.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingStatus {
     /// The query head's.
@@ -42,7 +42,7 @@ pub struct AutoscalingStatus {
 }
 
 /// One head's scaling decision: what the control law wanted, from what it measured, and why.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ScalingDecision {
     /// Replicas the law wants.
@@ -58,6 +58,13 @@ pub struct ScalingDecision {
     /// Whether the metrics were missing or stale (replicas are then held).
     #[serde(default)]
     pub metrics_stale: bool,
+    /// Seconds a new pod takes to become Ready, as the law planned with: measured from the
+    /// head's own pods (creation to Ready), or the operator's default until one was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_startup_seconds: Option<f64>,
+    /// Pods `podStartupSeconds` was measured from (0: the operator's default).
+    #[serde(default)]
+    pub pod_startup_measured_pods: i32,
 }
 
 /// Replica counts of one head, as its Deployment reports them.

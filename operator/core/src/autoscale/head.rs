@@ -51,9 +51,17 @@ impl WorkerAutoscaler {
     }
 
     /// Takes `settings` from an edited spec: what the law learned is kept when they are the
-    /// same, and dropped when they changed (bounds, targets). True when it started afresh.
+    /// same, and dropped when they changed (bounds, targets). A new measure of the pods'
+    /// start-up time is taken as it comes, without forgetting. True when it started afresh.
     pub fn reconfigure(&mut self, settings: WorkerSettings) -> bool {
-        if settings == self.settings {
+        let startup = settings.startup_seconds;
+        let same_spec = WorkerSettings {
+            startup_seconds: self.settings.startup_seconds,
+            ..settings
+        } == self.settings;
+        if same_spec {
+            self.settings.startup_seconds = startup;
+            self.law.set_startup_seconds(startup);
             return false;
         }
         *self = Self::new(settings);
@@ -113,7 +121,14 @@ impl QueryAutoscaler {
 
     /// As [`WorkerAutoscaler::reconfigure`].
     pub fn reconfigure(&mut self, settings: QuerySettings) -> bool {
-        if settings == self.settings {
+        let startup = settings.startup_seconds;
+        let same_spec = QuerySettings {
+            startup_seconds: self.settings.startup_seconds,
+            ..settings
+        } == self.settings;
+        if same_spec {
+            self.settings.startup_seconds = startup;
+            self.law.set_startup_seconds(startup);
             return false;
         }
         *self = Self::new(settings);
@@ -229,6 +244,20 @@ mod tests {
         let mut tighter = query_settings();
         tighter.target_seconds = 0.1;
         assert!(query.reconfigure(tighter));
+    }
+
+    #[test]
+    fn a_new_start_up_measure_is_taken_without_forgetting() {
+        let mut worker = WorkerAutoscaler::new(worker_settings(0));
+        let mut measured = worker_settings(0);
+        measured.startup_seconds = 1.5;
+        assert!(!worker.reconfigure(measured), "kept what it learned");
+        assert_eq!(worker.settings().startup_seconds, 1.5);
+        let mut query = QueryAutoscaler::new(query_settings());
+        let mut measured = query_settings();
+        measured.startup_seconds = 2.5;
+        assert!(!query.reconfigure(measured));
+        assert_eq!(query.settings().startup_seconds, 2.5);
     }
 
     #[test]

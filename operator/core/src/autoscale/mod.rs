@@ -15,6 +15,7 @@ pub mod histogram;
 pub mod query;
 pub mod series;
 pub mod signals;
+pub mod startup;
 pub mod worker;
 
 /// A head's replicas as the control plane sees them.

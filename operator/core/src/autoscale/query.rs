@@ -98,6 +98,11 @@ pub struct QueryLaw {
 }
 
 impl QueryLaw {
+    /// A new measure of the pods' start-up time (what was learned is kept).
+    pub fn set_startup_seconds(&mut self, seconds: f64) {
+        self.settings.startup_seconds = seconds;
+    }
+
     /// A law that has measured nothing yet.
     pub fn new(settings: QuerySettings) -> Self {
         Self {

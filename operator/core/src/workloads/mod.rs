@@ -11,7 +11,10 @@ mod service;
 
 pub use contract::{ContractEnv, ContractValue, contract_env, contract_values};
 pub use deployment::{deployment, initial_replicas};
-pub use labels::{Head, MANAGED_BY, declared_heads, head_labels, module_selector, selector_labels};
+pub use labels::{
+    HEAD_LABEL, Head, MANAGED_BY, MODULE_LABEL, declared_heads, head_labels, module_selector,
+    selector_labels,
+};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 
@@ -21,10 +22,11 @@ use chimera_contract::names;
 use chimera_core::api::{AutoscalingStatus, ChimeraModule, ScalingDecision};
 use chimera_core::autoscale::head::{Outcome, QueryAutoscaler, WorkerAutoscaler};
 use chimera_core::autoscale::query::QuerySettings;
+use chimera_core::autoscale::startup::{Startup, StartupTimes, startup_seconds};
 use chimera_core::autoscale::worker::WorkerSettings;
 use chimera_core::autoscale::{Decision, Replicas};
 use chimera_core::topology::state::BrokerEndpoint;
-use chimera_core::workloads::{Head, object_name};
+use chimera_core::workloads::{HEAD_LABEL, Head, MODULE_LABEL, object_name};
 use metrics::{ActionLabels, AutoscalerMetrics, HeadLabels};
 use sources::{LatencySource, QueueSource};
 use writer::ReplicaWriter;
@@ -45,7 +47,8 @@ const SOURCE_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct ScalerSettings {
     /// The tick.
     pub interval: Duration,
-    /// Seconds a new pod takes to serve, which the laws plan around.
+    /// Seconds a new pod takes to serve, which the laws plan around until a head's own pods
+    /// were measured.
     pub startup_seconds: f64,
 }
 
@@ -78,6 +81,8 @@ pub struct Scaler {
     settings: ScalerSettings,
     workers: Heads<WorkerAutoscaler>,
     queries: Heads<QueryAutoscaler>,
+    /// Each head's measured pod start-up times, by `namespace/module/head`.
+    startups: Mutex<HashMap<String, StartupTimes>>,
     modules: Mutex<HashMap<String, Arc<tokio::sync::Mutex<ModuleState>>>>,
     origin: Instant,
 }
@@ -106,16 +111,18 @@ impl Scaler {
             settings,
             workers: Mutex::default(),
             queries: Mutex::default(),
+            startups: Mutex::default(),
             modules: Mutex::default(),
             origin: Instant::now(),
         }
     }
 
-    /// Ticks until the process stops.
+    /// Ticks until the process stops. `pods` holds the heads' pods (for their start-up times).
     pub async fn run(
         self: Arc<Self>,
         modules: Store<ChimeraModule>,
         deployments: Store<Deployment>,
+        pods: Store<Pod>,
     ) {
         let mut tick = tokio::time::interval(self.settings.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -123,6 +130,7 @@ impl Scaler {
             tick.tick().await;
             let live = modules.state();
             self.forget_gone(&live);
+            self.measure_startups(&pods.state());
             futures::stream::iter(live)
                 .for_each_concurrent(CONCURRENCY, |m| {
                     let deployments = &deployments;
@@ -145,6 +153,48 @@ impl Scaler {
         if let Ok(mut modules) = self.modules.lock() {
             modules.retain(|k, _| keys.contains(k));
         }
+        if let Ok(mut startups) = self.startups.lock() {
+            startups.retain(|k, _| live(k));
+        }
+    }
+
+    /// Takes this moment's pods into each head's start-up times (one pass over all pods).
+    pub fn measure_startups(&self, pods: &[Arc<Pod>]) {
+        let mut by_head: HashMap<String, Vec<(String, Option<f64>)>> = HashMap::new();
+        for pod in pods {
+            let labels = pod.labels();
+            let (Some(namespace), Some(module), Some(head), Some(uid)) = (
+                pod.namespace(),
+                labels.get(MODULE_LABEL),
+                labels.get(HEAD_LABEL),
+                pod.metadata.uid.clone(),
+            ) else {
+                continue;
+            };
+            by_head
+                .entry(format!("{namespace}/{module}/{head}"))
+                .or_default()
+                .push((uid, startup_seconds(pod)));
+        }
+        let mut startups = match self.startups.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for (head, pods) in by_head {
+            startups.entry(head).or_default().observe(&pods);
+        }
+    }
+
+    /// The start-up time head `key`'s law plans with.
+    fn startup(&self, key: &str) -> Startup {
+        let startups = match self.startups.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        startups
+            .get(key)
+            .map_or_else(StartupTimes::default, Clone::clone)
+            .estimate(self.settings.startup_seconds)
     }
 
     /// The autoscaler of head `key`, created on first use.
@@ -228,8 +278,9 @@ impl Scaler {
             module: module.name_any(),
             head: head.as_str().to_owned(),
         };
-        let startup = self.settings.startup_seconds;
         let head_key = format!("{}/{}", key(module), head.as_str());
+        let measured = self.startup(&head_key);
+        let startup = measured.seconds;
         let Outcome { decision, stale } = match head {
             Head::Worker => {
                 let settings = WorkerSettings::for_head(module.spec.worker.as_ref()?, startup);
@@ -299,6 +350,8 @@ impl Scaler {
             reason: decision.reason,
             time: now_rfc3339(),
             metrics_stale: stale,
+            pod_startup_seconds: Some((measured.seconds * 10.0).round() / 10.0),
+            pod_startup_measured_pods: i32::try_from(measured.measured_pods).unwrap_or(i32::MAX),
         })
     }
 
@@ -376,7 +429,8 @@ impl Scaler {
     }
 
     /// Writes both heads' decisions (one apply owns the whole `status.autoscaling`) when a
-    /// count or the staleness changed, or after STATUS_REFRESH.
+    /// count, the staleness or the pods the start-up time was measured from changed, or after
+    /// STATUS_REFRESH.
     async fn write_status(
         &self,
         module: &ChimeraModule,
@@ -385,8 +439,14 @@ impl Scaler {
     ) {
         let counts = |s: &AutoscalingStatus| {
             [&s.query, &s.worker].map(|d| {
-                d.as_ref()
-                    .map(|d| (d.desired_replicas, d.current_replicas, d.metrics_stale))
+                d.as_ref().map(|d| {
+                    (
+                        d.desired_replicas,
+                        d.current_replicas,
+                        d.metrics_stale,
+                        d.pod_startup_measured_pods,
+                    )
+                })
             })
         };
         if let Some((written, at)) = &state.written
@@ -584,6 +644,38 @@ mod tests {
         let worker = statuses[0].worker.as_ref().unwrap();
         assert!(worker.metrics_stale);
         assert_eq!(worker.desired_replicas, 1);
+    }
+
+    fn head_pod(uid: &str, created: &str, ready: &str) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {
+                    "name": uid, "namespace": "shop", "uid": uid, "creationTimestamp": created,
+                    "labels": {"chimera.dev/module": "ledger", "chimera.dev/head": "worker"}
+                },
+                "status": {"conditions": [
+                    {"type": "Ready", "status": "True", "lastTransitionTime": ready}
+                ]}
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_law_plans_with_the_start_up_time_of_the_heads_own_pods() {
+        let (recorder, _, scaler, module, store) = world(Ok(backlog(0.0)));
+        scaler.scale_module(&module, &store).await;
+        scaler.measure_startups(&[
+            head_pod("a", "2026-12-02T10:00:00Z", "2026-12-02T10:00:02Z"),
+            head_pod("b", "2026-12-02T10:00:00Z", "2026-12-02T10:00:03Z"),
+        ]);
+        scaler.scale_module(&module, &store).await;
+        let statuses = recorder.statuses.lock().unwrap();
+        let before = statuses[0].worker.as_ref().unwrap();
+        assert_eq!(before.pod_startup_seconds, Some(10.0), "the default");
+        assert_eq!(before.pod_startup_measured_pods, 0);
+        let after = &scaler.startup("shop/ledger/worker");
+        assert_eq!((after.seconds, after.measured_pods), (3.0, 2));
     }
 
     #[tokio::test]
