@@ -120,6 +120,27 @@ async fn users_written(db: &Database, prefix: &str) -> (i64, i64) {
     (users, events)
 }
 
+/// Waits until all `sent` commands with ids starting `prefix` were applied, then checks each
+/// was applied exactly once (one row, one event) and nothing was dead-lettered.
+async fn applied_exactly_once(h: &NodeHarness, db: &Database, prefix: &str, sent: i64) {
+    common::eventually(
+        &format!("every {prefix}* command applied"),
+        Duration::from_secs(180),
+        || async { (users_written(db, prefix).await.0 == sent).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        users_written(db, prefix).await,
+        (sent, sent),
+        "every command applied once, and one event each"
+    );
+    let dlq = h.vhost.management_get(&format!(
+        "/api/queues/{}/chimera.users.worker.dlq",
+        h.vhost.name
+    ));
+    assert_eq!(dlq["messages"], 0, "nothing dead-lettered: {dlq}");
+}
+
 #[tokio::test]
 async fn a_backlog_scales_worker_pods_out_and_back_to_the_floor() {
     let mut h = NodeHarness::start("node-worker-scale", &[]).await;
@@ -127,6 +148,11 @@ async fn a_backlog_scales_worker_pods_out_and_back_to_the_floor() {
     let mut users = example_module("users");
     users["spec"]["worker"]["replicas"] = json!({"min": 1, "max": 4});
     users["spec"]["worker"]["autoscale"] = json!({"drainSeconds": 5});
+    // A tenth of a core per pod: one pod cannot keep up with the commands below, more can.
+    users["spec"]["worker"]["resources"] = json!({
+        "requests": {"cpu": "50m", "memory": "32Mi"},
+        "limits": {"cpu": "100m", "memory": "256Mi"}
+    });
     h.apply_module(&users).await;
     h.wait_ready("users", READY_TIMEOUT).await;
     assert_eq!(h.ready_pods("users", "worker").await, 1);
@@ -137,22 +163,24 @@ async fn a_backlog_scales_worker_pods_out_and_back_to_the_floor() {
         .await
         .unwrap();
     let publisher = Publisher::open(&connection).await.unwrap();
-    // From the first command on: the scaler sees the backlog while it grows.
+    // Published in the background: the scaler sees the backlog while it grows, and the clock
+    // runs from the first command.
     let backlog = Instant::now();
-    for i in 0..total {
-        let id = format!("load-{i}");
-        let command = Outgoing::new(
-            "chimera.users.commands",
-            Envelope::new(
-                "user.register",
-                json!({"user_id": id, "name": id, "email": format!("{id}@example.com")}),
-            ),
-        );
-        publisher.publish(&command, true).await.unwrap();
-    }
-    let published = backlog.elapsed();
-
-    let written = common::eventually("worker scaled out", Duration::from_secs(60), || async {
+    let publishing = tokio::spawn(async move {
+        for i in 0..total {
+            let id = format!("load-{i}");
+            let command = Outgoing::new(
+                "chimera.users.commands",
+                Envelope::new(
+                    "user.register",
+                    json!({"user_id": id, "name": id, "email": format!("{id}@example.com")}),
+                ),
+            );
+            publisher.publish(&command, true).await.unwrap();
+        }
+        backlog.elapsed()
+    });
+    let written = common::eventually("worker scaled out", Duration::from_secs(90), || async {
         (h.replicas("users-worker").await > 1).then(Instant::now)
     })
     .await;
@@ -162,6 +190,7 @@ async fn a_backlog_scales_worker_pods_out_and_back_to_the_floor() {
         || async { (h.ready_pods("users", "worker").await > 1).then(Instant::now) },
     )
     .await;
+    let published = publishing.await.unwrap();
     println!(
         "measured: backlog of {total} (published in {:.1} s) -> replicas written {:.1} s, -> >1 Ready pods {:.1} s",
         published.as_secs_f64(),
@@ -211,16 +240,7 @@ async fn a_backlog_scales_worker_pods_out_and_back_to_the_floor() {
         },
     )
     .await;
-    assert_eq!(
-        users_written(&db, "load-").await,
-        (total, total),
-        "every command applied once, and one event each"
-    );
-    let dlq = h.vhost.management_get(&format!(
-        "/api/queues/{}/chimera.users.worker.dlq",
-        h.vhost.name
-    ));
-    assert_eq!(dlq["messages"], 0, "nothing dead-lettered: {dlq}");
+    applied_exactly_once(&h, &db, "load-", total).await;
     connection.close(200, "done".into()).await.ok();
 }
 
@@ -300,23 +320,13 @@ impl Load {
 
 /// Gives the images already imported a second tag, as a new release of the module would be.
 fn tag_images(tag: &str) {
-    let address = std::env::var("CHIMERA_CONTAINERD_ADDRESS").unwrap();
-    let out = std::process::Command::new("ctr")
-        .args([
-            "--address",
-            &address,
-            "--namespace",
-            "k8s.io",
-            "images",
-            "tag",
-            "--force",
-        ])
-        .args([
-            "docker.io/chimera/users:dev",
-            &format!("docker.io/chimera/users:{tag}"),
-        ])
-        .output()
-        .unwrap();
+    let out = chimera_testenv::ctr(&[
+        "images",
+        "tag",
+        "--force",
+        "docker.io/chimera/users:dev",
+        &format!("docker.io/chimera/users:{tag}"),
+    ]);
     assert!(out.status.success(), "ctr images tag: {out:?}");
 }
 
@@ -383,17 +393,7 @@ async fn a_rolling_update_and_a_killed_worker_lose_nothing_under_load() {
         ok + failures.len() as u64,
         &failures[..failures.len().min(5)]
     );
-    common::eventually(
-        "every command of the rollout applied",
-        Duration::from_secs(120),
-        || async { (users_written(&db, "roll-").await.0 == sent).then_some(()) },
-    )
-    .await;
-    assert_eq!(
-        users_written(&db, "roll-").await,
-        (sent, sent),
-        "exactly once"
-    );
+    applied_exactly_once(&h, &db, "roll-", sent).await;
 
     // A worker pod killed outright (no SIGTERM, no drain) while it consumes.
     let load = Load::start(publisher.clone(), query_url, "kill-");
@@ -410,22 +410,7 @@ async fn a_rolling_update_and_a_killed_worker_lose_nothing_under_load() {
         .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (_, _, sent) = load.finish().await;
-    common::eventually(
-        "every command around the kill applied",
-        Duration::from_secs(120),
-        || async { (users_written(&db, "kill-").await.0 == sent).then_some(()) },
-    )
-    .await;
-    assert_eq!(
-        users_written(&db, "kill-").await,
-        (sent, sent),
-        "exactly once"
-    );
-    let dlq = h.vhost.management_get(&format!(
-        "/api/queues/{}/chimera.users.worker.dlq",
-        h.vhost.name
-    ));
-    assert_eq!(dlq["messages"], 0, "nothing dead-lettered: {dlq}");
+    applied_exactly_once(&h, &db, "kill-", sent).await;
     connection.close(200, "done".into()).await.ok();
 }
 

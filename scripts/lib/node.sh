@@ -68,6 +68,9 @@ create_bridge() {
     ip addr add "$node_ip/${pod_cidr#*/}" dev "$node_bridge"
   fi
   ip link set "$node_bridge" up
+  # Service addresses route to the bridge too: kube-proxy rewrites them to pods, and one it has
+  # no rule for (yet) dies on the bridge instead of taking the default route off the machine.
+  ip route replace "$service_cidr" dev "$node_bridge"
   # Forwarding for this bridge only (pod -> Service -> pod): the host-wide switch stays as it is.
   echo 1 >"$proc_sys/net/ipv4/conf/$node_bridge/forwarding"
   # kube-proxy's Service rules must see bridged traffic (pod -> Service -> pod on one bridge).

@@ -84,21 +84,19 @@ pub fn helm() -> std::path::PathBuf {
     std::path::PathBuf::from(required_env("CHIMERA_HELM"))
 }
 
+/// Runs containerd's client against the dev node's containerd (its Kubernetes namespace).
+pub fn ctr(args: &[&str]) -> std::process::Output {
+    let address = required_env("CHIMERA_CONTAINERD_ADDRESS");
+    std::process::Command::new("ctr")
+        .args(["--address", &address, "--namespace", "k8s.io"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("ctr (containerd's client) cannot run: {e}; {HOW_TO_START}"))
+}
+
 /// Fails, saying how to build them, unless every image is in the dev node's containerd.
 pub fn require_images(images: &[&str]) {
-    let address = required_env("CHIMERA_CONTAINERD_ADDRESS");
-    let out = std::process::Command::new("ctr")
-        .args([
-            "--address",
-            &address,
-            "--namespace",
-            "k8s.io",
-            "images",
-            "ls",
-            "-q",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("ctr (containerd's client) cannot run: {e}; {HOW_TO_START}"));
+    let out = ctr(&["images", "ls", "-q"]);
     assert!(
         out.status.success(),
         "ctr images ls failed: {}; {HOW_TO_START}",

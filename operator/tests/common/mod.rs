@@ -151,16 +151,20 @@ impl Harness {
 
     /// Server-side applies a module as a platform engineer's kubectl would.
     pub async fn apply_module(&self, module: &serde_json::Value) -> ChimeraModule {
-        let name = module["metadata"]["name"].as_str().expect("module name");
-        self.api::<ChimeraModule>()
-            .patch(
-                name,
-                &PatchParams::apply("kubectl").force(),
-                &Patch::Apply(module),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("apply module {name}: {e}"))
+        apply_module(&self.api(), module).await
     }
+}
+
+/// Server-side applies a module as a platform engineer's kubectl would.
+pub async fn apply_module(api: &Api<ChimeraModule>, module: &serde_json::Value) -> ChimeraModule {
+    let name = module["metadata"]["name"].as_str().expect("module name");
+    api.patch(
+        name,
+        &PatchParams::apply("kubectl").force(),
+        &Patch::Apply(module),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("apply module {name}: {e}"))
 }
 
 impl Drop for Harness {

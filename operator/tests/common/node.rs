@@ -10,7 +10,7 @@ use chimera_core::api::ChimeraModule;
 use chimera_testenv::{TestDatabase, TestNamespace, TestVhost};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 
@@ -149,15 +149,7 @@ impl NodeHarness {
 
     /// Server-side applies a module as kubectl would.
     pub async fn apply_module(&self, module: &serde_json::Value) {
-        let name = module["metadata"]["name"].as_str().expect("module name");
-        self.api::<ChimeraModule>()
-            .patch(
-                name,
-                &PatchParams::apply("kubectl").force(),
-                &Patch::Apply(module),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("apply module {name}: {e}"));
+        super::apply_module(&self.api(), module).await;
     }
 
     /// Waits until the module's Ready condition is True; returns how long that took.
