@@ -63,7 +63,26 @@ async fn the_marketplace_serves_through_services_on_the_node() {
         "measured: apply -> all three modules Ready: {:.1} s",
         applied.elapsed().as_secs_f64()
     );
-    // The namespace enforces `restricted`: a pod that broke it would not exist at all.
+    // The namespace enforces `restricted`, so the heads' pods passed it: a pod that breaks it
+    // is refused.
+    let refused = h
+        .api::<Pod>()
+        .create(
+            &kube::api::PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "privileged"},
+                "spec": {"containers": [{
+                    "name": "c", "image": "chimera/users:dev",
+                    "securityContext": {"privileged": true}
+                }]}
+            }))
+            .unwrap(),
+        )
+        .await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("PodSecurity")),
+        "a privileged pod must be refused: {refused:?}"
+    );
     assert_pods_are_bounded(&h).await;
 
     let urls = flow::QueryUrls {
