@@ -21,8 +21,8 @@ netns_dir="$host_root/var/run/netns"
 node_bridge=${CHIMERA_NODE_BRIDGE:-chimera0}
 node_ip=${CHIMERA_NODE_IP:-10.244.0.1}
 pod_cidr=${CHIMERA_POD_CIDR:-10.244.0.0/24}
-service_cidr=10.0.0.0/24
-dns_ip=10.0.0.10
+service_cidr=${CHIMERA_SERVICE_CIDR:-10.0.0.0/24}
+dns_ip=${service_cidr%.*}.10
 node_name=chimera-dev-node
 node_dir="$state/node"
 containerd_sock="$node_dir/containerd/containerd.sock"
@@ -31,8 +31,13 @@ iptables_chain=CHIMERA-DEV-NODE
 # not there before up (recorded in $node_dir/created-paths).
 host_paths=("$host_root"/run/containerd/s "$host_root"/run/containerd "$host_root"/run/netns
   "$host_root"/var/lib/kubelet/device-plugins "$host_root"/var/lib/kubelet
-  "$host_root"/var/lib/cni/results "$host_root"/var/lib/cni)
-saved_sysctls=(vm/overcommit_memory kernel/panic kernel/panic_on_oops net/bridge/bridge-nf-call-iptables)
+  "$host_root"/var/lib/cni/results "$host_root"/var/lib/cni "$host_root"/var/log/containers)
+# Host-wide settings the kubelet (or create_bridge) changes, saved at up and restored at down.
+saved_sysctls=(vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on_oops
+  kernel/keys/root_maxkeys kernel/keys/root_maxbytes net/bridge/bridge-nf-call-iptables)
+# The kubelet's cgroup root: every pod process lives below <hierarchy>/chimera-dev, so down kills
+# and removes only this node's cgroups (never another kubelet's kubepods).
+cgroup_name=chimera-dev
 
 pause_image="chimera.dev/pause:$(sha256sum "$here/tools/pause/main.go" | cut -c1-12)"
 coredns_image="chimera.dev/coredns:$COREDNS_VERSION"
@@ -46,6 +51,8 @@ record_host_state() {
   [ -f "$node_dir/sysctls" ] && return
   mkdir -p "$node_dir"
   local path key
+  # A bridge that is there before up is someone's: down leaves it.
+  if ip link show "$node_bridge" >/dev/null 2>&1; then : >"$node_dir/bridge-existed"; fi
   : >"$node_dir/created-paths.tmp"
   for path in "${host_paths[@]}"; do
     [ -e "$path" ] || echo "$path" >>"$node_dir/created-paths.tmp"
@@ -58,19 +65,33 @@ record_host_state() {
   mv "$node_dir/sysctls.tmp" "$node_dir/sysctls"
 }
 
+# require_free_range CIDR: no interface but the node's bridge routes CIDR (taking over a range
+# the machine uses would cut it off its own network).
+require_free_range() {
+  local routes
+  routes=$(ip -4 route show to match "${1%/*}" 2>/dev/null | grep -v -e '^default' -e "dev $node_bridge" || true)
+  [ -z "$routes" ] || die "the machine already routes $1 ($routes): set CHIMERA_POD_CIDR/CHIMERA_NODE_IP (and CHIMERA_SERVICE_CIDR) to free ranges"
+}
+
 create_bridge() {
   step="create the node's bridge $node_bridge ($node_ip)"
   command -v ip >/dev/null 2>&1 || die "ip (iproute2) not found: run scripts/install-tools"
+  require_free_range "$pod_cidr"
+  require_free_range "$service_cidr"
   if ! ip link show "$node_bridge" >/dev/null 2>&1; then
     [ "$(id -u)" = 0 ] || die "the node needs root (network bridge, iptables, cgroups)"
     log "creating bridge $node_bridge with $node_ip for pods on $pod_cidr"
     ip link add "$node_bridge" type bridge
+  fi
+  # (checked apart from the link: an up that died in between left a bridge without it)
+  if ! ip -4 -o addr show dev "$node_bridge" | grep -F " $node_ip/" >/dev/null; then
     ip addr add "$node_ip/${pod_cidr#*/}" dev "$node_bridge"
   fi
   ip link set "$node_bridge" up
   # Service addresses route to the bridge too: kube-proxy rewrites them to pods, and one it has
   # no rule for (yet) dies on the bridge instead of taking the default route off the machine.
-  ip route replace "$service_cidr" dev "$node_bridge"
+  ip route show "$service_cidr" dev "$node_bridge" 2>/dev/null | grep . >/dev/null \
+    || ip route add "$service_cidr" dev "$node_bridge"
   # Forwarding for this bridge only (pod -> Service -> pod): the host-wide switch stays as it is.
   echo 1 >"$proc_sys/net/ipv4/conf/$node_bridge/forwarding"
   # kube-proxy's Service rules must see bridged traffic (pod -> Service -> pod on one bridge).
@@ -154,6 +175,7 @@ state = "$node_dir/containerd/state"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         # containerd 1.6 cannot tell the kubelet its driver: both say cgroupfs (pitfall 8)
         SystemdCgroup = false
+        Root = "$node_dir/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$node_dir/cni/net.d"
@@ -198,7 +220,9 @@ authentication:
   x509: {clientCAFile: $certs/ca.crt}
 authorization: {mode: AlwaysAllow}
 cgroupDriver: cgroupfs
+cgroupRoot: /$cgroup_name
 failCgroupV1: false
+podLogsDir: $node_dir/pod-logs
 containerRuntimeEndpoint: unix://$containerd_sock
 clusterDNS: [$dns_ip]
 clusterDomain: cluster.local
@@ -287,9 +311,22 @@ node_ready() {
     -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]
 }
 
+# The kubelet's cgroup root, in every hierarchy (cgroup v1) or once (v2): it must exist.
+make_cgroups() {
+  local hierarchy
+  if [ -f "$cgroup_root/cgroup.controllers" ]; then
+    mkdir -p "$cgroup_root/$cgroup_name"
+    return
+  fi
+  for hierarchy in "$cgroup_root"/*/; do
+    mkdir -p "$hierarchy$cgroup_name"
+  done
+}
+
 start_kubelet() {
   step="start the kubelet"
   running kubelet && return
+  make_cgroups
   local bin="$tools_dir/kubernetes-$K8S_VERSION/kubelet"
   [ -x "$bin" ] || die "kubelet not built: run scripts/install-tools"
   log "starting the kubelet (node $node_name at $node_ip)"
@@ -411,11 +448,16 @@ EOF
 # broker or database: a Service without selector and an EndpointSlice to the bridge address.
 host_services() {
   step="publish the host's servers as Services (namespace chimera-dev)"
+  local rabbitmq=""
+  # An external broker (CHIMERA_AMQP_URL) is reached at its own address, not through the bridge.
+  if [ -f "$state/rabbitmq.pid" ]; then
+    rabbitmq=$(host_service rabbitmq amqp 5672 "$amqp_port" management 15672 "$mgmt_port")
+  fi
   kubectl --kubeconfig "$kubeconfig" apply --server-side --field-manager chimera-dev-env -f - >/dev/null <<EOF
 apiVersion: v1
 kind: Namespace
 metadata: {name: chimera-dev}
-$(host_service rabbitmq amqp 5672 "$amqp_port" management 15672 "$mgmt_port")
+$rabbitmq
 $(host_service mariadb mysql 3306 "$mariadb_port")
 EOF
 }
@@ -473,67 +515,78 @@ undo() { # undo WHAT COMMAND...: runs COMMAND, remembering WHAT when it fails
   "$@" >/dev/null 2>&1 || node_leftovers+=("$what")
 }
 
+# The node's cgroups, deepest last: <hierarchy>/chimera-dev on cgroup v1, /chimera-dev on v2.
+node_cgroups() {
+  find "$cgroup_root" -maxdepth 2 -type d -name "$cgroup_name" 2>/dev/null
+}
+
 kill_pod_processes() {
-  # Every process of a pod lives in the kubelet's kubepods cgroups (one hierarchy suffices).
-  local dir pids pid
-  for dir in "$cgroup_root"/pids/kubepods "$cgroup_root"/memory/kubepods; do
-    [ -d "$dir" ] || continue
-    pids=$(find "$dir" -name cgroup.procs -exec cat {} + 2>/dev/null || true)
-    for pid in $pids; do kill -KILL "$pid" 2>/dev/null || true; done
+  # Every process of a pod lives below the kubelet's cgroup root.
+  local dir pid
+  for dir in $(node_cgroups); do
+    for pid in $(find "$dir" -name cgroup.procs -exec cat {} + 2>/dev/null || true); do
+      kill -KILL "$pid" 2>/dev/null || true
+    done
   done
 }
 
 remove_cgroups() {
-  local hierarchy dir
-  for hierarchy in "$cgroup_root"/*/; do
-    [ -d "${hierarchy}kubepods" ] || continue
+  local root dir
+  for root in $(node_cgroups); do
     # Deepest first: a cgroup is removed only once empty of children.
     while IFS= read -r dir; do rmdir "$dir" 2>/dev/null || true; done \
-      < <(find "${hierarchy}kubepods" -depth -type d 2>/dev/null)
-    [ ! -d "${hierarchy}kubepods" ] || node_leftovers+=("cgroup ${hierarchy}kubepods (still has processes)")
+      < <(find "$root" -depth -type d 2>/dev/null)
+    [ ! -d "$root" ] || node_leftovers+=("cgroup $root (still has processes)")
   done
 }
 
-# The pods' network namespaces (containerd makes them in /var/run/netns): ours hold an address
-# on the pod subnet.
+# The pods' network namespaces: those whose veth peers hang on our bridge.
 remove_pod_netns() {
-  local ns prefix=${pod_cidr%.*}.
-  for ns in "$netns_dir"/cni-*; do
-    [ -e "$ns" ] || continue
-    if ip -n "$(basename "$ns")" -4 -o addr 2>/dev/null | grep -F " $prefix" >/dev/null; then
-      undo "network namespace $ns" ip netns delete "$(basename "$ns")"
-    fi
+  local ns
+  for ns in $(ip -o link show master "$node_bridge" 2>/dev/null | { grep -o 'link-netns [^ ]*' || true; } | cut -d' ' -f2 | sort -u); do
+    undo "network namespace $ns" ip netns delete "$ns"
   done
+}
+
+# mounts_under DIR: the mount points below DIR (as the kernel names them: DIR resolved).
+mounts_under() {
+  local dir
+  dir=$(realpath -m "$1")
+  awk -v dir="$dir/" 'index($2, dir) == 1 {print $2}' /proc/self/mounts | sort -r
 }
 
 unmount_under() { # unmount_under DIR: every mount below DIR, deepest first
   local mount
   while IFS= read -r mount; do
     undo "mount $mount" umount -l "$mount"
-  done < <(awk -v dir="$1/" 'index($2, dir) == 1 {print $2}' /proc/self/mounts | sort -r)
+  done < <(mounts_under "$1")
 }
 
-# remove_chain TABLE CHAIN: the rules that jump to CHAIN, then CHAIN itself.
+# remove_chain TOOL TABLE CHAIN: the rules that jump to CHAIN, then CHAIN itself (TOOL:
+# iptables or ip6tables).
 remove_chain() {
-  local table=$1 chain=$2 rule
-  iptables -w -t "$table" -n -L "$chain" >/dev/null 2>&1 || return 0
+  local tool=$1 table=$2 chain=$3 rule
+  command -v "$tool" >/dev/null 2>&1 || return 0
+  "$tool" -w -t "$table" -n -L "$chain" >/dev/null 2>&1 || return 0
   while IFS= read -r rule; do
     # shellcheck disable=SC2086 # a rule as iptables -S prints it: one word per argument
-    iptables -w -t "$table" -D ${rule#-A } 2>/dev/null || true
-  done < <(iptables -w -t "$table" -S | grep -E -- "^-A .* -j $chain( |\$)" || true)
-  iptables -w -t "$table" -F "$chain" 2>/dev/null || true
-  undo "iptables chain $table/$chain" iptables -w -t "$table" -X "$chain"
+    "$tool" -w -t "$table" -D ${rule#-A } 2>/dev/null || true
+  done < <("$tool" -w -t "$table" -S | grep -E -- "^-A .* -j $chain( |\$)" || true)
+  "$tool" -w -t "$table" -F "$chain" 2>/dev/null || true
+  undo "$tool chain $table/$chain" "$tool" -w -t "$table" -X "$chain"
 }
 
 remove_iptables() {
   local bin="$tools_dir/kubernetes-$K8S_VERSION/kube-proxy"
   # kube-proxy removes every rule and chain it made.
   [ ! -x "$bin" ] || undo "kube-proxy's iptables rules (kube-proxy --cleanup failed)" "$bin" --cleanup
-  remove_chain filter "$iptables_chain"
-  # The kubelet's own chains.
-  local table chain
-  for table in mangle nat filter; do
-    for chain in KUBE-FIREWALL KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT; do remove_chain "$table" "$chain"; done
+  remove_chain iptables filter "$iptables_chain"
+  # The kubelet's own chains, IPv4 and IPv6.
+  local tool table chain
+  for tool in iptables ip6tables; do
+    for table in mangle nat filter; do
+      for chain in KUBE-FIREWALL KUBE-KUBELET-CANARY KUBE-IPTABLES-HINT; do remove_chain "$tool" "$table" "$chain"; done
+    done
   done
 }
 
@@ -549,15 +602,21 @@ restore_sysctls() {
 remove_created_paths() {
   [ -f "$node_dir/created-paths" ] || return 0
   local path
+  # The kubelet's links to the pods' logs, in a folder that may be the machine's.
+  find "$host_root/var/log/containers" -maxdepth 1 -lname "$(realpath -m "$node_dir")/*" -delete 2>/dev/null || true
   while IFS= read -r path; do
     [ -n "$path" ] && [ -e "$path" ] && undo "$path" rm -rf "$path"
   done <"$node_dir/created-paths"
   rm -f "$host_root"/var/lib/cni/results/chimera-dev-* 2>/dev/null || true
 }
 
+# node_ran: up set this node up (its record of the host exists): down touches nothing otherwise.
+node_ran() { [ -f "$node_dir/sysctls" ]; }
+
 # node_stop: the node's daemons and every pod process.
 node_stop() {
   step="stop the node"
+  node_ran || return 0
   stop kubelet
   stop kube-proxy
   stop kube-scheduler
@@ -571,12 +630,15 @@ node_stop() {
 # node_cleanup: undoes every host change (once nothing listens on the bridge any more).
 node_cleanup() {
   step="undo the node's host changes"
+  node_ran || return 0
   remove_pod_netns
   unmount_under "$node_dir"
   remove_cgroups
   remove_iptables
   restore_sysctls
-  if ip link show "$node_bridge" >/dev/null 2>&1; then undo "bridge $node_bridge" ip link delete "$node_bridge"; fi
+  if [ ! -f "$node_dir/bridge-existed" ] && ip link show "$node_bridge" >/dev/null 2>&1; then
+    undo "bridge $node_bridge" ip link delete "$node_bridge"
+  fi
   remove_created_paths
   local leftover
   for leftover in "${node_leftovers[@]}"; do log "could not undo: $leftover"; done

@@ -116,8 +116,9 @@ pub async fn marketplace_flow(publisher: &Publisher, urls: &QueryUrls, gigs_data
         b["status"] == "paused"
     })
     .await;
-    // Give the orders domain the gig.paused event before ordering (it follows gigs by events).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Give the orders domain the gig.paused event before ordering (it follows gigs by events,
+    // through gigs' outbox relay and the broker: well under this on a loaded machine).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     send(
         "orders",
         "order.place",

@@ -100,7 +100,14 @@ impl NodeHarness {
             args.extend(["--set", value]);
         }
         args.extend(["--wait", "--timeout", "120s"]);
-        helm(&args);
+        // A failed install must not leave the release's cluster-wide RBAC behind.
+        let installed = std::panic::catch_unwind(|| helm(&args));
+        if let Err(failure) = installed {
+            let _ = Command::new(chimera_testenv::helm())
+                .args(["uninstall", &release, "--namespace", &ns.name])
+                .output();
+            std::panic::resume_unwind(failure);
+        }
         Self {
             client,
             vhost,

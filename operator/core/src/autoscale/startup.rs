@@ -9,6 +9,7 @@
 use std::collections::{HashSet, VecDeque};
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
 
 /// Pods remembered per head.
 const SAMPLES: usize = 20;
@@ -37,6 +38,23 @@ pub fn startup_seconds(pod: &Pod) -> Option<f64> {
     (0.0..=LONGEST_SECONDS)
         .contains(&seconds)
         .then_some(seconds)
+}
+
+/// Whether `pod`'s start-up can be measured by a scaler that started at `since`: the pod was
+/// created after that (so its Ready transition is its first, not one after a readiness flap the
+/// scaler never saw) and none of its containers restarted.
+pub fn measurable(pod: &Pod, since: Timestamp) -> bool {
+    let created_after = pod
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .is_some_and(|t| t.0 >= since);
+    let restarted = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.restart_count > 0));
+    created_after && !restarted
 }
 
 /// One head's recent start-up times.
@@ -124,6 +142,28 @@ mod tests {
         assert_eq!(startup_seconds(&late), None);
         let before = pod("2026-12-02T10:00:05Z", Some("2026-12-02T10:00:00Z"));
         assert_eq!(startup_seconds(&before), None);
+    }
+
+    #[test]
+    fn only_pods_created_since_the_scaler_started_and_never_restarted_are_measured() {
+        let since: Timestamp = "2026-12-02T10:00:00Z"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let new = pod("2026-12-02T10:00:01Z", Some("2026-12-02T10:00:03Z"));
+        assert!(measurable(&new, since));
+        let old = pod("2026-12-02T09:00:00Z", Some("2026-12-02T10:00:03Z"));
+        assert!(!measurable(&old, since), "its Ready may follow a flap");
+        let mut restarted = new.clone();
+        restarted
+            .status
+            .get_or_insert_with(Default::default)
+            .container_statuses = Some(vec![
+            serde_json::from_value(serde_json::json!({
+                "name": "c", "image": "i", "imageID": "", "ready": true, "restartCount": 1
+            }))
+            .unwrap_or_else(|e| panic!("{e}")),
+        ]);
+        assert!(!measurable(&restarted, since));
     }
 
     #[test]

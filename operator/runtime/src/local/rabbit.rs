@@ -87,6 +87,13 @@ impl PrivateBroker {
             // A node that fails to boot writes erl_crash.dump into its working directory (the
             // user's project) unless told where: keep it with the broker's other state.
             .env("ERL_CRASH_DUMP", dir.join("erl_crash.dump"))
+            // Erlang's port mapper and the distribution port on loopback only (by default both
+            // listen on every interface).
+            .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            .env(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                "-kernel inet_dist_use_interface {127,0,0,1}",
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)

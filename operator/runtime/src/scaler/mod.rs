@@ -22,7 +22,7 @@ use chimera_contract::names;
 use chimera_core::api::{AutoscalingStatus, ChimeraModule, ScalingDecision};
 use chimera_core::autoscale::head::{Outcome, QueryAutoscaler, WorkerAutoscaler};
 use chimera_core::autoscale::query::QuerySettings;
-use chimera_core::autoscale::startup::{Startup, StartupTimes, startup_seconds};
+use chimera_core::autoscale::startup::{Startup, StartupTimes, measurable, startup_seconds};
 use chimera_core::autoscale::worker::WorkerSettings;
 use chimera_core::autoscale::{Decision, Replicas};
 use chimera_core::topology::state::BrokerEndpoint;
@@ -85,6 +85,8 @@ pub struct Scaler {
     startups: Mutex<HashMap<String, StartupTimes>>,
     modules: Mutex<HashMap<String, Arc<tokio::sync::Mutex<ModuleState>>>>,
     origin: Instant,
+    /// When it started, on the API server's clock: only pods created since are measured.
+    started: k8s_openapi::jiff::Timestamp,
 }
 
 fn key(module: &ChimeraModule) -> String {
@@ -114,6 +116,7 @@ impl Scaler {
             startups: Mutex::default(),
             modules: Mutex::default(),
             origin: Instant::now(),
+            started: k8s_openapi::jiff::Timestamp::now(),
         }
     }
 
@@ -174,7 +177,12 @@ impl Scaler {
             by_head
                 .entry(format!("{namespace}/{module}/{head}"))
                 .or_default()
-                .push((uid, startup_seconds(pod)));
+                .push((
+                    uid,
+                    measurable(pod, self.started)
+                        .then(|| startup_seconds(pod))
+                        .flatten(),
+                ));
         }
         let mut startups = match self.startups.lock() {
             Ok(s) => s,
@@ -646,7 +654,14 @@ mod tests {
         assert_eq!(worker.desired_replicas, 1);
     }
 
-    fn head_pod(uid: &str, created: &str, ready: &str) -> Arc<Pod> {
+    /// A pod of ledger's worker created now and Ready `ready_after` seconds later.
+    fn head_pod(uid: &str, ready_after: i64) -> Arc<Pod> {
+        use k8s_openapi::jiff::{SignedDuration, Timestamp};
+        let created = Timestamp::now();
+        let ready = created
+            .checked_add(SignedDuration::from_secs(ready_after))
+            .unwrap();
+        let (created, ready) = (created.to_string(), ready.to_string());
         Arc::new(
             serde_json::from_value(serde_json::json!({
                 "metadata": {
@@ -665,17 +680,16 @@ mod tests {
     async fn the_law_plans_with_the_start_up_time_of_the_heads_own_pods() {
         let (recorder, _, scaler, module, store) = world(Ok(backlog(0.0)));
         scaler.scale_module(&module, &store).await;
-        scaler.measure_startups(&[
-            head_pod("a", "2026-12-02T10:00:00Z", "2026-12-02T10:00:02Z"),
-            head_pod("b", "2026-12-02T10:00:00Z", "2026-12-02T10:00:03Z"),
-        ]);
+        scaler.measure_startups(&[head_pod("a", 2), head_pod("b", 3)]);
         scaler.scale_module(&module, &store).await;
         let statuses = recorder.statuses.lock().unwrap();
         let before = statuses[0].worker.as_ref().unwrap();
         assert_eq!(before.pod_startup_seconds, Some(10.0), "the default");
         assert_eq!(before.pod_startup_measured_pods, 0);
-        let after = &scaler.startup("shop/ledger/worker");
-        assert_eq!((after.seconds, after.measured_pods), (3.0, 2));
+        assert_eq!(statuses.len(), 2, "a new measure is written: {statuses:?}");
+        let after = statuses[1].worker.as_ref().unwrap();
+        assert_eq!(after.pod_startup_seconds, Some(3.0));
+        assert_eq!(after.pod_startup_measured_pods, 2);
     }
 
     #[tokio::test]
