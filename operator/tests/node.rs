@@ -18,18 +18,36 @@ use common::flow;
 use common::node::{NodeHarness, example_module};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
 use kube::api::{DeleteParams, ListParams};
 use serde_json::json;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// Every container of every pod in the namespace has CPU and memory requests and limits.
+/// Every container of every pod in the namespace has CPU and memory requests and limits, and
+/// the heads' pods carry no API token.
 async fn assert_pods_are_bounded(h: &NodeHarness) {
     let pods = h.api::<Pod>().list(&ListParams::default()).await.unwrap();
     assert!(!pods.items.is_empty(), "no pods in {}", h.ns.name);
     for pod in pods.items {
         let name = pod.metadata.name.clone().unwrap_or_default();
-        for c in pod.spec.unwrap().containers {
+        let head = pod.labels().contains_key("chimera.dev/head");
+        let spec = pod.spec.unwrap();
+        if head {
+            assert_eq!(
+                spec.automount_service_account_token,
+                Some(false),
+                "pod {name}: a head gets no token"
+            );
+            let mounts = spec.containers[0].volume_mounts.clone().unwrap_or_default();
+            assert!(
+                !mounts
+                    .iter()
+                    .any(|m| m.mount_path.contains("serviceaccount")),
+                "pod {name}: {mounts:?}"
+            );
+        }
+        for c in spec.containers {
             let r = c.resources.unwrap_or_default();
             let (requests, limits) = (r.requests.unwrap_or_default(), r.limits.unwrap_or_default());
             assert!(
@@ -389,6 +407,18 @@ async fn a_rolling_update_and_a_killed_worker_lose_nothing_under_load() {
     let db = Database::connect(h.database_url("users"), &[])
         .await
         .unwrap();
+
+    // The Service serves before the rollout (a module is Ready when its pods are; kube-proxy
+    // programs the Service's rules a moment later).
+    common::eventually(
+        "the query Service answers",
+        Duration::from_secs(30),
+        || async {
+            let answered = flow::get(&format!("{query_url}/users?limit=1")).await.0 == 200;
+            answered.then_some(())
+        },
+    )
+    .await;
 
     // A new image tag under load.
     tag_images("rollout");

@@ -5,7 +5,8 @@
 # Every change to the host is undone by node_down, in reverse: the bridge and its sysctl, the
 # iptables rules (ours and kube-proxy's), the sysctls the kubelet sets, the pods' network
 # namespaces, mounts and cgroups, and the few paths the daemons use whatever their config says
-# (k8s-node.md, pitfall 11). What cannot be undone is said.
+# (containerd's shim sockets, the kubelet's plugin folder, CNI's cache). What cannot be undone is
+# said, and makes down fail.
 #
 # Network: pods live on the bridge's subnet and reach the host only at the bridge address, where
 # the API server, RabbitMQ and MariaDB listen. Forwarding is on for the bridge alone, and a rule
@@ -162,9 +163,9 @@ state = "$node_dir/containerd/state"
   path = "$node_dir/containerd/opt"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$pause_image"
-  # root here cannot lower oom_score_adj (no CAP_SYS_RESOURCE): k8s-node.md, pitfall 4
+  # root here cannot lower oom_score_adj (no CAP_SYS_RESOURCE)
   restrict_oom_score_adj = true
-  # no hugetlb hierarchy on this kernel (pitfall 9)
+  # no hugetlb hierarchy on every kernel (this one has none)
   disable_hugetlb_controller = true
   stream_server_address = "127.0.0.1"
   [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -173,7 +174,7 @@ state = "$node_dir/containerd/state"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        # containerd 1.6 cannot tell the kubelet its driver: both say cgroupfs (pitfall 8)
+        # containerd 1.6 cannot tell the kubelet its driver: both say cgroupfs
         SystemdCgroup = false
         Root = "$node_dir/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
@@ -182,7 +183,8 @@ state = "$node_dir/containerd/state"
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "$node_dir/certs.d"
 EOF
-  # hairpinMode without promiscMode (pitfall 3); isGateway false keeps host-wide forwarding off.
+  # hairpinMode without promiscMode (the bridge plugin refuses both at once); isGateway false
+  # keeps host-wide forwarding off.
   write_file "$node_dir/cni/net.d/10-chimera-dev.conflist" <<EOF
 {
   "cniVersion": "1.0.0",
@@ -202,7 +204,7 @@ EOF
   }]
 }
 EOF
-  # Pods with dnsPolicy Default get this, never the machine's resolver (pitfall 7).
+  # Pods with dnsPolicy Default get this, never the machine's resolver.
   printf 'nameserver %s\n' "$dns_ip" | write_file "$node_dir/kubelet/resolv.conf"
   write_file "$node_dir/kubelet/config.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
@@ -227,7 +229,7 @@ containerRuntimeEndpoint: unix://$containerd_sock
 clusterDNS: [$dns_ip]
 clusterDomain: cluster.local
 resolvConf: $node_dir/kubelet/resolv.conf
-# Imported images are the only images: never collect them (pitfall 2).
+# Imported images are the only images: never collect them.
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: 200Mi, nodefs.available: 2%, imagefs.available: 2%}
@@ -247,7 +249,7 @@ bindAddress: $node_ip
 healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
 # Nothing host-wide: NodePorts on the node address only, no route_localnet, conntrack as it is
-# (pitfall 10).
+# (the defaults change them host-wide).
 nodePortAddresses: [$node_ip/32]
 iptables: {localhostNodePorts: false}
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
