@@ -136,6 +136,17 @@ async fn the_marketplace_serves_through_services_on_the_node() {
     .await;
 }
 
+/// The command that registers user `id`.
+fn register(id: &str) -> Outgoing {
+    Outgoing::new(
+        "chimera.users.commands",
+        Envelope::new(
+            "user.register",
+            json!({"user_id": id, "name": id, "email": format!("{id}@example.com")}),
+        ),
+    )
+}
+
 /// users' rows and the events its worker published for them.
 async fn users_written(db: &Database, prefix: &str) -> (i64, i64) {
     let users: i64 = sqlx::query("SELECT COUNT(*) AS n FROM users WHERE user_id LIKE ?")
@@ -205,14 +216,7 @@ async fn a_backlog_scales_worker_pods_out_and_back_to_the_floor() {
     let backlog = Instant::now();
     let publishing = tokio::spawn(async move {
         for i in 0..total {
-            let id = format!("load-{i}");
-            let command = Outgoing::new(
-                "chimera.users.commands",
-                Envelope::new(
-                    "user.register",
-                    json!({"user_id": id, "name": id, "email": format!("{id}@example.com")}),
-                ),
-            );
+            let command = register(&format!("load-{i}"));
             publisher.publish(&command, true).await.unwrap();
         }
         backlog.elapsed()
@@ -324,14 +328,7 @@ impl Load {
             tokio::spawn(async move {
                 let mut sent = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    let id = format!("{prefix}{sent}");
-                    let command = Outgoing::new(
-                        "chimera.users.commands",
-                        Envelope::new(
-                            "user.register",
-                            json!({"user_id": id, "name": id, "email": format!("{id}@example.com")}),
-                        ),
-                    );
+                    let command = register(&format!("{prefix}{sent}"));
                     publisher.publish(&command, true).await.unwrap();
                     sent += 1;
                     tokio::time::sleep(Duration::from_millis(10)).await;
