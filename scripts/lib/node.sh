@@ -2,8 +2,9 @@
 # bridge and CoreDNS. Sourced by scripts/dev-env, which defines log, die, step, spawn, running,
 # wait_for, stop, $state, $certs, $tools_dir and the versions.
 #
-# Every change to the host is undone by node_down, in reverse: the bridge and its sysctl, the
-# iptables rules (ours and kube-proxy's), the sysctls the kubelet sets, the pods' network
+# Every change to the host is undone at down (node_stop, then node_cleanup once the other servers
+# stopped), and nothing is touched when up never set the node up: the bridge and its route, the
+# iptables rules (ours, kube-proxy's, the kubelet's), the sysctls saved at up, the pods' network
 # namespaces, mounts and cgroups, and the few paths the daemons use whatever their config says
 # (containerd's shim sockets, the kubelet's plugin folder, CNI's cache). What cannot be undone is
 # said, and makes down fail.
@@ -18,7 +19,6 @@
 host_root=${CHIMERA_HOST_ROOT:-}
 proc_sys="$host_root/proc/sys"
 cgroup_root="$host_root/sys/fs/cgroup"
-netns_dir="$host_root/var/run/netns"
 node_bridge=${CHIMERA_NODE_BRIDGE:-chimera0}
 node_ip=${CHIMERA_NODE_IP:-10.244.0.1}
 pod_cidr=${CHIMERA_POD_CIDR:-10.244.0.0/24}
