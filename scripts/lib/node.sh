@@ -52,8 +52,13 @@ record_host_state() {
   [ -f "$node_dir/sysctls" ] && return
   mkdir -p "$node_dir"
   local path key
-  # A bridge that is there before up is someone's: down leaves it.
-  if ip link show "$node_bridge" >/dev/null 2>&1; then : >"$node_dir/bridge-existed"; fi
+  # A bridge that is there before up is someone's: down leaves it, taking back only the address
+  # and route up added to it.
+  if ip link show "$node_bridge" >/dev/null 2>&1; then
+    : >"$node_dir/bridge-existed"
+    if ip -4 -o addr show dev "$node_bridge" | grep -F " $node_ip/" >/dev/null; then : >"$node_dir/address-existed"; fi
+    if ip route show "$service_cidr" dev "$node_bridge" 2>/dev/null | grep . >/dev/null; then : >"$node_dir/route-existed"; fi
+  fi
   : >"$node_dir/created-paths.tmp"
   for path in "${host_paths[@]}"; do
     [ -e "$path" ] || echo "$path" >>"$node_dir/created-paths.tmp"
@@ -638,8 +643,11 @@ node_cleanup() {
   remove_cgroups
   remove_iptables
   restore_sysctls
-  if [ ! -f "$node_dir/bridge-existed" ] && ip link show "$node_bridge" >/dev/null 2>&1; then
-    undo "bridge $node_bridge" ip link delete "$node_bridge"
+  if [ ! -f "$node_dir/bridge-existed" ]; then
+    if ip link show "$node_bridge" >/dev/null 2>&1; then undo "bridge $node_bridge" ip link delete "$node_bridge"; fi
+  else
+    [ -f "$node_dir/route-existed" ] || undo "route $service_cidr on $node_bridge" ip route del "$service_cidr" dev "$node_bridge"
+    [ -f "$node_dir/address-existed" ] || undo "address $node_ip on $node_bridge" ip addr del "$node_ip/${pod_cidr#*/}" dev "$node_bridge"
   fi
   remove_created_paths
   local leftover
