@@ -199,10 +199,14 @@ impl Scaler {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         };
-        startups
-            .get(key)
-            .map_or_else(StartupTimes::default, Clone::clone)
-            .estimate(self.settings.startup_seconds)
+        let default = self.settings.startup_seconds;
+        startups.get(key).map_or(
+            Startup {
+                seconds: default,
+                measured_pods: 0,
+            },
+            |times| times.estimate(default),
+        )
     }
 
     /// The autoscaler of head `key`, created on first use.
