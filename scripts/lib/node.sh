@@ -40,7 +40,9 @@ saved_sysctls=(vm/overcommit_memory vm/panic_on_oom kernel/panic kernel/panic_on
 # and removes only this node's cgroups (never another kubelet's kubepods).
 cgroup_name=chimera-dev
 
-pause_image="chimera.dev/pause:$(sha256sum "$here/tools/pause/main.go" | cut -c1-12)"
+# The pause program's version: its source's hash, as scripts/install-tools names its build.
+pause_version=$(sha256sum "$here/tools/pause/main.go" | cut -c1-12)
+pause_image="chimera.dev/pause:$pause_version"
 coredns_image="chimera.dev/coredns:$COREDNS_VERSION"
 
 ctr_() { ctr --address "$containerd_sock" --namespace k8s.io "$@"; }
@@ -292,13 +294,13 @@ import_image() { # import_image ARCHIVE NAME
 
 node_images() {
   step="build and import the node's own images (pause, CoreDNS)"
-  local pause="$tools_dir/pause-$(sha256sum "$here/tools/pause/main.go" | cut -c1-12)/pause"
+  local pause="$tools_dir/pause-$pause_version/pause"
   local coredns="$tools_dir/coredns-$COREDNS_VERSION/coredns"
   [ -x "$pause" ] || die "the pause program is not built: run scripts/install-tools"
   [ -x "$coredns" ] || die "CoreDNS is not built: run scripts/install-tools"
-  scratch_image "$pause_image" "$tools_dir/images/pause-${pause_image##*:}.tar" "$pause"
+  scratch_image "$pause_image" "$tools_dir/images/pause-$pause_version.tar" "$pause"
   scratch_image "$coredns_image" "$tools_dir/images/coredns-$COREDNS_VERSION.tar" "$coredns" -conf /etc/coredns/Corefile
-  import_image "$tools_dir/images/pause-${pause_image##*:}.tar" "$pause_image"
+  import_image "$tools_dir/images/pause-$pause_version.tar" "$pause_image"
   import_image "$tools_dir/images/coredns-$COREDNS_VERSION.tar" "$coredns_image"
 }
 
