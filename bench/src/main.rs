@@ -1,6 +1,7 @@
-//! `chimera-bench worker|query`: the SDK against bare baselines, measured in the same run on the
-//! same machine, reported as ratios (see bench/README.md).
+//! `chimera-bench worker|query|control-plane`: the SDK and the operator against baselines
+//! measured in the same run on the same machine, reported as ratios (see bench/README.md).
 
+mod control_plane;
 mod query;
 mod worker;
 
@@ -40,6 +41,9 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
     },
+    /// N modules created at once in the real API server: the operator's convergence, memory,
+    /// CPU and API requests, against `kubectl apply --server-side` of the same objects.
+    ControlPlane(control_plane::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,5 +62,6 @@ fn main() -> anyhow::Result<()> {
             seconds,
             concurrency,
         } => runtime.block_on(query::run(seconds, concurrency)),
+        Command::ControlPlane(args) => runtime.block_on(control_plane::run(args)),
     }
 }

@@ -20,7 +20,6 @@ use chimera_testenv::{TestVhost, free_port, unique_name};
 use common::{Harness, eventually};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -301,33 +300,48 @@ impl FakePod {
 }
 
 /// Stands in for the kubelet: marks the head's pods Running and Ready.
-async fn mark_pods_ready(h: &Harness, selector: &str) {
+async fn mark_pods_ready(h: &Harness, selector: &str, metrics_at: Option<std::net::IpAddr>) {
     let pods: Api<Pod> = h.api();
     let Ok(list) = pods.list(&ListParams::default().labels(selector)).await else {
         return;
     };
-    for pod in list.items {
-        let ready = pod
-            .status
+    let is_ready = |pod: &Pod| {
+        pod.status
             .as_ref()
             .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-        if ready || pod.metadata.deletion_timestamp.is_some() {
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    };
+    // One live pod carries the address of the test's metrics server (the autoscaler scrapes
+    // every ready pod with an address: one server stands for the head's pods).
+    let mut addressed = list.items.iter().any(|p| {
+        p.metadata.deletion_timestamp.is_none()
+            && is_ready(p)
+            && p.status.as_ref().is_some_and(|s| s.pod_ip.is_some())
+    });
+    for pod in list.items {
+        let give_address = metrics_at.is_some() && !addressed;
+        if (is_ready(&pod) && !give_address) || pod.metadata.deletion_timestamp.is_some() {
             continue;
         }
         let name = pod.metadata.name.clone().unwrap_or_default();
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let mut status = json!({
+            "phase": "Running",
+            "conditions": [
+                {"type": "Ready", "status": "True", "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": "True", "lastTransitionTime": now}
+            ]
+        });
+        if let (true, Some(ip)) = (give_address, metrics_at) {
+            status["podIP"] = json!(ip.to_string());
+            status["podIPs"] = json!([{"ip": ip.to_string()}]);
+            addressed = true;
+        }
         let _ = pods
             .patch_status(
                 &name,
                 &PatchParams::default(),
-                &Patch::Merge(json!({"status": {
-                    "phase": "Running",
-                    "conditions": [
-                        {"type": "Ready", "status": "True", "lastTransitionTime": now},
-                        {"type": "ContainersReady", "status": "True", "lastTransitionTime": now}
-                    ]
-                }})),
+                &Patch::Merge(json!({ "status": status })),
             )
             .await;
     }
@@ -338,6 +352,7 @@ async fn slow_query_pods_scale_the_query_head_out_then_in() {
     let vhost = TestVhost::create("query-scale");
     let h =
         Harness::with_autoscaling_operator("query-scale", endpoint(&vhost), metrics_addr()).await;
+    let port = free_port();
     h.apply_module(&json!({
         "apiVersion": "chimera.dev/v1alpha1",
         "kind": "ChimeraModule",
@@ -345,6 +360,7 @@ async fn slow_query_pods_scale_the_query_head_out_then_in() {
         "spec": {
             "image": "example/catalog:1",
             "query": {
+                "port": port,
                 "replicas": {"min": 1, "max": 6},
                 "autoscale": {"latency": {"percentile": 95, "targetMs": 100}}
             }
@@ -356,9 +372,8 @@ async fn slow_query_pods_scale_the_query_head_out_then_in() {
     })
     .await;
 
-    // The head's pods, as the autoscaler finds them: an EndpointSlice of its Service that
-    // points at a real HTTP server serving the pods' /metrics.
-    let port = free_port();
+    // The head's pods, as the autoscaler finds them: one ready pod whose address is a real
+    // HTTP server serving the pods' /metrics on the head's port.
     let pod = FakePod {
         state: Arc::new(Mutex::new((
             Histogram::empty(&chimera_contract::metrics::BUCKETS),
@@ -373,31 +388,10 @@ async fn slow_query_pods_scale_the_query_head_out_then_in() {
             async move { text }
         }),
     );
-    // EndpointSlices refuse loopback addresses: serve on the node's bridge address (only this
-    // machine and its pods reach it).
+    // On the node's bridge address: only this machine and its pods reach it.
     let ip = chimera_testenv::node_ip();
     let listener = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
     tokio::spawn(async move { chimera_sdk::axum::serve(listener, app).await });
-    let slices: Api<EndpointSlice> = h.api();
-    slices
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {
-                    "name": "catalog-query-test",
-                    "labels": {
-                        "kubernetes.io/service-name": "catalog-query",
-                        "endpointslice.kubernetes.io/managed-by": "chimera-tests"
-                    }
-                },
-                "addressType": "IPv4",
-                "endpoints": [{"addresses": [ip.to_string()], "conditions": {"ready": true}}],
-                "ports": [{"name": "http", "port": port, "protocol": "TCP"}]
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
 
     // 250 requests/s: more than one pod serves within the 100 ms target.
     let rate = Arc::new(std::sync::atomic::AtomicU64::new(250));
@@ -426,7 +420,7 @@ async fn slow_query_pods_scale_the_query_head_out_then_in() {
         "the query head scales out to 3 or more",
         Duration::from_secs(60),
         || async {
-            mark_pods_ready(&h, selector).await;
+            mark_pods_ready(&h, selector, Some(ip)).await;
             let r = replicas(&h, "catalog-query").await?;
             (r >= 3).then_some(r)
         },
@@ -453,7 +447,7 @@ async fn slow_query_pods_scale_the_query_head_out_then_in() {
         "the query head scales back in",
         Duration::from_secs(90),
         || async {
-            mark_pods_ready(&h, selector).await;
+            mark_pods_ready(&h, selector, Some(ip)).await;
             (replicas(&h, "catalog-query").await? < scaled_out).then_some(())
         },
     )

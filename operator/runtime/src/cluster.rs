@@ -80,6 +80,10 @@ pub struct Context {
     pub broker: Option<BrokerEndpoint>,
     /// How often a module's topology is re-checked for drift when nothing else happens.
     pub topology_resync: Duration,
+    /// What exists, as watched.
+    pub caches: crate::caches::Caches,
+    /// Who depends on whom among the modules, for requeues and for planning.
+    pub neighbours: std::sync::Arc<Mutex<chimera_core::topology::neighbours::Neighbours>>,
 }
 
 impl Context {

@@ -2,12 +2,14 @@
 //!
 //! - [`operator`]: the operator assembled from the controller and the autoscaler, which share
 //!   what [`cluster`] holds (context, field managers, Events, a module's broker);
-//! - [`controller`]: the operator's reconcile loop against the API server;
+//! - [`controller`]: the operator's reconcile loop against the API server, reading the
+//!   [`caches`] it shares with the autoscaler;
 //! - [`scaler`]: the operator's autoscaling loop and its metric sources;
 //! - [`topology`]: the declarer, the management API client and queue migration;
 //! - [`local`]: `chimera up`, `chimera status` and `chimera load` on one machine.
 #![forbid(unsafe_code)]
 
+pub mod caches;
 pub mod cluster;
 pub mod controller;
 pub mod local;
@@ -85,6 +87,9 @@ pub enum Error {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// An object could not be turned into JSON to compare it.
+    #[error("comparing objects: {0}")]
+    Serialize(#[source] serde_json::Error),
     /// An applied object came back without the labels the builders put on it.
     #[error("object {0} does not carry the chimera.dev/head label of a declared head")]
     UnexpectedObject(String),
@@ -109,6 +114,7 @@ impl Error {
             },
             Error::NotNamespaced => "not_namespaced",
             Error::UnexpectedObject(_) => "unexpected_object",
+            Error::Serialize(_) => "serialize",
             Error::Autoscaler(_) => "autoscaler",
             Error::MetricsListen { .. } => "metrics_listen",
         }

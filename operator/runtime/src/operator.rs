@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::runtime::events::{Recorder, Reporter};
@@ -14,6 +13,7 @@ use kube::{Api, Client};
 use tracing::{info, warn};
 
 use crate::Error;
+use crate::caches::Caches;
 use crate::cluster::{Context, Scope};
 use crate::controller;
 use crate::scaler::metrics::AutoscalerMetrics;
@@ -41,26 +41,18 @@ pub struct OperatorConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
-/// Starts the autoscaler next to the controller, on the controller's module store and a
-/// reflector of the Deployments the operator owns; returns its metrics.
+/// Starts the autoscaler next to the controller, on the controller's caches and a reflector of
+/// the heads' pods; returns its metrics.
 fn start_autoscaler(
     ctx: &Arc<Context>,
     scope: &Scope,
-    modules: kube::runtime::reflector::Store<ChimeraModule>,
-    owned: watcher::Config,
+    caches: &Caches,
     settings: ScalerSettings,
 ) -> Result<AutoscalerMetrics, Error> {
     use kube::runtime::WatchStreamExt;
     use kube::runtime::reflector;
-    let (deployments, writer) = reflector::store();
-    let stream = reflector::reflector(
-        writer,
-        watcher(scope.api::<Deployment>(ctx.client.clone()), owned),
-    )
-    .default_backoff();
-    tokio::spawn(stream.for_each(|_| futures::future::ready(())));
-    // The heads' pods, for their start-up times (created -> Ready). Only the fields the
-    // scaler reads are kept: a cluster's pods are many.
+    // The heads' pods, for their start-up times (created -> Ready) and their addresses. Only
+    // the fields the scaler reads are kept: a cluster's pods are many.
     let (heads_pods, pods_writer) = reflector::store();
     let pods_stream = reflector::reflector(
         pods_writer,
@@ -72,16 +64,16 @@ fn start_autoscaler(
                 chimera_core::workloads::MANAGED_BY
             )),
         )
+        .default_backoff()
         .map_ok(|event| {
             event.modify(|pod| {
                 pod.metadata.managed_fields = None;
                 pod.spec = None;
             })
         }),
-    )
-    .default_backoff();
+    );
     tokio::spawn(pods_stream.for_each(|_| futures::future::ready(())));
-    let pods = crate::scaler::sources::PodMetrics::new(ctx.client.clone())?;
+    let pods = crate::scaler::sources::PodMetrics::new()?;
     let scaler = Arc::new(Scaler::new(
         Arc::new(crate::scaler::writer::KubeWriter::new(Arc::clone(ctx))),
         Arc::new(crate::scaler::sources::RabbitMq::default()),
@@ -89,7 +81,11 @@ fn start_autoscaler(
         settings,
     ));
     let metrics = scaler.metrics.clone();
-    tokio::spawn(scaler.run(modules, deployments, heads_pods));
+    tokio::spawn(scaler.run(
+        caches.modules.clone(),
+        caches.deployments.clone(),
+        heads_pods,
+    ));
     info!(
         interval_ms = settings.interval.as_millis(),
         "autoscaler started"
@@ -140,6 +136,7 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
         controller: "chimera-operator".into(),
         instance: std::env::var("POD_NAME").ok(),
     };
+    let (caches, watches) = crate::caches::watch(&client, &config.scope);
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
@@ -147,21 +144,16 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
         failures: Default::default(),
         broker: config.broker.clone(),
         topology_resync: config.topology_resync.unwrap_or(Duration::from_secs(30)),
+        caches: caches.clone(),
+        neighbours: Default::default(),
     });
     if config.broker.is_none() {
         warn!("no broker configured (--amqp-url): RabbitMQ topology is not managed");
     }
-    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=chimera-operator");
     info!(scope = ?config.scope, "chimera operator started");
-    let controller = controller::new(modules, &config.scope, &ctx, owned.clone());
+    let controller = controller::new(&caches, watches, &ctx);
     let metrics = match config.autoscale {
-        Some(settings) => Some(start_autoscaler(
-            &ctx,
-            &config.scope,
-            controller.store(),
-            owned,
-            settings,
-        )?),
+        Some(settings) => Some(start_autoscaler(&ctx, &config.scope, &caches, settings)?),
         None => None,
     };
     if let Some(addr) = config.metrics_addr {

@@ -7,6 +7,7 @@
 //! management client and the migration (I/O) live in the runtime crate.
 
 pub mod diff;
+pub mod neighbours;
 pub mod pattern;
 pub mod plan;
 pub mod render;

@@ -5,6 +5,7 @@
 
 mod contract;
 mod deployment;
+pub mod drift;
 mod labels;
 mod pdb;
 mod service;

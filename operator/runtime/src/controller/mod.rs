@@ -2,6 +2,7 @@
 //! API server. Desired state comes from `chimera_core::{workloads, status}`; this module only
 //! does I/O. `crate::operator` starts it beside the autoscaler.
 
+mod neighbours;
 mod reconcile;
 pub mod topology;
 
@@ -11,22 +12,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::Api;
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
 use tracing::warn;
 
 use crate::Error;
-use crate::cluster::{Context, Scope, publish};
+use crate::caches::{Caches, Watches};
+use crate::cluster::{Context, publish};
 use chimera_core::api::ChimeraModule;
 
 /// Longest wait between retries of a failing module.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
+/// Modules reconciled at once: a burst of a thousand queues here instead of at the API server.
+pub const CONCURRENCY: u16 = 16;
 
 /// Delay before retry number `attempt` (from 1): the error's base delay doubled per
 /// consecutive failure, capped, so a broken module does not hammer the API server.
@@ -68,38 +67,16 @@ fn error_policy(module: Arc<ChimeraModule>, error: &Error, ctx: Arc<Context>) ->
     Action::requeue(delay)
 }
 
-/// The controller of `modules`, owning the Deployments, Services and PDBs that carry `owned`'s
-/// labels. Its store is the module cache the autoscaler reads too.
-pub fn new(
-    modules: Api<ChimeraModule>,
-    scope: &Scope,
-    ctx: &Context,
-    owned: watcher::Config,
-) -> Controller<ChimeraModule> {
-    // A module's findings depend on the other modules of its namespace (who publishes what):
-    // any module change re-plans its neighbours.
-    let controller = Controller::new(modules.clone(), watcher::Config::default());
-    let store = controller.store();
-    controller
-        .watches(
-            modules,
-            watcher::Config::default(),
-            move |changed: ChimeraModule| {
-                let namespace = changed.metadata.namespace.clone();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|m| {
-                        m.metadata.namespace == namespace
-                            && m.metadata.name != changed.metadata.name
-                    })
-                    .map(|m| ObjectRef::from_obj(&*m))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .owns(scope.api::<Deployment>(ctx.client.clone()), owned.clone())
-        .owns(scope.api::<Service>(ctx.client.clone()), owned.clone())
-        .owns(scope.api::<PodDisruptionBudget>(ctx.client.clone()), owned)
+/// The controller of the cached modules, triggered by their changes, by changes of the
+/// objects they own, and by the changes of neighbours that alter their plan.
+pub fn new(caches: &Caches, watches: Watches, ctx: &Context) -> Controller<ChimeraModule> {
+    let (modules, neighbours) = neighbours::triggers(watches.modules, Arc::clone(&ctx.neighbours));
+    Controller::for_stream(modules, caches.modules.clone())
+        .owns_stream(watches.deployments.touched_objects())
+        .owns_stream(watches.services.touched_objects())
+        .owns_stream(watches.pdbs.touched_objects())
+        .reconcile_on(neighbours)
+        .with_config(controller::Config::default().concurrency(CONCURRENCY))
 }
 
 /// Drives `controller` until SIGTERM/Ctrl-C.

@@ -10,103 +10,126 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use tracing::{info, instrument};
+use tracing::{debug, info, instrument};
 
 use crate::Error;
+use crate::caches;
 use crate::cluster::{
     Context, FIELD_MANAGER, REPLICAS_MANAGER, STATUS_MANAGER, publish, set_replicas,
 };
 use chimera_core::api::ChimeraModule;
 use chimera_core::status::{self, ObservedHeads};
-use chimera_core::workloads::{self, Head};
+use chimera_core::workloads::{self, Head, MODULE_LABEL, drift};
 
 /// How often a module is reconciled when nothing changes (drift repair).
 const RESYNC: Duration = Duration::from_secs(300);
 
-/// Applies `object`, unless an object of that name exists that this module does not control:
-/// the operator never adopts or overwrites what someone else made.
-async fn apply<K>(api: &Api<K>, manager: &str, object: &K) -> Result<K, Error>
+/// Makes the object `desired` exist as built, reading what exists from `cache`: writes nothing
+/// when the cached object already holds every field desired, applies otherwise. Never adopts or
+/// overwrites an object of that name this module does not control. Returns the object as it
+/// now is.
+async fn ensure<K>(api: &Api<K>, cache: &Store<K>, desired: &K) -> Result<K, Error>
 where
-    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
-    K::DynamicType: Default,
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
-    let name = object.meta().name.clone().unwrap_or_default();
+    let name = desired.meta().name.clone().unwrap_or_default();
+    let namespace = desired.meta().namespace.clone().unwrap_or_default();
     let kind = K::kind(&K::DynamicType::default()).into_owned();
-    let existing = api.get_opt(&name).await.map_err(|cause| Error::Kube {
-        action: format!("read {kind} {name}"),
-        cause,
-    })?;
+    let existing = match caches::get(cache, &namespace, &name) {
+        Some(cached) => Some((*cached).clone()),
+        // Not among the objects labelled ours: one of that name may still exist (made by
+        // someone else, or unlabelled by hand), and must not be taken over.
+        None => api.get_opt(&name).await.map_err(|cause| Error::Kube {
+            action: format!("read {kind} {name}"),
+            cause,
+        })?,
+    };
     if let Some(existing) = existing {
-        let ours = object
-            .meta()
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true));
-        let theirs = existing
-            .meta()
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true));
-        if ours.map(|o| &o.uid) != theirs.map(|o| &o.uid) {
-            let owner = theirs
-                .map(|o| format!("{} {}", o.kind, o.name))
-                .unwrap_or_else(|| "nobody".to_owned());
-            return Err(Error::NameTaken { kind, name, owner });
+        check_controller(desired, &existing, &kind, &name)?;
+        let want = serde_json::to_value(desired).map_err(Error::Serialize)?;
+        let have = serde_json::to_value(&existing).map_err(Error::Serialize)?;
+        match drift::first_difference(&want, &have) {
+            None => return Ok(existing),
+            Some(field) => debug!(%kind, %name, %field, "applying: the live object differs"),
         }
     }
     api.patch(
         &name,
-        &PatchParams::apply(manager).force(),
-        &Patch::Apply(object),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(desired),
     )
     .await
-    .map_err(|cause| Error::Apply {
-        kind: K::kind(&K::DynamicType::default()).into_owned(),
-        name,
-        cause,
+    .map_err(|cause| Error::Apply { kind, name, cause })
+}
+
+/// Fails unless `existing` has the controller `desired` names.
+fn check_controller<K: Resource>(
+    desired: &K,
+    existing: &K,
+    kind: &str,
+    name: &str,
+) -> Result<(), Error> {
+    let controller = |o: &K| {
+        o.meta()
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|r| r.controller == Some(true))
+            .cloned()
+    };
+    let (ours, theirs) = (controller(desired), controller(existing));
+    if ours.as_ref().map(|o| &o.uid) == theirs.as_ref().map(|o| &o.uid) {
+        return Ok(());
+    }
+    let owner = theirs
+        .map(|o| format!("{} {}", o.kind, o.name))
+        .unwrap_or_else(|| "nobody".to_owned());
+    Err(Error::NameTaken {
+        kind: kind.to_owned(),
+        name: name.to_owned(),
+        owner,
     })
 }
 
-/// Deletes the module's objects of one kind whose names are not in `keep`.
+/// Deletes the module's cached objects of one kind whose names are not in `keep`.
 async fn delete_orphans<K>(
     api: &Api<K>,
-    module: &str,
+    cache: &Store<K>,
+    module: &ChimeraModule,
     keep: &BTreeSet<String>,
 ) -> Result<Vec<String>, Error>
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
-    K::DynamicType: Default,
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let kind = K::kind(&K::DynamicType::default()).into_owned();
-    let existing = api
-        .list(&ListParams::default().labels(&workloads::module_selector(module)))
-        .await
-        .map_err(|cause| Error::Kube {
-            action: format!("list {kind}s"),
-            cause,
-        })?;
+    let (namespace, name) = (module.namespace(), module.name_any());
+    let orphans: Vec<String> = cache
+        .state()
+        .iter()
+        .filter(|o| o.meta().namespace == namespace)
+        .filter(|o| o.meta().labels.as_ref().and_then(|l| l.get(MODULE_LABEL)) == Some(&name))
+        .filter_map(|o| o.meta().name.clone())
+        .filter(|n| !keep.contains(n))
+        .collect();
     let mut deleted = Vec::new();
-    for object in existing {
-        let name = object.name_any();
-        if keep.contains(&name) {
-            continue;
-        }
-        match api.delete(&name, &DeleteParams::background()).await {
-            Ok(_) => deleted.push(format!("{kind}/{name}")),
+    for object in orphans {
+        match api.delete(&object, &DeleteParams::background()).await {
+            Ok(_) => deleted.push(format!("{kind}/{object}")),
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(cause) => {
                 return Err(Error::Kube {
-                    action: format!("delete {kind} {name}"),
+                    action: format!("delete {kind} {object}"),
                     cause,
                 });
             }
@@ -223,33 +246,58 @@ async fn cleanup_module(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result
 /// Applies a live module: heads, topology, status.
 async fn apply_module(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = module.namespace().ok_or(Error::NotNamespaced)?;
-    let name = module.name_any();
     let desired = workloads::desired_workloads(&module, &ctx.settings)?;
+    // Until every cache holds its first list, a missing object may exist: wait rather than
+    // read each one from the API server.
+    caches::ready(&ctx.caches).await;
 
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &namespace);
 
+    let caches = &ctx.caches;
     let mut observed = ObservedHeads::default();
     for deployment in &desired.deployments {
-        let applied = apply(&deployments, FIELD_MANAGER, deployment).await?;
-        let (head, bounds) = head_bounds(&module, &applied)?;
-        let held = hold_replicas(&deployments, applied, bounds).await?;
+        let current = ensure(&deployments, &caches.deployments, deployment).await?;
+        let (head, bounds) = head_bounds(&module, &current)?;
+        let held = hold_replicas(&deployments, current, bounds).await?;
         match head {
             Head::Query => observed.query = Some(held),
             Head::Worker => observed.worker = Some(held),
         }
     }
     for service in &desired.services {
-        apply(&services, FIELD_MANAGER, service).await?;
+        ensure(&services, &caches.services, service).await?;
     }
     for pdb in &desired.pod_disruption_budgets {
-        apply(&pdbs, FIELD_MANAGER, pdb).await?;
+        ensure(&pdbs, &caches.pdbs, pdb).await?;
     }
 
-    let mut removed = delete_orphans(&deployments, &name, &names(&desired.deployments)).await?;
-    removed.extend(delete_orphans(&services, &name, &names(&desired.services)).await?);
-    removed.extend(delete_orphans(&pdbs, &name, &names(&desired.pod_disruption_budgets)).await?);
+    let mut removed = delete_orphans(
+        &deployments,
+        &caches.deployments,
+        &module,
+        &names(&desired.deployments),
+    )
+    .await?;
+    removed.extend(
+        delete_orphans(
+            &services,
+            &caches.services,
+            &module,
+            &names(&desired.services),
+        )
+        .await?,
+    );
+    removed.extend(
+        delete_orphans(
+            &pdbs,
+            &caches.pdbs,
+            &module,
+            &names(&desired.pod_disruption_budgets),
+        )
+        .await?,
+    );
     for object in &removed {
         info!(%object, "removed an object whose head left the spec");
         publish(
@@ -299,12 +347,31 @@ async fn apply_module(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<A
     }
     ctx.record_success(&module);
     // With a broker, resync often: drift on the broker (a queue deleted by hand) makes no
-    // Kubernetes event.
-    Ok(Action::requeue(if ctx.broker.is_some() {
+    // Kubernetes event. Spread, so that modules created together are not checked together.
+    let period = if ctx.broker.is_some() {
         ctx.topology_resync
     } else {
         RESYNC
-    }))
+    };
+    Ok(Action::requeue(spread(
+        period,
+        &module.uid().unwrap_or_default(),
+    )))
+}
+
+/// `period` scaled by a factor in [0.75, 1.25) that differs per module and per call.
+fn spread(period: Duration, seed: &str) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    seed.hash(&mut hasher);
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default()
+        .hash(&mut hasher);
+    #[allow(clippy::cast_precision_loss)]
+    let unit = (hasher.finish() % 1_000_000) as f64 / 1_000_000.0;
+    period.mul_f64(0.75 + 0.5 * unit)
 }
 
 /// Writes Ready=False (reason ReconcileFailed) on the module; logs, never fails.
@@ -363,5 +430,25 @@ fn head_bounds(
         (Some("query"), Some(q), _) => Ok((Head::Query, (q.replicas.min, q.replicas.max))),
         (Some("worker"), _, Some(w)) => Ok((Head::Worker, (w.replicas.min, w.replicas.max))),
         _ => Err(Error::UnexpectedObject(deployment.name_any())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resyncs_spread_around_the_period() {
+        let period = Duration::from_secs(40);
+        let spreads: Vec<Duration> = (0..50)
+            .map(|i| spread(period, &format!("uid-{i}")))
+            .collect();
+        assert!(
+            spreads
+                .iter()
+                .all(|d| *d >= Duration::from_secs(30) && *d < Duration::from_secs(50))
+        );
+        let distinct: std::collections::BTreeSet<_> = spreads.iter().collect();
+        assert!(distinct.len() > 40, "{distinct:?}");
     }
 }

@@ -2,10 +2,10 @@
 //! its broker, and say how it went as the `TopologyReady` verdict. On deletion, release the
 //! module's queues according to its deletion policy.
 
-use kube::api::ListParams;
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 
 use crate::Error;
+use crate::caches;
 use crate::cluster::{Context, endpoint_for};
 use crate::topology::declare::{self, ReleaseError};
 use chimera_core::api::{ChimeraModule, DeletionPolicy};
@@ -20,24 +20,29 @@ pub const FINALIZER: &str = "chimera.dev/topology";
 /// messages.
 pub const FORCE_DELETE_ANNOTATION: &str = "chimera.dev/force-delete";
 
-/// The plan of every live module in the module's namespace, cut to what this module owns.
-async fn owned_plan(module: &ChimeraModule, ctx: &Context) -> Result<TopologyPlan, Error> {
+/// The module's part of the plan, from the cached modules its plan reads (its neighbours):
+/// neither a LIST nor the whole namespace per reconcile.
+fn owned_plan(module: &ChimeraModule, ctx: &Context) -> Result<TopologyPlan, Error> {
     let namespace = module.namespace().ok_or(Error::NotNamespaced)?;
-    let modules: Api<ChimeraModule> = Api::namespaced(ctx.client.clone(), &namespace);
-    let all = modules
-        .list(&ListParams::default())
-        .await
-        .map_err(|cause| Error::Kube {
-            action: "list the namespace's modules".into(),
-            cause,
-        })?;
-    // A module being deleted no longer counts as a publisher for the others.
-    let live: Vec<ChimeraModule> = all
-        .items
-        .into_iter()
-        .filter(|m| m.metadata.deletion_timestamp.is_none() || m.uid() == module.uid())
+    let set = ctx
+        .neighbours
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .planning_set(module);
+    // A module being deleted no longer counts as a publisher for the others; this one is
+    // planned as it is now.
+    let mut modules: Vec<ChimeraModule> = set
+        .iter()
+        .filter(|(_, name)| Some(name) != module.metadata.name.as_ref())
+        .filter_map(|(ns, name)| caches::get(&ctx.caches.modules, ns, name))
+        .filter(|m| {
+            m.metadata.deletion_timestamp.is_none()
+                && m.namespace().as_deref() == Some(namespace.as_str())
+        })
+        .map(|m| (*m).clone())
         .collect();
-    Ok(plan::plan(&live).for_domain(module.domain(), &module_key(module)))
+    modules.push(module.clone());
+    Ok(plan::plan(&modules).for_domain(module.domain(), &module_key(module)))
 }
 
 /// Declares the module's topology. Returns the verdict, and the broker error (if any) so the
@@ -46,7 +51,7 @@ pub async fn declare(
     module: &ChimeraModule,
     ctx: &Context,
 ) -> Result<(Verdict, Option<Error>), Error> {
-    let owned = owned_plan(module, ctx).await?;
+    let owned = owned_plan(module, ctx)?;
     let endpoint = match endpoint_for(module, ctx).await {
         Ok(e) => e,
         Err(verdict) => {
@@ -65,7 +70,7 @@ pub async fn declare(
 
 /// Releases a deleted module's topology per its deletion policy.
 pub async fn release(module: &ChimeraModule, ctx: &Context) -> Result<ReleaseReport, Error> {
-    let owned = owned_plan(module, ctx).await?;
+    let owned = owned_plan(module, ctx)?;
     let delete = module.spec.topology.deletion_policy == DeletionPolicy::Delete;
     let endpoint = match endpoint_for(module, ctx).await {
         Ok(e) => e,

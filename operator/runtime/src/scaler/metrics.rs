@@ -7,6 +7,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// Which head.
@@ -51,6 +52,10 @@ pub struct AutoscalerMetrics {
     pub stale: Family<HeadLabels, Gauge>,
     /// Replica changes made.
     pub actions: Family<ActionLabels, Counter>,
+    /// Seconds from a tick's start to each head's decision in it: how late decisions are.
+    pub tick_lag: Histogram,
+    /// Unix time of the head's last decision: the heartbeat (status changes only on change).
+    pub last_decision: Family<HeadLabels, Gauge>,
 }
 
 impl AutoscalerMetrics {
@@ -64,6 +69,10 @@ impl AutoscalerMetrics {
         let latency = Family::<HeadLabels, Gauge<f64, AtomicU64>>::default();
         let stale = Family::<HeadLabels, Gauge>::default();
         let actions = Family::<ActionLabels, Counter>::default();
+        let tick_lag = Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+        ]);
+        let last_decision = Family::<HeadLabels, Gauge>::default();
         registry.register(
             "desired_replicas",
             "Replicas the control law wants",
@@ -95,6 +104,16 @@ impl AutoscalerMetrics {
             stale.clone(),
         );
         registry.register("scale_actions", "Replica changes made", actions.clone());
+        registry.register(
+            "tick_lag_seconds",
+            "Seconds from a tick's start to each head's decision in it",
+            tick_lag.clone(),
+        );
+        registry.register(
+            "last_decision_timestamp_seconds",
+            "Unix time of the head's last decision",
+            last_decision.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             desired,
@@ -104,6 +123,8 @@ impl AutoscalerMetrics {
             latency,
             stale,
             actions,
+            tick_lag,
+            last_decision,
         }
     }
 

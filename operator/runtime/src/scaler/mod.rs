@@ -1,8 +1,10 @@
 //! The autoscaler: a loop with a short tick that reads each head's signals, runs its control
 //! law (chimera_core::autoscale) and writes the Deployment's replicas, as the one owner of
 //! `spec.replicas` (the field manager the reconciler uses to hold replicas within bounds).
-//! Each decision goes to the module's status (`status.autoscaling`), to an Event when the count
-//! changes, and to the operator's `/metrics`. Missing or stale metrics hold the replicas.
+//! Each decision goes to the operator's `/metrics` (with its lag behind the tick and a
+//! heartbeat); the module's status (`status.autoscaling`) is written only when a count, the
+//! staleness or the measured start-up changes, and an Event when the replicas change. Missing
+//! or stale metrics hold the replicas.
 
 pub mod metrics;
 pub mod sources;
@@ -33,8 +35,6 @@ use writer::ReplicaWriter;
 
 /// Field manager of `status.autoscaling`.
 pub const AUTOSCALER_MANAGER: &str = "chimera-operator/autoscaler";
-/// A decision is written to status at least this often, even when it did not change.
-const STATUS_REFRESH: Duration = Duration::from_secs(15);
 /// A module's broker endpoint is re-read (it may come from a Secret) this often.
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(30);
 /// Heads scaled at once.
@@ -68,7 +68,7 @@ type Heads<A> = Mutex<HashMap<String, Arc<tokio::sync::Mutex<A>>>>;
 #[derive(Default)]
 struct ModuleState {
     endpoint: Option<(BrokerEndpoint, Instant)>,
-    written: Option<(AutoscalingStatus, Instant)>,
+    written: Option<AutoscalingStatus>,
 }
 
 /// The autoscaler and what its laws have learned, per head.
@@ -130,15 +130,21 @@ impl Scaler {
         let mut tick = tokio::time::interval(self.settings.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
-            tick.tick().await;
+            let started = tick.tick().await;
             let live = modules.state();
             self.forget_gone(&live);
-            self.measure_startups(&pods.state());
+            let pods = pods.state();
+            self.measure_startups(&pods);
+            let targets = sources::ready_targets(&pods);
             futures::stream::iter(live)
                 .for_each_concurrent(CONCURRENCY, |m| {
                     let deployments = &deployments;
+                    let targets = &targets;
                     let this = &self;
-                    async move { this.scale_module(&m, deployments).await }
+                    async move {
+                        this.scale_module(&m, deployments, targets, started.into_std())
+                            .await;
+                    }
                 })
                 .await;
         }
@@ -234,8 +240,15 @@ impl Scaler {
         Arc::clone(modules.entry(key(module)).or_default())
     }
 
-    /// One tick for one module: each head's decision, then the status.
-    pub async fn scale_module(&self, module: &ChimeraModule, deployments: &Store<Deployment>) {
+    /// One tick for one module: each head's decision, then the status. `targets` holds the
+    /// addresses of the ready pods by head; `tick` is when the tick began.
+    pub async fn scale_module(
+        &self,
+        module: &ChimeraModule,
+        deployments: &Store<Deployment>,
+        targets: &HashMap<String, Vec<String>>,
+        tick: Instant,
+    ) {
         if module.metadata.deletion_timestamp.is_some() {
             return;
         }
@@ -251,7 +264,10 @@ impl Scaler {
             else {
                 continue; // not created yet: the reconciler will
             };
-            let decision = self.scale_head(module, head, &deployment, &mut state).await;
+            let decision = self
+                .scale_head(module, head, &deployment, targets, &mut state)
+                .await;
+            self.metrics.tick_lag.observe(tick.elapsed().as_secs_f64());
             match head {
                 Head::Query => status.query = decision,
                 Head::Worker => status.worker = decision,
@@ -265,6 +281,7 @@ impl Scaler {
         module: &ChimeraModule,
         head: Head,
         deployment: &Deployment,
+        targets: &HashMap<String, Vec<String>>,
         state: &mut ModuleState,
     ) -> Option<ScalingDecision> {
         let namespace = module.namespace()?;
@@ -325,11 +342,23 @@ impl Scaler {
                     Self::autoscaler(&self.queries, &head_key, || QueryAutoscaler::new(settings));
                 let mut autoscaler = cell.lock().await;
                 autoscaler.reconfigure(settings);
-                let service = object_name(&module.name_any(), Head::Query);
-                let scrapes =
-                    tokio::time::timeout(SOURCE_TIMEOUT, self.latency.sample(&namespace, &service))
+                let port = module.spec.query.as_ref()?.port;
+                let pods: Vec<String> = targets
+                    .get(&head_key)
+                    .into_iter()
+                    .flatten()
+                    .map(|host| format!("{host}:{port}"))
+                    .collect();
+                let scrapes = if pods.is_empty() {
+                    Err(sources::SourceError::NoReadyPods {
+                        namespace: namespace.clone(),
+                        module: module.name_any(),
+                    })
+                } else {
+                    tokio::time::timeout(SOURCE_TIMEOUT, self.latency.sample(&pods))
                         .await
-                        .unwrap_or(Err(sources::SourceError::Timeout(SOURCE_TIMEOUT)));
+                        .unwrap_or(Err(sources::SourceError::Timeout(SOURCE_TIMEOUT)))
+                };
                 autoscaler
                     .decide_scrapes(now, scrapes.as_deref(), replicas)
                     .0
@@ -351,6 +380,10 @@ impl Scaler {
             .stale
             .get_or_create(&labels)
             .set(i64::from(stale));
+        self.metrics
+            .last_decision
+            .get_or_create(&labels)
+            .set(unix_seconds());
         if decision.desired != current {
             self.apply(module, head, deployment, current, &decision, &labels)
                 .await;
@@ -441,8 +474,9 @@ impl Scaler {
     }
 
     /// Writes both heads' decisions (one apply owns the whole `status.autoscaling`) when a
-    /// count, the staleness or the pods the start-up time was measured from changed, or after
-    /// STATUS_REFRESH.
+    /// count, the staleness or the pods the start-up time was measured from changed; nothing
+    /// otherwise (the heartbeat is the `last_decision_timestamp_seconds` metric). After the
+    /// operator restarts, the status it finds counts as written.
     async fn write_status(
         &self,
         module: &ChimeraModule,
@@ -461,17 +495,24 @@ impl Scaler {
                 })
             })
         };
-        if let Some((written, at)) = &state.written
-            && counts(written) == counts(&status)
-            && at.elapsed() < STATUS_REFRESH
-        {
+        let written = state
+            .written
+            .as_ref()
+            .or(module.status.as_ref().and_then(|s| s.autoscaling.as_ref()));
+        if written.is_some_and(|w| counts(w) == counts(&status)) {
             return;
         }
         match self.writer.status(module, &status).await {
-            Ok(_) => state.written = Some((status, Instant::now())),
+            Ok(_) => state.written = Some(status),
             Err(error) => tracing::debug!(%error, "could not write the autoscaling status"),
         }
     }
+}
+
+fn unix_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 fn now_rfc3339() -> String {
@@ -521,8 +562,7 @@ mod tests {
     impl LatencySource for NoPods {
         fn sample<'a>(
             &'a self,
-            _: &'a str,
-            _: &'a str,
+            _: &'a [String],
         ) -> BoxFuture<'a, Result<Vec<(String, Scrape)>, SourceError>> {
             Box::pin(async { Err(SourceError::Timeout(Duration::from_secs(3))) })
         }
@@ -626,7 +666,9 @@ mod tests {
     #[tokio::test]
     async fn a_backlog_scales_the_worker_out_and_says_so() {
         let (recorder, _, scaler, module, store) = world(Ok(backlog(200.0)));
-        scaler.scale_module(&module, &store).await;
+        scaler
+            .scale_module(&module, &store, &HashMap::new(), Instant::now())
+            .await;
         let scaled = recorder.scaled.lock().unwrap().clone();
         assert_eq!(scaled.len(), 1, "{scaled:?}");
         assert_eq!(scaled[0].0, "ledger-worker");
@@ -643,7 +685,9 @@ mod tests {
     async fn an_unreadable_queue_holds_writes_no_replicas_and_an_unchanged_status_once() {
         let (recorder, _, scaler, module, store) = world(Err(()));
         for _ in 0..3 {
-            scaler.scale_module(&module, &store).await;
+            scaler
+                .scale_module(&module, &store, &HashMap::new(), Instant::now())
+                .await;
         }
         assert!(recorder.scaled.lock().unwrap().is_empty());
         assert!(recorder.events.lock().unwrap().is_empty());
@@ -683,9 +727,13 @@ mod tests {
     #[tokio::test]
     async fn the_law_plans_with_the_start_up_time_of_the_heads_own_pods() {
         let (recorder, _, scaler, module, store) = world(Ok(backlog(0.0)));
-        scaler.scale_module(&module, &store).await;
+        scaler
+            .scale_module(&module, &store, &HashMap::new(), Instant::now())
+            .await;
         scaler.measure_startups(&[head_pod("a", 2), head_pod("b", 3)]);
-        scaler.scale_module(&module, &store).await;
+        scaler
+            .scale_module(&module, &store, &HashMap::new(), Instant::now())
+            .await;
         let statuses = recorder.statuses.lock().unwrap();
         let before = statuses[0].worker.as_ref().unwrap();
         assert_eq!(before.pod_startup_seconds, Some(10.0), "the default");
@@ -699,9 +747,13 @@ mod tests {
     #[tokio::test]
     async fn a_recovered_queue_writes_the_status_again() {
         let (recorder, queue, scaler, module, store) = world(Err(()));
-        scaler.scale_module(&module, &store).await;
+        scaler
+            .scale_module(&module, &store, &HashMap::new(), Instant::now())
+            .await;
         *queue.0.lock().unwrap() = Ok(backlog(0.0));
-        scaler.scale_module(&module, &store).await;
+        scaler
+            .scale_module(&module, &store, &HashMap::new(), Instant::now())
+            .await;
         let statuses = recorder.statuses.lock().unwrap();
         assert_eq!(statuses.len(), 2, "staleness changed: {statuses:?}");
         assert!(!statuses[1].worker.as_ref().unwrap().metrics_stale);

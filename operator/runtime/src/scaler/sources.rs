@@ -1,23 +1,20 @@
 //! Where the autoscaler's signals come from, behind traits so the loop does not care: RabbitMQ
 //! for worker queues (AMQP passive declare for the ready count and consumers, which is current;
 //! the management API for unacked messages and the ack counter), and the query pods' `/metrics`
-//! found through the Service's EndpointSlices.
+//! at the addresses of the head's ready pods (from the operator's pod cache: no API request).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::ListParams;
-use kube::{Api, Client};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 
 use crate::topology::management::{BrokerError, ManagementClient};
 use chimera_core::autoscale::exposition::{self, Scrape};
 pub use chimera_core::autoscale::signals::QueueSample;
-use chimera_core::topology::state::BrokerEndpoint;
+use chimera_core::topology::state::{ActualQueue, BrokerEndpoint};
 
 /// Why a signal could not be read (the autoscaler then holds the replicas and says why).
 #[derive(Debug, thiserror::Error)]
@@ -33,16 +30,13 @@ pub enum SourceError {
     /// The management API failed.
     #[error("broker: {0}")]
     Management(#[from] BrokerError),
-    /// The API server did not answer.
-    #[error("listing the query head's endpoints: {0}")]
-    Endpoints(#[source] kube::Error),
-    /// The head's Service has no ready endpoint.
-    #[error("no pod metrics: Service {namespace}/{service} has no ready endpoints")]
-    NoEndpoints {
+    /// The head has no ready pod to scrape.
+    #[error("no pod metrics: the query head of {namespace}/{module} has no ready pod")]
+    NoReadyPods {
         /// The namespace.
         namespace: String,
-        /// The Service.
-        service: String,
+        /// The module.
+        module: String,
     },
     /// No pod of the head could be scraped.
     #[error("no pod metrics: {}", .0.iter().map(|(t, e)| format!("{t}: {e}")).collect::<Vec<_>>().join("; "))]
@@ -78,19 +72,28 @@ pub trait QueueSource: Send + Sync {
 
 /// Reads a query head's pods.
 pub trait LatencySource: Send + Sync {
-    /// Each ready pod's scrape of the head behind Service `service`, keyed by endpoint.
+    /// The scrape of each of `targets` (`host:port` of the head's ready pods) that answered.
     fn sample<'a>(
         &'a self,
-        namespace: &'a str,
-        service: &'a str,
+        targets: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<(String, Scrape)>, SourceError>>;
 }
 
-/// RabbitMQ: one AMQP channel and one management client per broker, kept between ticks.
+/// How old a vhost's counters may be before the next sample reads them again: under a tick,
+/// so each tick reads them once for every queue of the vhost.
+const COUNTERS_MAX_AGE: Duration = Duration::from_millis(500);
+
+/// A vhost's queue counters as last read, by queue name.
+type Counters = std::sync::Arc<HashMap<String, ActualQueue>>;
+
+/// RabbitMQ: one AMQP channel and one management client per broker, kept between ticks, and
+/// each vhost's queue counters read once per tick for all its queues.
 #[derive(Default)]
 pub struct RabbitMq {
     channels: Mutex<HashMap<String, lapin::Channel>>,
     management: Mutex<HashMap<String, std::sync::Arc<ManagementClient>>>,
+    counters:
+        Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<Option<(Instant, Counters)>>>>>,
 }
 
 impl RabbitMq {
@@ -147,6 +150,27 @@ impl RabbitMq {
         Ok(client)
     }
 
+    /// The vhost's counters, read again when older than [`COUNTERS_MAX_AGE`] (one read at a
+    /// time: concurrent samples wait for it and share it).
+    async fn counters(&self, endpoint: &BrokerEndpoint) -> Result<Counters, SourceError> {
+        let key = format!("{}|{}", endpoint.management_url, endpoint.vhost);
+        let cell = {
+            let mut cells = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+            std::sync::Arc::clone(cells.entry(key).or_default())
+        };
+        let mut cached = cell.lock().await;
+        if let Some((at, counters)) = cached.as_ref()
+            && at.elapsed() < COUNTERS_MAX_AGE
+        {
+            return Ok(std::sync::Arc::clone(counters));
+        }
+        let queues = self.management_client(endpoint)?.queue_counters().await?;
+        let counters: Counters =
+            std::sync::Arc::new(queues.into_iter().map(|q| (q.name.clone(), q)).collect());
+        *cached = Some((Instant::now(), std::sync::Arc::clone(&counters)));
+        Ok(counters)
+    }
+
     fn forget(&self, url: &str) {
         if let Ok(mut c) = self.channels.lock() {
             c.remove(url);
@@ -183,8 +207,11 @@ impl QueueSource for RabbitMq {
                     });
                 }
             };
-            let management = self.management_client(endpoint)?;
-            let stats = management.queue(queue).await?;
+            let stats = match self.counters(endpoint).await?.get(queue) {
+                Some(stats) => stats.clone(),
+                // Declared since the vhost's counters were read.
+                None => self.management_client(endpoint)?.queue(queue).await?,
+            };
             #[allow(clippy::cast_precision_loss)]
             Ok(QueueSample {
                 ready: f64::from(declared.message_count()),
@@ -196,70 +223,29 @@ impl QueueSource for RabbitMq {
     }
 }
 
-/// Query pods through the EndpointSlices of their Service.
+/// Query pods over HTTP.
 pub struct PodMetrics {
-    client: Client,
     http: reqwest::Client,
 }
 
 impl PodMetrics {
     /// Scrapes with a short timeout: a slow pod must not stall the loop.
-    pub fn new(client: Client) -> Result<Self, SourceError> {
+    pub fn new() -> Result<Self, SourceError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(800))
             .build()
             .map_err(SourceError::Client)?;
-        Ok(Self { client, http })
+        Ok(Self { http })
     }
 }
 
 impl LatencySource for PodMetrics {
     fn sample<'a>(
         &'a self,
-        namespace: &'a str,
-        service: &'a str,
+        targets: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<(String, Scrape)>, SourceError>> {
         Box::pin(async move {
-            let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), namespace);
-            let list = slices
-                .list(
-                    &ListParams::default().labels(&format!("kubernetes.io/service-name={service}")),
-                )
-                .await
-                .map_err(SourceError::Endpoints)?;
-            let mut targets = Vec::new();
-            for slice in &list.items {
-                let port = slice
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|p| p.name.as_deref() == Some(chimera_contract::metrics::HTTP_PORT_NAME))
-                    .or_else(|| slice.ports.iter().flatten().next())
-                    .and_then(|p| p.port);
-                let Some(port) = port else { continue };
-                for endpoint in &slice.endpoints {
-                    let ready = endpoint
-                        .conditions
-                        .as_ref()
-                        .and_then(|c| c.ready)
-                        .unwrap_or(true);
-                    if let (true, Some(address)) = (ready, endpoint.addresses.first()) {
-                        let host = if address.contains(':') {
-                            format!("[{address}]")
-                        } else {
-                            address.clone()
-                        };
-                        targets.push(format!("{host}:{port}"));
-                    }
-                }
-            }
-            if targets.is_empty() {
-                return Err(SourceError::NoEndpoints {
-                    namespace: namespace.to_owned(),
-                    service: service.to_owned(),
-                });
-            }
             let scrapes = futures::future::join_all(
                 targets
                     .iter()
@@ -278,11 +264,54 @@ impl LatencySource for PodMetrics {
                 return Err(SourceError::Scrapes(errors));
             }
             if !errors.is_empty() {
-                tracing::debug!(service, errors = %SourceError::Scrapes(errors), "some query pods could not be scraped");
+                tracing::debug!(errors = %SourceError::Scrapes(errors), "some query pods could not be scraped");
             }
             Ok(ok)
         })
     }
+}
+
+/// The address of every ready, not terminating pod in `pods`, by `namespace/module/head`.
+pub fn ready_targets(
+    pods: &[std::sync::Arc<k8s_openapi::api::core::v1::Pod>],
+) -> HashMap<String, Vec<String>> {
+    use chimera_core::workloads::{HEAD_LABEL, MODULE_LABEL};
+    use kube::ResourceExt;
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for pod in pods {
+        if pod.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let labels = pod.labels();
+        let (Some(namespace), Some(module), Some(head)) = (
+            pod.namespace(),
+            labels.get(MODULE_LABEL),
+            labels.get(HEAD_LABEL),
+        ) else {
+            continue;
+        };
+        let status = pod.status.as_ref();
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let Some(ip) = status.and_then(|s| s.pod_ip.clone()) else {
+            continue;
+        };
+        if ready {
+            let host = if ip.contains(':') {
+                format!("[{ip}]")
+            } else {
+                ip
+            };
+            out.entry(format!("{namespace}/{module}/{head}"))
+                .or_default()
+                .push(host);
+        }
+    }
+    for hosts in out.values_mut() {
+        hosts.sort();
+    }
+    out
 }
 
 /// Reads the `/metrics` of one head replica at `target` (`host:port`).
