@@ -8,14 +8,21 @@ use std::collections::BTreeMap;
 pub struct Requests(pub BTreeMap<(String, String), f64>);
 
 /// The resources the operator reads and writes; everything else on the server (the node's
-/// kubelet, the controllers) is left out of the counts.
-pub const OPERATOR_RESOURCES: [&str; 5] = [
+/// kubelet, the controllers) is left out of the counts. Events count only in the group the
+/// operator writes them in (`events.k8s.io`; the controllers write core ones).
+pub const OPERATOR_RESOURCES: [&str; 6] = [
     "chimeramodules",
     "deployments",
     "services",
     "poddisruptionbudgets",
     "secrets",
+    "events.k8s.io/events",
 ];
+
+/// Verbs by which the operator writes: server-side apply, patches (finalizers, Event series),
+/// deletions of objects a head left behind, and Event creation (`POST`). The deployment controller's status updates
+/// (`PUT deployments/status`) are not the operator's.
+const OPERATOR_WRITES: [&str; 5] = ["APPLY", "PATCH", "DELETE", "CREATE", "POST"];
 
 /// Parses the exposition text: the `apiserver_request_total` samples on `resources`.
 pub fn parse(text: &str, resources: &[&str]) -> Requests {
@@ -38,6 +45,10 @@ pub fn parse(text: &str, resources: &[&str]) -> Requests {
         };
         let (Some(verb), Some(resource)) = (label("verb"), label("resource")) else {
             continue;
+        };
+        let resource = match label("group").filter(|g| !g.is_empty() && resource == "events") {
+            Some(group) => format!("{group}/{resource}"),
+            None => resource,
         };
         if !resources.contains(&resource.as_str()) {
             continue;
@@ -73,16 +84,11 @@ impl Requests {
         out
     }
 
-    /// Writes: every verb that changes something (server-side apply is `APPLY`).
-    pub fn writes(&self) -> f64 {
+    /// Writes by the verbs the operator writes with (server-side apply is `APPLY`).
+    pub fn operator_writes(&self) -> f64 {
         self.0
             .iter()
-            .filter(|((verb, _), _)| {
-                matches!(
-                    verb.as_str(),
-                    "APPLY" | "PATCH" | "UPDATE" | "POST" | "CREATE" | "PUT" | "DELETE"
-                )
-            })
+            .filter(|((verb, _), _)| OPERATOR_WRITES.contains(&verb.as_str()))
             .map(|(_, v)| v)
             .sum()
     }
@@ -106,6 +112,7 @@ apiserver_request_total{code="200",component="apiserver",dry_run="",group="apps"
 apiserver_request_total{code="201",component="apiserver",dry_run="",group="apps",resource="deployments",scope="resource",subresource="",verb="APPLY",version="v1"} 3
 apiserver_request_total{code="200",component="apiserver",dry_run="",group="apps",resource="deployments",scope="resource",subresource="status",verb="PUT",version="v1"} 4
 apiserver_request_total{code="200",component="apiserver",dry_run="",group="",resource="nodes",scope="resource",subresource="status",verb="PATCH",version="v1"} 9
+apiserver_request_total{code="201",component="apiserver",dry_run="",group="",resource="events",scope="resource",subresource="",verb="CREATE",version="v1"} 5
 apiserver_request_duration_seconds_bucket{verb="APPLY",le="1"} 5
 "#;
 
@@ -114,8 +121,8 @@ apiserver_request_duration_seconds_bucket{verb="APPLY",le="1"} 5
         let r = parse(TEXT, &OPERATOR_RESOURCES);
         assert_eq!(r.0[&("APPLY".into(), "deployments".into())], 10.0);
         assert_eq!(r.0[&("PUT".into(), "deployments/status".into())], 4.0);
-        assert_eq!(r.0.len(), 2, "nodes are not ours: {r:?}");
-        assert_eq!(r.writes(), 14.0);
+        assert_eq!(r.0.len(), 2, "nodes and core events are not ours: {r:?}");
+        assert_eq!(r.operator_writes(), 10.0, "PUT status is the deployment controller's");
     }
 
     #[test]

@@ -58,13 +58,14 @@ pub fn modules(shape: Shape) -> Value {
     list((0..shape.modules).map(|i| module(shape, i)).collect())
 }
 
-/// The Deployments, Services and PodDisruptionBudgets the operator makes of the fleet in
-/// `namespace`, without owner references (their owners do not exist where the floor runs, and
-/// the garbage collector would delete them).
+/// The modules and the Deployments, Services and PodDisruptionBudgets the operator makes of
+/// them in `namespace`, the latter without owner references (the floor's modules have other
+/// uids, and the garbage collector would delete what names an owner that does not exist).
 pub fn desired_objects(shape: Shape, namespace: &str) -> anyhow::Result<Value> {
     let settings = WorkloadSettings::default();
     let mut items = Vec::new();
     for i in 0..shape.modules {
+        items.push(module(shape, i));
         let mut module: ChimeraModule = serde_json::from_value(module(shape, i))?;
         module.metadata.namespace = Some(namespace.to_owned());
         module.metadata.uid = Some(format!("00000000-0000-0000-0000-{i:012}"));
@@ -131,8 +132,8 @@ mod tests {
         };
         let objects = desired_objects(shape, "ns").unwrap();
         let items = objects["items"].as_array().unwrap();
-        // two Deployments, a Service and a PDB per module
-        assert_eq!(items.len(), 12);
+        // the module, two Deployments, a Service and a PDB per module
+        assert_eq!(items.len(), 15);
         assert!(
             items
                 .iter()

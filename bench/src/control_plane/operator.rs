@@ -146,33 +146,58 @@ fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// The p99 of histogram `name` (upper bound of the bucket holding the 99th percentile) in
-/// exposition `text`, and how many samples it holds.
-pub fn histogram_p99(text: &str, name: &str) -> Option<(f64, f64)> {
+/// The cumulative buckets `(le, count)` of histogram `name` in exposition `text`, by `le`.
+pub fn buckets(text: &str, name: &str) -> Vec<(f64, f64)> {
     let prefix = format!("{name}_bucket{{");
     let mut buckets: Vec<(f64, f64)> = Vec::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(&prefix) else {
             continue;
         };
-        let (labels, value) = rest.rsplit_once("} ")?;
-        let le = labels
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let Some(le) = labels
             .split(',')
-            .find_map(|p| p.strip_prefix("le=").map(|v| v.trim_matches('"')))?;
+            .find_map(|p| p.strip_prefix("le=").map(|v| v.trim_matches('"')))
+        else {
+            continue;
+        };
         let le = if le == "+Inf" {
             f64::INFINITY
         } else {
-            le.parse().ok()?
+            match le.parse() {
+                Ok(le) => le,
+                Err(_) => continue,
+            }
         };
-        let count: f64 = value.trim().parse().ok()?;
+        let Ok(count) = value.trim().parse::<f64>() else {
+            continue;
+        };
         match buckets.iter_mut().find(|(b, _)| *b == le) {
             Some(b) => b.1 += count,
             None => buckets.push((le, count)),
         }
     }
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// What was observed between `earlier` and `later` (cumulative buckets of one histogram).
+pub fn since(later: &[(f64, f64)], earlier: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    later
+        .iter()
+        .map(|(le, n)| {
+            let before = earlier.iter().find(|(b, _)| b == le).map_or(0.0, |b| b.1);
+            (*le, n - before)
+        })
+        .collect()
+}
+
+/// The p99 (upper bound of the bucket holding it) and the number of samples.
+pub fn p99(buckets: &[(f64, f64)]) -> Option<(f64, f64)> {
     let total = buckets.last()?.1;
-    if total == 0.0 {
+    if total <= 0.0 {
         return None;
     }
     let rank = total * 0.99;
@@ -189,7 +214,12 @@ mod tests {
     #[test]
     fn the_p99_is_the_bucket_that_holds_it() {
         let text = "x_bucket{le=\"0.01\"} 50\nx_bucket{le=\"0.1\"} 98\nx_bucket{le=\"0.5\"} 100\nx_bucket{le=\"+Inf\"} 100\n";
-        assert_eq!(histogram_p99(text, "x"), Some((0.5, 100.0)));
-        assert_eq!(histogram_p99("", "x"), None);
+        assert_eq!(p99(&buckets(text, "x")), Some((0.5, 100.0)));
+        assert_eq!(p99(&buckets("", "x")), None);
+        let later = buckets(&text.replace("} 100", "} 300").replace("} 98", "} 296"), "x");
+        // In the window: 198 of 200 at most 0.1 s, the 99th percentile among them.
+        let window = since(&later, &buckets(text, "x"));
+        assert_eq!(window.last(), Some(&(f64::INFINITY, 200.0)));
+        assert_eq!(p99(&window), Some((0.1, 200.0)));
     }
 }

@@ -84,6 +84,10 @@ pub struct Context {
     pub caches: crate::caches::Caches,
     /// Who depends on whom among the modules, for requeues and for planning.
     pub neighbours: std::sync::Arc<Mutex<chimera_core::topology::neighbours::Neighbours>>,
+    /// Each module's last declared topology, by `namespace/name`.
+    pub declared: Mutex<HashMap<String, crate::controller::topology::Declared>>,
+    /// Each vhost's shared snapshot.
+    pub snapshots: crate::topology::snapshots::Snapshots,
 }
 
 impl Context {

@@ -146,6 +146,8 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
         topology_resync: config.topology_resync.unwrap_or(Duration::from_secs(30)),
         caches: caches.clone(),
         neighbours: Default::default(),
+        declared: Default::default(),
+        snapshots: Default::default(),
     });
     if config.broker.is_none() {
         warn!("no broker configured (--amqp-url): RabbitMQ topology is not managed");

@@ -12,5 +12,6 @@ pub mod pattern;
 pub mod plan;
 pub mod render;
 pub mod report;
+pub mod snapshot;
 pub mod state;
 pub mod verdict;

@@ -57,6 +57,16 @@ pub enum ArgValue {
     Int(i64),
 }
 
+impl ArgValue {
+    /// As the management API reports it.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            ArgValue::Str(s) => serde_json::Value::String(s.clone()),
+            ArgValue::Int(i) => serde_json::Value::from(*i),
+        }
+    }
+}
+
 /// What a queue is for.
 #[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(rename_all = "kebab-case")]
@@ -508,7 +518,7 @@ pub(crate) mod tests {
         m
     }
 
-    fn marketplace() -> Vec<ChimeraModule> {
+    pub(crate) fn marketplace() -> Vec<ChimeraModule> {
         vec![
             module(
                 "users",

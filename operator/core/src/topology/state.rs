@@ -28,7 +28,7 @@ pub struct ActualExchange {
 }
 
 /// A queue as the broker has it.
-#[derive(Deserialize, Clone, Debug, PartialEq)]
+#[derive(Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct ActualQueue {
     /// Name.
     pub name: String,

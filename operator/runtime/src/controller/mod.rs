@@ -26,6 +26,9 @@ use chimera_core::api::ChimeraModule;
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 /// Modules reconciled at once: a burst of a thousand queues here instead of at the API server.
 pub const CONCURRENCY: u16 = 16;
+/// Triggers of one module within this long make one reconcile (a new module's Deployments,
+/// Service and PDB appearing one by one, their first status updates).
+const DEBOUNCE: Duration = Duration::from_millis(500);
 
 /// Delay before retry number `attempt` (from 1): the error's base delay doubled per
 /// consecutive failure, capped, so a broken module does not hammer the API server.
@@ -76,7 +79,11 @@ pub fn new(caches: &Caches, watches: Watches, ctx: &Context) -> Controller<Chime
         .owns_stream(watches.services.touched_objects())
         .owns_stream(watches.pdbs.touched_objects())
         .reconcile_on(neighbours)
-        .with_config(controller::Config::default().concurrency(CONCURRENCY))
+        .with_config(
+            controller::Config::default()
+                .concurrency(CONCURRENCY)
+                .debounce(DEBOUNCE),
+        )
 }
 
 /// Drives `controller` until SIGTERM/Ctrl-C.

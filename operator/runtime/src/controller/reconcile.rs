@@ -23,9 +23,7 @@ use tracing::{debug, info, instrument};
 
 use crate::Error;
 use crate::caches;
-use crate::cluster::{
-    Context, FIELD_MANAGER, REPLICAS_MANAGER, STATUS_MANAGER, publish, set_replicas,
-};
+use crate::cluster::{Context, FIELD_MANAGER, STATUS_MANAGER, publish, set_replicas};
 use chimera_core::api::ChimeraModule;
 use chimera_core::status::{self, ObservedHeads};
 use chimera_core::workloads::{self, Head, MODULE_LABEL, drift};
@@ -145,7 +143,10 @@ fn names<K: Resource>(objects: &[K]) -> BTreeSet<String> {
         .collect()
 }
 
-/// Holds a head's replicas within its bounds, as the single owner of `spec.replicas`.
+/// Holds a head's replicas within its bounds, as the single owner of `spec.replicas`: writes
+/// only a count outside them (or none at all). A count within bounds is left to whoever set it
+/// (the autoscaler, or the API server's default on creation): re-owning it would be a write per
+/// Deployment that changes nothing.
 async fn hold_replicas(
     api: &Api<Deployment>,
     deployment: Deployment,
@@ -153,13 +154,7 @@ async fn hold_replicas(
 ) -> Result<Deployment, Error> {
     let current = deployment.spec.as_ref().and_then(|s| s.replicas);
     let wanted = workloads::initial_replicas(current, min, max);
-    let owned = deployment
-        .metadata
-        .managed_fields
-        .iter()
-        .flatten()
-        .any(|m| m.manager.as_deref() == Some(REPLICAS_MANAGER));
-    if current == Some(wanted) && owned {
+    if current == Some(wanted) {
         return Ok(deployment);
     }
     let name = deployment.name_any();

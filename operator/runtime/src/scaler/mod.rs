@@ -151,8 +151,9 @@ impl Scaler {
     }
 
     fn forget_gone(&self, live: &[Arc<ChimeraModule>]) {
-        let keys: Vec<String> = live.iter().map(|m| key(m)).collect();
-        let live = |k: &String| keys.iter().any(|m| k.starts_with(&format!("{m}/")));
+        let keys: std::collections::HashSet<String> = live.iter().map(|m| key(m)).collect();
+        // A head's key is `namespace/module/head`: live while `namespace/module` is.
+        let live = |k: &String| k.rsplit_once('/').is_some_and(|(m, _)| keys.contains(m));
         if let Ok(mut heads) = self.workers.lock() {
             heads.retain(|k, _| live(k));
         }

@@ -8,7 +8,10 @@ use lapin::types::FieldTable;
 use lapin::{Channel, ExchangeKind as AmqpExchangeKind};
 
 use super::amqp::{amqp_error, arguments, bind, connect, unbind};
+use std::time::Duration;
+
 use super::management::{BrokerError, ManagementClient};
+use super::snapshots::Snapshots;
 use chimera_core::topology::diff::{TopologyDiff, diff};
 use chimera_core::topology::plan::{ExchangeKind, TopologyPlan};
 use chimera_core::topology::report::{ApplyReport, ReleaseReport};
@@ -29,6 +32,29 @@ pub async fn apply(
     plan: &TopologyPlan,
 ) -> Result<ApplyReport, BrokerError> {
     let diff = current_diff(endpoint, plan).await?;
+    apply_found(endpoint, diff).await
+}
+
+/// [`apply`], comparing with the vhost's shared snapshot (read again when older than
+/// `max_age`) instead of reading the whole vhost, and folding what it declared back in.
+pub async fn apply_cached(
+    endpoint: &BrokerEndpoint,
+    plan: &TopologyPlan,
+    snapshots: &Snapshots,
+    max_age: Duration,
+) -> Result<ApplyReport, BrokerError> {
+    let diff = diff(plan, &snapshots.view(endpoint, plan, max_age).await?);
+    let applied = apply_found(endpoint, diff).await;
+    match &applied {
+        Ok(report) => snapshots.record(endpoint, &report.diff).await,
+        // Part of the diff may have been applied: read the vhost again next time.
+        Err(_) => snapshots.invalidate(endpoint).await,
+    }
+    applied
+}
+
+/// Applies `diff`, found against what the vhost holds.
+async fn apply_found(endpoint: &BrokerEndpoint, diff: TopologyDiff) -> Result<ApplyReport, BrokerError> {
     let mut report = ApplyReport {
         diff,
         ..ApplyReport::default()

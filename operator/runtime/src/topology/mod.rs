@@ -6,3 +6,4 @@ pub mod amqp;
 pub mod declare;
 pub mod management;
 pub mod migrate;
+pub mod snapshots;
