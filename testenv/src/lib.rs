@@ -5,6 +5,8 @@
 //! needs a server fails, it never skips.
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test support: a failure here is a test failure
 
+pub mod apiserver;
+
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -4,7 +4,6 @@
 //! server's own floor. Pods are kept out by a ResourceQuota: the bench measures the control
 //! plane, not the node.
 
-mod apiserver;
 mod fleet;
 mod operator;
 
@@ -20,7 +19,7 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use serde_json::json;
 
-use apiserver::{OPERATOR_RESOURCES, Requests};
+use chimera_testenv::apiserver::{self, OPERATOR_RESOURCES, Requests};
 use chimera_core::api::ChimeraModule;
 use fleet::Shape;
 use operator::{Operator, Usage};
@@ -240,12 +239,9 @@ async fn delete_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
 }
 
 async fn requests(client: &Client) -> anyhow::Result<Requests> {
-    let request = http::Request::get("/metrics").body(Vec::new())?;
-    let text = client
-        .request_text(request)
+    apiserver::read(client, &OPERATOR_RESOURCES)
         .await
-        .context("reading the API server's /metrics")?;
-    Ok(apiserver::parse(&text, &OPERATOR_RESOURCES))
+        .context("reading the API server's /metrics")
 }
 
 /// `kubectl apply --server-side -f file` into `namespace`; how long it took.

@@ -2,6 +2,7 @@
 //!
 //! - [`operator`]: the operator assembled from the controller and the autoscaler, which share
 //!   what [`cluster`] holds (context, field managers, Events, a module's broker);
+//! - [`client`]: the operator's API client, rate-limited and counted;
 //! - [`controller`]: the operator's reconcile loop against the API server, reading the
 //!   [`caches`] it shares with the autoscaler;
 //! - [`scaler`]: the operator's autoscaling loop and its metric sources;
@@ -10,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod caches;
+pub mod client;
 pub mod cluster;
 pub mod controller;
 pub mod local;

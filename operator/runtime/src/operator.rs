@@ -39,6 +39,9 @@ pub struct OperatorConfig {
     pub autoscale: Option<ScalerSettings>,
     /// Where to serve `/metrics` and `/healthz`; None serves nothing.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The API client's request counts, served on `/metrics` too (when the client was built
+    /// by [`crate::client::build`]).
+    pub api_metrics: Option<crate::client::ApiMetrics>,
 }
 
 /// Starts the autoscaler next to the controller, on the controller's caches and a reflector of
@@ -97,6 +100,7 @@ fn start_autoscaler(
 async fn serve_metrics(
     addr: std::net::SocketAddr,
     metrics: Option<AutoscalerMetrics>,
+    api: Option<crate::client::ApiMetrics>,
 ) -> Result<(), Error> {
     use axum::{Router, routing::get};
     let listener = tokio::net::TcpListener::bind(addr)
@@ -107,7 +111,10 @@ async fn serve_metrics(
         .route(
             "/metrics",
             get(move || {
-                let text = metrics.as_ref().map(|m| m.render()).unwrap_or_default();
+                let mut text = metrics.as_ref().map(|m| m.render()).unwrap_or_default();
+                if let Some(api) = &api {
+                    text.push_str(&api.render());
+                }
                 async move { text }
             }),
         );
@@ -159,7 +166,7 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
         None => None,
     };
     if let Some(addr) = config.metrics_addr {
-        serve_metrics(addr, metrics).await?;
+        serve_metrics(addr, metrics, config.api_metrics.clone()).await?;
     }
     controller::run(controller, ctx).await;
     info!("chimera operator stopped");

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use chimera_core::api::SecretKeyRef;
 use chimera_core::topology::state::BrokerEndpoint;
 use chimera_core::workloads::WorkloadSettings;
+use chimera_runtime::client::{ApiMetrics, Limits};
 use chimera_runtime::cluster::Scope;
 use chimera_runtime::operator::OperatorConfig;
 use chimera_runtime::scaler::ScalerSettings;
@@ -45,6 +46,12 @@ pub struct OperatorArgs {
     /// Where to serve /metrics and /healthz (empty: nowhere).
     #[arg(long, default_value = "0.0.0.0:9090", env = "CHIMERA_METRICS_ADDR")]
     metrics_addr: String,
+    /// API requests per second the operator may start, sustained (client-side limit).
+    #[arg(long, default_value_t = Limits::default().qps)]
+    kube_api_qps: f64,
+    /// API requests that may start at once after a quiet spell.
+    #[arg(long, default_value_t = Limits::default().burst)]
+    kube_api_burst: u32,
 }
 
 /// The operator's configuration from its arguments.
@@ -66,6 +73,7 @@ fn config(args: OperatorArgs) -> anyhow::Result<OperatorConfig> {
             interval: Duration::from_millis(args.autoscale_interval_ms),
             startup_seconds: args.pod_startup_seconds.max(0.0),
         }),
+        api_metrics: None,
         metrics_addr: if args.metrics_addr.is_empty() {
             None
         } else {
@@ -78,10 +86,20 @@ fn config(args: OperatorArgs) -> anyhow::Result<OperatorConfig> {
 
 /// Runs the operator until it is stopped.
 pub async fn run(args: OperatorArgs) -> anyhow::Result<ExitCode> {
-    let config = config(args)?;
-    let client = kube::Client::try_default()
+    anyhow::ensure!(
+        args.kube_api_qps > 0.0 && args.kube_api_burst > 0,
+        "--kube-api-qps and --kube-api-burst must be positive"
+    );
+    let limits = Limits {
+        qps: args.kube_api_qps,
+        burst: args.kube_api_burst,
+    };
+    let mut config = config(args)?;
+    let metrics = ApiMetrics::new();
+    let client = chimera_runtime::client::build(limits, metrics.clone())
         .await
         .context("connecting to Kubernetes (is KUBECONFIG set? `scripts/dev-env up` prints it)")?;
+    config.api_metrics = Some(metrics);
     chimera_runtime::operator::run(client, config).await?;
     Ok(ExitCode::SUCCESS)
 }

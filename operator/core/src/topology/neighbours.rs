@@ -333,7 +333,14 @@ mod tests {
         }
 
         #[test]
-        fn whoever_a_change_alters_is_requeued(modules in namespace(), changed in 0..8usize, publishes in proptest::collection::vec(0..3usize, 0..3)) {
+        fn whoever_a_change_alters_is_requeued(
+            modules in namespace(),
+            changed in 0..8usize,
+            publishes in proptest::collection::vec(0..3usize, 0..3),
+            subscribes in proptest::option::of(proptest::collection::vec((0..4usize, 0..3usize), 0..3)),
+            domain in proptest::option::of(0..4usize),
+            deleting in any::<bool>(),
+        ) {
             let mut index = Neighbours::default();
             for m in &modules {
                 index.observe(m);
@@ -346,8 +353,22 @@ mod tests {
             };
             let i = changed % modules.len();
             let mut after = modules.clone();
-            let domain = after[i].domain().to_owned();
-            after[i].spec.events.publishes = publishes.iter().map(|e| format!("{domain}.e{e}")).collect();
+            let domains = ["a", "b", "c", "d"];
+            if let Some(d) = domain {
+                after[i].spec.domain = Some(domains[d].to_owned());
+            }
+            let own = after[i].domain().to_owned();
+            after[i].spec.events.publishes = publishes.iter().map(|e| format!("{own}.e{e}")).collect();
+            if let Some(subscribes) = subscribes {
+                let yaml: Vec<_> = subscribes
+                    .iter()
+                    .map(|(f, e)| json!({"from": domains[*f], "events": [format!("{}.e{e}", domains[*f])]}))
+                    .collect();
+                after[i].spec.events.subscribes = serde_json::from_value(json!(yaml)).unwrap();
+            }
+            if deleting {
+                after[i].metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+            }
             let requeued = index.observe(&after[i]);
             for (j, m) in modules.iter().enumerate() {
                 if j == i {

@@ -99,6 +99,14 @@ impl Snapshot {
         }
     }
 
+    /// Forgets the bindings into queue `queue` except those from `keep` (what releasing a
+    /// retained queue unbinds).
+    pub fn unbind_into(&mut self, queue: &str, keep: &[String]) {
+        if let Some(bindings) = self.bindings.get_mut(queue) {
+            bindings.retain(|b| b.source.is_empty() || keep.contains(&b.source));
+        }
+    }
+
     /// Forgets queue `name` (deleted) and the bindings into it.
     pub fn forget_queue(&mut self, name: &str) {
         self.queues.remove(name);

@@ -147,8 +147,22 @@ pub async fn release(module: &ChimeraModule, ctx: &Context) -> Result<ReleaseRep
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&module_key(module));
-    let released = declare::release(&endpoint, &owned, module.domain(), delete, force).await;
-    ctx.snapshots.invalidate(&endpoint).await;
+    let state = ctx
+        .snapshots
+        .view(&endpoint, &owned, ctx.topology_resync / 2)
+        .await
+        .map_err(Error::Broker)?;
+    let released = declare::release(&endpoint, &state, &owned, module.domain(), delete, force).await;
+    if let Ok(report) = &released {
+        let queues: Vec<String> = owned.queues.iter().map(|q| q.name.clone()).collect();
+        let own = [
+            chimera_contract::names::events_exchange(module.domain()),
+            chimera_contract::names::commands_exchange(module.domain()),
+        ];
+        ctx.snapshots
+            .released(&endpoint, &queues, &report.queues_deleted, &own)
+            .await;
+    }
     released
         .map_err(|e| match e {
             ReleaseError::Broker(b) => Error::Broker(b),

@@ -30,6 +30,14 @@ pub enum SourceError {
     /// The management API failed.
     #[error("broker: {0}")]
     Management(#[from] BrokerError),
+    /// The worker queue does not exist (yet).
+    #[error("broker: no queue {queue} in vhost {vhost} (its topology is not declared yet?)")]
+    QueueMissing {
+        /// The queue.
+        queue: String,
+        /// The vhost.
+        vhost: String,
+    },
     /// The head has no ready pod to scrape.
     #[error("no pod metrics: the query head of {namespace}/{module} has no ready pod")]
     NoReadyPods {
@@ -90,6 +98,7 @@ type Counters = std::sync::Arc<HashMap<String, ActualQueue>>;
 /// each vhost's queue counters read once per tick for all its queues.
 #[derive(Default)]
 pub struct RabbitMq {
+    connections: Mutex<HashMap<String, std::sync::Arc<lapin::Connection>>>,
     channels: Mutex<HashMap<String, lapin::Channel>>,
     management: Mutex<HashMap<String, std::sync::Arc<ManagementClient>>>,
     counters:
@@ -107,16 +116,35 @@ impl RabbitMq {
         if let Some(channel) = cached {
             return Ok(channel);
         }
-        let connection = lapin::Connection::connect(
-            url,
-            lapin::ConnectionProperties::default()
-                .with_connection_name("chimera-autoscaler".into()),
-        )
-        .await
-        .map_err(|source| SourceError::Amqp {
-            action: "connecting".into(),
-            source,
-        })?;
+        // A closed channel (a passive declare of a missing queue closes it) is replaced on the
+        // same connection; a new connection only when that one is gone.
+        let connection = self
+            .connections
+            .lock()
+            .ok()
+            .and_then(|c| c.get(url).cloned())
+            .filter(|c| c.status().connected());
+        let connection = match connection {
+            Some(c) => c,
+            None => {
+                let c = std::sync::Arc::new(
+                    lapin::Connection::connect(
+                        url,
+                        lapin::ConnectionProperties::default()
+                            .with_connection_name("chimera-autoscaler".into()),
+                    )
+                    .await
+                    .map_err(|source| SourceError::Amqp {
+                        action: "connecting".into(),
+                        source,
+                    })?,
+                );
+                if let Ok(mut cs) = self.connections.lock() {
+                    cs.insert(url.to_owned(), std::sync::Arc::clone(&c));
+                }
+                c
+            }
+        };
         let channel = connection
             .create_channel()
             .await
@@ -185,6 +213,15 @@ impl QueueSource for RabbitMq {
         queue: &'a str,
     ) -> BoxFuture<'a, Result<QueueSample, SourceError>> {
         Box::pin(async move {
+            // Not in the vhost's counters (read within the last half tick): not declared yet,
+            // or deleted; a passive declare would only fail and close the channel.
+            let counters = self.counters(endpoint).await?;
+            let Some(stats) = counters.get(queue).cloned() else {
+                return Err(SourceError::QueueMissing {
+                    queue: queue.to_owned(),
+                    vhost: endpoint.vhost.clone(),
+                });
+            };
             let channel = self.channel(&endpoint.amqp_url).await?;
             let declared = channel
                 .queue_declare(
@@ -207,11 +244,7 @@ impl QueueSource for RabbitMq {
                     });
                 }
             };
-            let stats = match self.counters(endpoint).await?.get(queue) {
-                Some(stats) => stats.clone(),
-                // Declared since the vhost's counters were read.
-                None => self.management_client(endpoint)?.queue(queue).await?,
-            };
+
             #[allow(clippy::cast_precision_loss)]
             Ok(QueueSample {
                 ready: f64::from(declared.message_count()),

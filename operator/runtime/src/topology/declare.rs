@@ -15,7 +15,7 @@ use super::snapshots::Snapshots;
 use chimera_core::topology::diff::{TopologyDiff, diff};
 use chimera_core::topology::plan::{ExchangeKind, TopologyPlan};
 use chimera_core::topology::report::{ApplyReport, ReleaseReport};
-use chimera_core::topology::state::{ActualQueue, BrokerEndpoint};
+use chimera_core::topology::state::{ActualQueue, BrokerEndpoint, BrokerState};
 
 /// Reads the vhost and returns what separates it from `plan`.
 pub async fn current_diff(
@@ -173,14 +173,17 @@ async fn unread_queues(channel: &Channel, queues: &[&ActualQueue]) -> Vec<String
 /// unbinds them from other domains' exchanges, so nothing new piles up unread. `Delete` removes
 /// its queues, but only when none holds a message (ready or unacknowledged), unless `force`.
 /// Exchanges stay: other domains may still be bound to them, and they hold nothing.
+///
+/// `state` is what the vhost holds of `owned` (its queues and the bindings into them: a
+/// snapshot's view does). Whether a queue holds messages is asked of the broker itself.
 pub async fn release(
     endpoint: &BrokerEndpoint,
+    state: &BrokerState,
     owned: &TopologyPlan,
     domain: &str,
     delete_queues: bool,
     force: bool,
 ) -> Result<ReleaseReport, ReleaseError> {
-    let state = ManagementClient::new(endpoint)?.state().await?;
     let queues: Vec<&str> = owned.queues.iter().map(|q| q.name.as_str()).collect();
     let own_exchanges = [
         chimera_contract::names::events_exchange(domain),

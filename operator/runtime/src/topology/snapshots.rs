@@ -59,6 +59,26 @@ impl Snapshots {
         }
     }
 
+    /// Folds a release in: `deleted` queues are gone, and the other `queues` keep only the
+    /// bindings from `own` exchanges.
+    pub async fn released(
+        &self,
+        endpoint: &BrokerEndpoint,
+        queues: &[String],
+        deleted: &[String],
+        own: &[String],
+    ) {
+        if let Some((_, snapshot)) = self.cell(endpoint).lock().await.as_mut() {
+            for queue in queues {
+                if deleted.contains(queue) {
+                    snapshot.forget_queue(queue);
+                } else {
+                    snapshot.unbind_into(queue, own);
+                }
+            }
+        }
+    }
+
     /// Drops the vhost's snapshot (after a change of unknown extent): the next check reads it.
     pub async fn invalidate(&self, endpoint: &BrokerEndpoint) {
         *self.cell(endpoint).lock().await = None;

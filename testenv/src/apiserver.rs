@@ -1,5 +1,6 @@
 //! The API server's own count of the requests it served (`apiserver_request_total` on its
-//! `/metrics`), by verb and resource, and the difference between two reads.
+//! `/metrics`), by verb and resource, and the difference between two reads: how the at-rest
+//! test and `bench/control-plane` see what the operator asked of the API server.
 
 use std::collections::BTreeMap;
 
@@ -102,9 +103,17 @@ impl Requests {
     }
 }
 
+/// Reads the API server's counters of `resources` now.
+pub async fn read(client: &kube::Client, resources: &[&str]) -> Result<Requests, kube::Error> {
+    let request = http::Request::get("/metrics")
+        .body(Vec::new())
+        .map_err(kube::Error::HttpError)?;
+    let text = client.request_text(request).await?;
+    Ok(parse(&text, resources))
+}
+
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
     use super::*;
 
     const TEXT: &str = r#"# HELP apiserver_request_total x
