@@ -88,6 +88,8 @@ pub struct Context {
     pub declared: Mutex<HashMap<String, crate::controller::topology::Declared>>,
     /// Each vhost's shared snapshot.
     pub snapshots: crate::topology::snapshots::Snapshots,
+    /// A kept AMQP connection per broker, for declares.
+    pub connections: crate::topology::amqp::Connections,
 }
 
 impl Context {

@@ -155,6 +155,7 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
         neighbours: Default::default(),
         declared: Default::default(),
         snapshots: Default::default(),
+        connections: Default::default(),
     });
     if config.broker.is_none() {
         warn!("no broker configured (--amqp-url): RabbitMQ topology is not managed");

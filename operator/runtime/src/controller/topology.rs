@@ -99,7 +99,8 @@ pub async fn declare(
         }
     }
     let max_age = ctx.topology_resync / 2;
-    let applied = declare::apply_cached(&endpoint, &owned, &ctx.snapshots, max_age).await;
+    let applied =
+        declare::apply_cached(&endpoint, &owned, &ctx.snapshots, &ctx.connections, max_age).await;
     let mut declared = ctx.declared.lock().unwrap_or_else(|p| p.into_inner());
     match applied {
         Ok(report) => {

@@ -68,6 +68,37 @@ pub(crate) async fn unbind(
 }
 
 /// Opens an AMQP connection to the endpoint.
+/// One AMQP connection per broker URL, kept between declares: each declare opens (and
+/// closes) a channel on it, so a thousand modules do not mean a thousand connections. A 406
+/// closes only its channel; a lost connection is opened again by the next declare.
+#[derive(Default)]
+pub struct Connections {
+    by_url: std::sync::Mutex<
+        std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<Option<Connection>>>>,
+    >,
+}
+
+impl Connections {
+    /// A new channel on `endpoint`'s connection.
+    pub async fn channel(&self, endpoint: &BrokerEndpoint) -> Result<lapin::Channel, BrokerError> {
+        let cell = {
+            let mut by_url = self.by_url.lock().unwrap_or_else(|p| p.into_inner());
+            std::sync::Arc::clone(by_url.entry(endpoint.amqp_url.clone()).or_default())
+        };
+        let mut connection = cell.lock().await;
+        let channel = match connection.as_ref() {
+            Some(c) if c.status().connected() => c.create_channel().await,
+            _ => {
+                let fresh = connect(endpoint).await?;
+                let channel = fresh.create_channel().await;
+                *connection = Some(fresh);
+                channel
+            }
+        };
+        channel.map_err(amqp_error("opening a channel"))
+    }
+}
+
 pub async fn connect(endpoint: &BrokerEndpoint) -> Result<Connection, BrokerError> {
     Connection::connect(&endpoint.amqp_url, ConnectionProperties::default())
         .await

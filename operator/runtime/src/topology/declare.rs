@@ -7,7 +7,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, ExchangeKind as AmqpExchangeKind};
 
-use super::amqp::{amqp_error, arguments, bind, connect, unbind};
+use super::amqp::{Connections, amqp_error, arguments, bind, connect, unbind};
 use std::time::Duration;
 
 use super::management::{BrokerError, ManagementClient};
@@ -32,29 +32,6 @@ pub async fn apply(
     plan: &TopologyPlan,
 ) -> Result<ApplyReport, BrokerError> {
     let diff = current_diff(endpoint, plan).await?;
-    apply_found(endpoint, diff).await
-}
-
-/// [`apply`], comparing with the vhost's shared snapshot (read again when older than
-/// `max_age`) instead of reading the whole vhost, and folding what it declared back in.
-pub async fn apply_cached(
-    endpoint: &BrokerEndpoint,
-    plan: &TopologyPlan,
-    snapshots: &Snapshots,
-    max_age: Duration,
-) -> Result<ApplyReport, BrokerError> {
-    let diff = diff(plan, &snapshots.view(endpoint, plan, max_age).await?);
-    let applied = apply_found(endpoint, diff).await;
-    match &applied {
-        Ok(report) => snapshots.record(endpoint, &report.diff).await,
-        // Part of the diff may have been applied: read the vhost again next time.
-        Err(_) => snapshots.invalidate(endpoint).await,
-    }
-    applied
-}
-
-/// Applies `diff`, found against what the vhost holds.
-async fn apply_found(endpoint: &BrokerEndpoint, diff: TopologyDiff) -> Result<ApplyReport, BrokerError> {
     let mut report = ApplyReport {
         diff,
         ..ApplyReport::default()
@@ -71,6 +48,47 @@ async fn apply_found(endpoint: &BrokerEndpoint, diff: TopologyDiff) -> Result<Ap
     let _ = connection
         .close(200, "chimera topology applied".into())
         .await;
+    outcome.map(|()| report)
+}
+
+/// [`apply`], comparing with the vhost's shared snapshot (read again when older than
+/// `max_age`) instead of reading the whole vhost, and folding what it declared back in.
+/// Declares on a channel of the kept connection in `connections`.
+pub async fn apply_cached(
+    endpoint: &BrokerEndpoint,
+    plan: &TopologyPlan,
+    snapshots: &Snapshots,
+    connections: &Connections,
+    max_age: Duration,
+) -> Result<ApplyReport, BrokerError> {
+    let diff = diff(plan, &snapshots.view(endpoint, plan, max_age).await?);
+    let applied = apply_found(endpoint, connections, diff).await;
+    match &applied {
+        Ok(report) => snapshots.record(endpoint, &report.diff).await,
+        // Part of the diff may have been applied: read the vhost again next time.
+        Err(_) => snapshots.invalidate(endpoint).await,
+    }
+    applied
+}
+
+/// Applies `diff`, found against what the vhost holds, on a channel of the kept connection.
+async fn apply_found(
+    endpoint: &BrokerEndpoint,
+    connections: &Connections,
+    diff: TopologyDiff,
+) -> Result<ApplyReport, BrokerError> {
+    let mut report = ApplyReport {
+        diff,
+        ..ApplyReport::default()
+    };
+    if report.diff.is_converged() {
+        return Ok(report);
+    }
+    let channel = connections.channel(endpoint).await?;
+    let outcome = apply_diff(&channel, &mut report).await;
+    if channel.status().connected() {
+        let _ = channel.close(200, "chimera topology applied".into()).await;
+    }
     outcome.map(|()| report)
 }
 
