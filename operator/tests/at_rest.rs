@@ -3,6 +3,7 @@
 //! autoscaler on a 1 s tick) converge; then, for a window in which the operator keeps working
 //! (it repairs a retry queue deleted by hand, the autoscaler decides every tick), the API server's
 //! own counters must show no write on what the operator writes.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod common;
 
@@ -88,13 +89,21 @@ async fn fifty_converged_modules_cost_the_api_server_no_write() {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let h = Harness::with_autoscaling_operator("at-rest", endpoint, addr).await;
     // No pods: pending pods would bring the scheduler's writes, and pods are not the point.
-    let quota: ResourceQuota =
-        serde_json::from_value(json!({"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}))
-            .unwrap();
+    let quota: ResourceQuota = serde_json::from_value(
+        json!({"metadata": {"name": "no-pods"}, "spec": {"hard": {"pods": "0"}}}),
+    )
+    .unwrap();
     let quotas: Api<ResourceQuota> = h.api();
     quotas.create(&PostParams::default(), &quota).await.unwrap();
     eventually("the quota counted", Duration::from_secs(30), || async {
-        quotas.get("no-pods").await.ok()?.status?.hard?.get("pods").map(|_| ())
+        quotas
+            .get("no-pods")
+            .await
+            .ok()?
+            .status?
+            .hard?
+            .get("pods")
+            .map(|_| ())
     })
     .await;
 
@@ -112,26 +121,36 @@ async fn fifty_converged_modules_cost_the_api_server_no_write() {
     )
     .await;
     // Settled: the first rounds (Deployments' first statuses, first decisions) are over.
-    let settled = eventually("no module written for 5 s", Duration::from_secs(90), || async {
-        let before = versions(&modules).await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        (versions(&modules).await == before).then_some(before)
-    })
+    let settled = eventually(
+        "no module written for 5 s",
+        Duration::from_secs(90),
+        || async {
+            let before = versions(&modules).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            (versions(&modules).await == before).then_some(before)
+        },
+    )
     .await;
     // Namespaces of earlier tests being emptied would count as deletions here.
     let namespaces: Api<Namespace> = Api::all(h.client.clone());
-    eventually("no namespace terminating", Duration::from_secs(120), || async {
-        let list = namespaces.list(&ListParams::default()).await.ok()?;
-        list.items
-            .iter()
-            .all(|n| n.metadata.deletion_timestamp.is_none())
-            .then_some(())
-    })
+    eventually(
+        "no namespace terminating",
+        Duration::from_secs(120),
+        || async {
+            let list = namespaces.list(&ListParams::default()).await.ok()?;
+            list.items
+                .iter()
+                .all(|n| n.metadata.deletion_timestamp.is_none())
+                .then_some(())
+        },
+    )
     .await;
 
     let metrics = format!("http://{addr}/metrics");
     let heartbeat = last_decision(&metrics).await;
-    let before = apiserver::read(&h.client, &OPERATOR_RESOURCES).await.unwrap();
+    let before = apiserver::read(&h.client, &OPERATOR_RESOURCES)
+        .await
+        .unwrap();
     // Mid-window, a retry queue deleted by hand: the operator is busy repairing the broker.
     // (Not the worker queue: its metrics going missing is news the status rightly reports.)
     tokio::time::sleep(WINDOW / 2).await;
@@ -146,7 +165,9 @@ async fn fifty_converged_modules_cost_the_api_server_no_write() {
     })
     .await;
     tokio::time::sleep(WINDOW / 2).await;
-    let after = apiserver::read(&h.client, &OPERATOR_RESOURCES).await.unwrap();
+    let after = apiserver::read(&h.client, &OPERATOR_RESOURCES)
+        .await
+        .unwrap();
 
     let written = after.since(&before);
     assert_eq!(
@@ -155,7 +176,11 @@ async fn fifty_converged_modules_cost_the_api_server_no_write() {
         "the operator wrote at rest: {:?}",
         written.lines()
     );
-    assert_eq!(versions(&modules).await, settled, "a module was written at rest");
+    assert_eq!(
+        versions(&modules).await,
+        settled,
+        "a module was written at rest"
+    );
     assert!(
         last_decision(&metrics).await > heartbeat,
         "the autoscaler decided nothing during the window"

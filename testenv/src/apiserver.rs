@@ -131,7 +131,11 @@ apiserver_request_duration_seconds_bucket{verb="APPLY",le="1"} 5
         assert_eq!(r.0[&("APPLY".into(), "deployments".into())], 10.0);
         assert_eq!(r.0[&("PUT".into(), "deployments/status".into())], 4.0);
         assert_eq!(r.0.len(), 2, "nodes and core events are not ours: {r:?}");
-        assert_eq!(r.operator_writes(), 10.0, "PUT status is the deployment controller's");
+        assert_eq!(
+            r.operator_writes(),
+            10.0,
+            "PUT status is the deployment controller's"
+        );
     }
 
     #[test]

@@ -19,8 +19,8 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use serde_json::json;
 
-use chimera_testenv::apiserver::{self, OPERATOR_RESOURCES, Requests};
 use chimera_core::api::ChimeraModule;
+use chimera_testenv::apiserver::{self, OPERATOR_RESOURCES, Requests};
 use fleet::Shape;
 use operator::{Operator, Usage};
 

@@ -216,7 +216,10 @@ mod tests {
         let text = "x_bucket{le=\"0.01\"} 50\nx_bucket{le=\"0.1\"} 98\nx_bucket{le=\"0.5\"} 100\nx_bucket{le=\"+Inf\"} 100\n";
         assert_eq!(p99(&buckets(text, "x")), Some((0.5, 100.0)));
         assert_eq!(p99(&buckets("", "x")), None);
-        let later = buckets(&text.replace("} 100", "} 300").replace("} 98", "} 296"), "x");
+        let later = buckets(
+            &text.replace("} 100", "} 300").replace("} 98", "} 296"),
+            "x",
+        );
         // In the window: 198 of 200 at most 0.1 s, the 99th percentile among them.
         let window = since(&later, &buckets(text, "x"));
         assert_eq!(window.last(), Some(&(f64::INFINITY, 200.0)));

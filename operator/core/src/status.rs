@@ -292,7 +292,10 @@ impl Transition {
     }
 }
 
-/// Conditions whose status differs from (or did not exist in) the previous status.
+/// Conditions whose status differs from the previous status, and new conditions that start
+/// True. A new condition that starts False is a module's initial state (its heads are still
+/// coming, say), which the status itself tells: an Event for each would be three writes per new
+/// module and no news.
 pub fn transitions(
     previous: Option<&ChimeraModuleStatus>,
     next: &ChimeraModuleStatus,
@@ -303,7 +306,8 @@ pub fn transitions(
             let was = previous
                 .and_then(|p| p.condition(&c.type_))
                 .map(|p| p.status == "True");
-            (was != Some(c.status == "True")).then_some((c, was))
+            let is = c.status == "True";
+            (was.is_some_and(|w| w != is) || (was.is_none() && is)).then_some((c, was))
         })
         .map(|(c, was)| Transition {
             was,
@@ -475,10 +479,24 @@ mod tests {
         let types: Vec<_> = t.iter().map(|t| t.type_.as_str()).collect();
         assert_eq!(types, ["QueryAvailable", "Ready"]);
         assert!(t.iter().all(|t| !t.status && t.is_degradation()));
-        // A new module's first verdicts are transitions, but not degradations.
+        // A new module's first verdicts: only what starts True is news, and no degradation.
         let fresh = transitions(None, &third);
-        assert_eq!(fresh.len(), 3);
-        assert!(fresh.iter().all(|t| !t.is_degradation()));
+        let starting_true = third
+            .conditions
+            .iter()
+            .filter(|c| c.status == "True")
+            .count();
+        assert_eq!(fresh.len(), starting_true);
+        assert!(fresh.iter().all(|t| t.status && !t.is_degradation()));
+        let first = transitions(None, &second);
+        assert_eq!(
+            first.len(),
+            second
+                .conditions
+                .iter()
+                .filter(|c| c.status == "True")
+                .count()
+        );
     }
 
     #[test]

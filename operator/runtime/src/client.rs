@@ -15,6 +15,8 @@ use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use crate::scaler::metrics::render;
+
 /// How fast the operator may start API requests.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -25,12 +27,13 @@ pub struct Limits {
 }
 
 impl Default for Limits {
-    /// High enough that converging a thousand modules is never throttled on this kind of
-    /// machine (about 200 requests/s), low enough that a runaway loop cannot flood the server.
+    /// Above what converging a thousand modules asks of a two-core API server (about 200
+    /// requests/s, measured by bench/control-plane), low enough that a runaway loop cannot
+    /// flood it.
     fn default() -> Self {
         Self {
-            qps: 200.0,
-            burst: 400,
+            qps: 400.0,
+            burst: 800,
         }
     }
 }
@@ -112,11 +115,7 @@ impl ApiMetrics {
 
     /// Prometheus text.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        render(&self.registry)
     }
 }
 
@@ -257,7 +256,9 @@ where
 
 /// A client for the current kubeconfig (or in-cluster account), limited and counted.
 pub async fn build(limits: Limits, metrics: ApiMetrics) -> Result<kube::Client, kube::Error> {
-    let config = kube::Config::infer().await.map_err(kube::Error::InferConfig)?;
+    let config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
     Ok(kube::client::ClientBuilder::try_from(config)?
         .with_layer(&LimitLayer::new(limits, metrics))
         .build())
@@ -271,7 +272,13 @@ mod tests {
     #[test]
     fn a_full_bucket_lets_a_burst_through_then_paces_at_the_rate() {
         let start = Instant::now();
-        let mut bucket = TokenBucket::new(Limits { qps: 10.0, burst: 3 }, start);
+        let mut bucket = TokenBucket::new(
+            Limits {
+                qps: 10.0,
+                burst: 3,
+            },
+            start,
+        );
         for _ in 0..3 {
             assert_eq!(bucket.take(start), Duration::ZERO);
         }
@@ -294,26 +301,60 @@ mod tests {
         };
         let s = |a: &str, b: &str| (a.to_owned(), b.to_owned());
         assert_eq!(
-            c(Method::PATCH, "/apis/apps/v1/namespaces/shop/deployments/orders-query", "fieldManager=x", true),
+            c(
+                Method::PATCH,
+                "/apis/apps/v1/namespaces/shop/deployments/orders-query",
+                "fieldManager=x",
+                true
+            ),
             s("APPLY", "deployments")
         );
         assert_eq!(
-            c(Method::PATCH, "/apis/chimera.dev/v1alpha1/namespaces/shop/chimeramodules/orders/status", "", true),
+            c(
+                Method::PATCH,
+                "/apis/chimera.dev/v1alpha1/namespaces/shop/chimeramodules/orders/status",
+                "",
+                true
+            ),
             s("APPLY", "chimeramodules/status")
         );
         assert_eq!(
-            c(Method::PATCH, "/apis/chimera.dev/v1alpha1/namespaces/shop/chimeramodules/orders", "", false),
+            c(
+                Method::PATCH,
+                "/apis/chimera.dev/v1alpha1/namespaces/shop/chimeramodules/orders",
+                "",
+                false
+            ),
             s("PATCH", "chimeramodules")
         );
         assert_eq!(
-            c(Method::GET, "/apis/apps/v1/deployments", "labelSelector=a&watch=true", false),
+            c(
+                Method::GET,
+                "/apis/apps/v1/deployments",
+                "labelSelector=a&watch=true",
+                false
+            ),
             s("WATCH", "deployments")
         );
-        assert_eq!(c(Method::GET, "/api/v1/namespaces/shop/pods", "", false), s("LIST", "pods"));
-        assert_eq!(c(Method::GET, "/api/v1/namespaces/shop/secrets/mq", "", false), s("GET", "secrets"));
-        assert_eq!(c(Method::GET, "/api/v1/namespaces/shop", "", false), s("GET", "namespaces"));
         assert_eq!(
-            c(Method::POST, "/apis/events.k8s.io/v1/namespaces/shop/events", "", false),
+            c(Method::GET, "/api/v1/namespaces/shop/pods", "", false),
+            s("LIST", "pods")
+        );
+        assert_eq!(
+            c(Method::GET, "/api/v1/namespaces/shop/secrets/mq", "", false),
+            s("GET", "secrets")
+        );
+        assert_eq!(
+            c(Method::GET, "/api/v1/namespaces/shop", "", false),
+            s("GET", "namespaces")
+        );
+        assert_eq!(
+            c(
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/shop/events",
+                "",
+                false
+            ),
             s("CREATE", "events")
         );
         assert_eq!(c(Method::GET, "/version", "", false), s("GET", "other"));

@@ -25,8 +25,16 @@ impl From<BrokerState> for Snapshot {
             bindings.entry(b.destination.clone()).or_default().push(b);
         }
         Self {
-            exchanges: state.exchanges.into_iter().map(|e| (e.name.clone(), e)).collect(),
-            queues: state.queues.into_iter().map(|q| (q.name.clone(), q)).collect(),
+            exchanges: state
+                .exchanges
+                .into_iter()
+                .map(|e| (e.name.clone(), e))
+                .collect(),
+            queues: state
+                .queues
+                .into_iter()
+                .map(|q| (q.name.clone(), q))
+                .collect(),
             bindings,
         }
     }
@@ -140,7 +148,9 @@ mod tests {
         let whole = plan(&modules);
         let mut broker = actual_of(&whole);
         // Drift: a queue gone, a binding left over, a binding of someone else's.
-        broker.queues.retain(|q| q.name != "chimera.orders.worker.retry.1");
+        broker
+            .queues
+            .retain(|q| q.name != "chimera.orders.worker.retry.1");
         broker.bindings.push(ActualBinding {
             source: "chimera.gigs.events".into(),
             destination: "chimera.orders.worker".into(),
@@ -150,7 +160,12 @@ mod tests {
         let snapshot = Snapshot::from(broker.clone());
         for m in &modules {
             let owned = whole.for_domain(m.domain(), &module_key(m));
-            assert_eq!(diff(&owned, &snapshot.view(&owned)), diff(&owned, &broker), "{}", m.domain());
+            assert_eq!(
+                diff(&owned, &snapshot.view(&owned)),
+                diff(&owned, &broker),
+                "{}",
+                m.domain()
+            );
         }
     }
 
@@ -164,7 +179,11 @@ mod tests {
             let d = diff(&owned, &snapshot.view(&owned));
             assert!(!d.is_converged());
             snapshot.record(&d);
-            assert!(diff(&owned, &snapshot.view(&owned)).is_converged(), "{}", m.domain());
+            assert!(
+                diff(&owned, &snapshot.view(&owned)).is_converged(),
+                "{}",
+                m.domain()
+            );
         }
         snapshot.forget_queue("chimera.orders.worker");
         let orders = modules.iter().find(|m| m.domain() == "orders").unwrap();

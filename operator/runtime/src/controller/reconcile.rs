@@ -199,7 +199,14 @@ pub async fn reconcile(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<
         },
     )
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    .or_else(|e| match e {
+        // Gone already: a second cleanup raced the first one's removal (the cache lags a
+        // moment behind a deletion). Nothing is left to do.
+        kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(s)) if s.code == 404 => {
+            Ok(Action::await_change())
+        }
+        e => Err(Error::Finalizer(Box::new(e))),
+    })
 }
 
 /// Releases a deleted module's topology (its heads go with the owner references).

@@ -61,7 +61,9 @@ pub struct Declared {
 
 fn fingerprint(plan: &TopologyPlan, endpoint: &BrokerEndpoint) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(plan).unwrap_or_default().hash(&mut hasher);
+    serde_json::to_string(plan)
+        .unwrap_or_default()
+        .hash(&mut hasher);
     endpoint.amqp_url.hash(&mut hasher);
     endpoint.management_url.hash(&mut hasher);
     hasher.finish()
@@ -153,7 +155,8 @@ pub async fn release(module: &ChimeraModule, ctx: &Context) -> Result<ReleaseRep
         .view(&endpoint, &owned, ctx.topology_resync / 2)
         .await
         .map_err(Error::Broker)?;
-    let released = declare::release(&endpoint, &state, &owned, module.domain(), delete, force).await;
+    let released =
+        declare::release(&endpoint, &state, &owned, module.domain(), delete, force).await;
     if let Ok(report) = &released {
         let queues: Vec<String> = owned.queues.iter().map(|q| q.name.clone()).collect();
         let own = [
@@ -164,9 +167,8 @@ pub async fn release(module: &ChimeraModule, ctx: &Context) -> Result<ReleaseRep
             .released(&endpoint, &queues, &report.queues_deleted, &own)
             .await;
     }
-    released
-        .map_err(|e| match e {
-            ReleaseError::Broker(b) => Error::Broker(b),
-            unread @ ReleaseError::Unread(_) => Error::DeletionBlocked(unread),
-        })
+    released.map_err(|e| match e {
+        ReleaseError::Broker(b) => Error::Broker(b),
+        unread @ ReleaseError::Unread(_) => Error::DeletionBlocked(unread),
+    })
 }

@@ -130,11 +130,7 @@ impl AutoscalerMetrics {
 
     /// Prometheus text.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            out.clear();
-        }
-        out
+        render(&self.registry)
     }
 }
 
@@ -142,4 +138,13 @@ impl Default for AutoscalerMetrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// A registry's Prometheus text (empty if it cannot be encoded).
+pub(crate) fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, registry).is_err() {
+        out.clear();
+    }
+    out
 }

@@ -87,31 +87,47 @@ pub trait LatencySource: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<(String, Scrape)>, SourceError>>;
 }
 
-/// How old a vhost's counters may be before the next sample reads them again: under a tick,
-/// so each tick reads them once for every queue of the vhost.
-const COUNTERS_MAX_AGE: Duration = Duration::from_millis(500);
+/// How old a vhost's counters may be before the next sample reads them again. RabbitMQ itself
+/// refreshes them every `collect_statistics_interval` (5 s by default): reading a thousand
+/// queues' counters every tick would mostly read the same numbers again. The ready count, which
+/// must be current, comes from a passive declare each tick.
+const COUNTERS_MAX_AGE: Duration = Duration::from_millis(1900);
+
+/// Channels per broker for the autoscaler's passive declares.
+const CHANNELS: usize = 8;
+
+fn slot_of(queue: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    queue.hash(&mut hasher);
+    usize::try_from(hasher.finish() % CHANNELS as u64).unwrap_or(0)
+}
 
 /// A vhost's queue counters as last read, by queue name.
 type Counters = std::sync::Arc<HashMap<String, ActualQueue>>;
+/// A vhost's last read and when it was made, one read at a time.
+type CountersCell = std::sync::Arc<tokio::sync::Mutex<Option<(Instant, Counters)>>>;
 
 /// RabbitMQ: one AMQP channel and one management client per broker, kept between ticks, and
 /// each vhost's queue counters read once per tick for all its queues.
 #[derive(Default)]
 pub struct RabbitMq {
     connections: Mutex<HashMap<String, std::sync::Arc<lapin::Connection>>>,
-    channels: Mutex<HashMap<String, lapin::Channel>>,
+    /// Channels by (AMQP URL, slot): a queue's passive declare goes to the slot of its name,
+    /// so a thousand queues' reads per tick run [`CHANNELS`] at a time, not one by one.
+    channels: Mutex<HashMap<(String, usize), lapin::Channel>>,
     management: Mutex<HashMap<String, std::sync::Arc<ManagementClient>>>,
-    counters:
-        Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<Option<(Instant, Counters)>>>>>,
+    counters: Mutex<HashMap<String, CountersCell>>,
 }
 
 impl RabbitMq {
-    async fn channel(&self, url: &str) -> Result<lapin::Channel, SourceError> {
+    async fn channel(&self, url: &str, slot: usize) -> Result<lapin::Channel, SourceError> {
+        let key = (url.to_owned(), slot);
         let cached = self
             .channels
             .lock()
             .ok()
-            .and_then(|c| c.get(url).cloned())
+            .and_then(|c| c.get(&key).cloned())
             .filter(|c| c.status().connected());
         if let Some(channel) = cached {
             return Ok(channel);
@@ -153,7 +169,7 @@ impl RabbitMq {
                 source,
             })?;
         if let Ok(mut c) = self.channels.lock() {
-            c.insert(url.to_owned(), channel.clone());
+            c.insert(key, channel.clone());
         }
         Ok(channel)
     }
@@ -192,16 +208,19 @@ impl RabbitMq {
         {
             return Ok(std::sync::Arc::clone(counters));
         }
-        let queues = self.management_client(endpoint)?.queue_counters().await?;
+        let queues = self
+            .management_client(endpoint)?
+            .worker_queue_counters()
+            .await?;
         let counters: Counters =
             std::sync::Arc::new(queues.into_iter().map(|q| (q.name.clone(), q)).collect());
         *cached = Some((Instant::now(), std::sync::Arc::clone(&counters)));
         Ok(counters)
     }
 
-    fn forget(&self, url: &str) {
+    fn forget(&self, url: &str, slot: usize) {
         if let Ok(mut c) = self.channels.lock() {
-            c.remove(url);
+            c.remove(&(url.to_owned(), slot));
         }
     }
 }
@@ -222,7 +241,8 @@ impl QueueSource for RabbitMq {
                     vhost: endpoint.vhost.clone(),
                 });
             };
-            let channel = self.channel(&endpoint.amqp_url).await?;
+            let slot = slot_of(queue);
+            let channel = self.channel(&endpoint.amqp_url, slot).await?;
             let declared = channel
                 .queue_declare(
                     queue.into(),
@@ -237,7 +257,7 @@ impl QueueSource for RabbitMq {
                 Ok(q) => q,
                 Err(e) => {
                     // A failed passive declare closes the channel.
-                    self.forget(&endpoint.amqp_url);
+                    self.forget(&endpoint.amqp_url, slot);
                     return Err(SourceError::Amqp {
                         action: format!("reading queue {queue}"),
                         source: e,

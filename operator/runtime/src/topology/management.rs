@@ -184,17 +184,34 @@ impl ManagementClient {
             })
     }
 
-    /// Every queue of the vhost with its counters only (the autoscaler reads them all once per
-    /// tick instead of one request per queue).
-    pub async fn queue_counters(&self) -> Result<Vec<ActualQueue>, BrokerError> {
-        self.get(
-            &format!(
-                "queues/{}?columns=name,messages_ready,messages_unacknowledged,consumers,message_stats",
-                percent_encode(&self.vhost)
-            ),
-            true,
-        )
-        .await
+    /// The vhost's worker queues with their counters only (the autoscaler reads them all at
+    /// once instead of one request per queue; retry and dead-letter queues are left out), page
+    /// by page (the management API serves at most 500 a page).
+    pub async fn worker_queue_counters(&self) -> Result<Vec<ActualQueue>, BrokerError> {
+        #[derive(serde::Deserialize)]
+        struct Page {
+            items: Vec<ActualQueue>,
+            page_count: u64,
+        }
+        let mut queues = Vec::new();
+        let mut page = 1;
+        loop {
+            let batch: Page = self
+                .get(
+                    &format!(
+                        "queues/{}?page={page}&page_size=500&use_regex=true&name={}&columns=name,messages_ready,messages_unacknowledged,consumers,message_stats",
+                        percent_encode(&self.vhost),
+                        percent_encode(r"^chimera\..+\.worker$"),
+                    ),
+                    true,
+                )
+                .await?;
+            queues.extend(batch.items);
+            if page >= batch.page_count {
+                return Ok(queues);
+            }
+            page += 1;
+        }
     }
 
     /// One queue of the vhost.
