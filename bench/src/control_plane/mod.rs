@@ -33,6 +33,9 @@ pub struct Args {
     /// Also run with a broker (CHIMERA_AMQP_URL, in a fresh vhost): topology declared too.
     #[arg(long)]
     broker: bool,
+    /// With --broker, skip the run without one.
+    #[arg(long, requires = "broker")]
+    broker_only: bool,
     /// Quorum worker queues instead of classic ones (with --broker).
     #[arg(long)]
     quorum: bool,
@@ -110,18 +113,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         floor.0.as_secs_f64()
     );
     let mut runs = Vec::new();
-    runs.push(
-        operator_run(
-            &client,
-            &args,
-            &binary,
-            &modules_file,
-            None,
-            stamp,
-            "no broker",
-        )
-        .await?,
-    );
+    if !args.broker_only {
+        runs.push(
+            operator_run(
+                &client,
+                &args,
+                &binary,
+                &modules_file,
+                None,
+                stamp,
+                "no broker",
+            )
+            .await?,
+        );
+    }
     if args.broker {
         let amqp = args
             .amqp_url
