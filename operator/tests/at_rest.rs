@@ -185,4 +185,22 @@ async fn fifty_converged_modules_cost_the_api_server_no_write() {
         last_decision(&metrics).await > heartbeat,
         "the autoscaler decided nothing during the window"
     );
+
+    // Leave nothing behind: the modules go while their operator runs (their finalizer
+    // releases the topology), so the namespace does not stay Terminating, its fifty
+    // Deployments churning in the controller-manager while later tests run.
+    modules
+        .delete_collection(&Default::default(), &ListParams::default())
+        .await
+        .unwrap();
+    eventually("every module released and gone", Duration::from_secs(120), || async {
+        modules
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .is_empty()
+            .then_some(())
+    })
+    .await;
 }

@@ -443,11 +443,21 @@ async fn slow_query_pods_scale_the_query_head_out_then_in() {
 
     // The load falls to what one pod serves: the head scales back in, slowly.
     rate.store(50, std::sync::atomic::Ordering::Relaxed);
+    // Each new decision is printed: a failure's log then says why the head held.
+    let last = Mutex::new(String::new());
     eventually(
         "the query head scales back in",
         Duration::from_secs(90),
         || async {
             mark_pods_ready(&h, selector, Some(ip)).await;
+            if let Some(q) = autoscaling(&h, "catalog", "query").await {
+                let said = format!("{} | {}", q["reason"], q["signal"]);
+                let mut last = last.lock().unwrap();
+                if *last != said {
+                    eprintln!("decision: {said}");
+                    *last = said;
+                }
+            }
             (replicas(&h, "catalog-query").await? < scaled_out).then_some(())
         },
     )

@@ -108,8 +108,9 @@ type Counters = std::sync::Arc<HashMap<String, ActualQueue>>;
 /// A vhost's last read and when it was made, one read at a time.
 type CountersCell = std::sync::Arc<tokio::sync::Mutex<Option<(Instant, Counters)>>>;
 
-/// RabbitMQ: one AMQP channel and one management client per broker, kept between ticks, and
-/// each vhost's queue counters read once per tick for all its queues.
+/// RabbitMQ: one AMQP connection (with a few channels) and one management client per broker,
+/// kept between ticks, and each vhost's worker-queue counters read at once for all its queues,
+/// at most every [`COUNTERS_MAX_AGE`].
 #[derive(Default)]
 pub struct RabbitMq {
     connections: Mutex<HashMap<String, std::sync::Arc<lapin::Connection>>>,
