@@ -193,14 +193,18 @@ async fn fifty_converged_modules_cost_the_api_server_no_write() {
         .delete_collection(&Default::default(), &ListParams::default())
         .await
         .unwrap();
-    eventually("every module released and gone", Duration::from_secs(120), || async {
-        modules
-            .list(&ListParams::default())
-            .await
-            .ok()?
-            .items
-            .is_empty()
-            .then_some(())
-    })
+    eventually(
+        "every module released and gone",
+        Duration::from_secs(120),
+        || async {
+            modules
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .is_empty()
+                .then_some(())
+        },
+    )
     .await;
 }
