@@ -165,9 +165,23 @@ impl QueryLaw {
         };
         // Capacity per replica, from windows where the replicas did not change.
         let ready = s.replicas.ready;
-        if ready > 0 && oldest.replicas.ready == ready && window.total >= MIN_REQUESTS {
+        let readies = self.history.iter().map(|h| h.replicas.ready);
+        let (fewest_ready, most_ready) = (
+            readies.clone().min().unwrap_or(ready),
+            readies.max().unwrap_or(ready),
+        );
+        let level = percentile.map_or(0.0, |p| p / target);
+        if fewest_ready > 0 && fewest_ready != most_ready && level > HOT {
+            // Saturated while replicas came or went: spread over the most replicas of the
+            // window, the completions are a lower bound of what one serves. Without it a head
+            // that scaled out fast, before any stable saturated window, could never scale in.
+            let floor = completions / f64::from(most_ready);
+            if self.capacity.is_none_or(|k| floor > k) {
+                self.capacity = Some(floor);
+            }
+        }
+        if ready > 0 && fewest_ready == most_ready && window.total >= MIN_REQUESTS {
             let per_replica = completions / f64::from(ready);
-            let level = percentile.map_or(0.0, |p| p / target);
             self.capacity = match self.capacity {
                 None if level > HOT => Some(per_replica),
                 Some(k) if level > HOT => Some(k + CAPACITY_GAIN * (per_replica - k)),
@@ -387,5 +401,28 @@ mod tests {
                 "bounded steps: {seen:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_fast_scale_out_still_learns_enough_to_scale_in() {
+        // Pods serve 100 req/s each, 250 req/s are offered, and every second brings new ready
+        // replicas (which serve a second later): no window sees a stable saturated count.
+        let mut f = Feed::new();
+        for (ready, serving) in [(1, 0), (2, 1), (4, 2), (6, 4), (6, 6)] {
+            let served = (100.0 * f64::from(serving)).min(250.0);
+            let latency = if served < 250.0 { 0.3 } else { 0.01 };
+            f.second(served, latency, 250.0 * latency, ready);
+        }
+        let k = f
+            .law
+            .capacity()
+            .expect("a lower bound from the saturated windows");
+        assert!(k > 0.0 && k <= 100.0, "a lower bound: {k}");
+        // The load falls to what one pod serves: the head scales in.
+        let mut replicas = 6;
+        for _ in 0..90 {
+            replicas = f.second(50.0, 0.01, 0.5, replicas).desired;
+        }
+        assert!(replicas < 6, "{replicas}");
     }
 }
