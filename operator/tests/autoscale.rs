@@ -174,13 +174,15 @@ async fn a_worker_backlog_scales_out_and_back_in_when_drained() {
         (replicas(&h, "ledger-worker").await? == 1).then_some(())
     })
     .await;
-    let list = h.api::<Event>().list(&ListParams::default()).await.unwrap();
-    assert!(
+    // The Event is recorded after the replicas are written: it may land a moment later.
+    eventually("a ScaledIn event", Duration::from_secs(20), || async {
+        let list = h.api::<Event>().list(&ListParams::default()).await.ok()?;
         list.items
             .iter()
-            .any(|e| e.reason.as_deref() == Some("ScaledIn")),
-        "a ScaledIn event"
-    );
+            .any(|e| e.reason.as_deref() == Some("ScaledIn"))
+            .then_some(())
+    })
+    .await;
     connection.close(200, "done".into()).await.ok();
 }
 

@@ -171,10 +171,12 @@ impl QueryLaw {
             readies.max().unwrap_or(ready),
         );
         let level = percentile.map_or(0.0, |p| p / target);
-        if fewest_ready > 0 && fewest_ready != most_ready && level > HOT {
+        if most_ready > 0 && fewest_ready != most_ready && level > HOT {
             // Saturated while replicas came or went: spread over the most replicas of the
             // window, the completions are a lower bound of what one serves. Without it a head
             // that scaled out fast, before any stable saturated window, could never scale in.
+            // (A ready count that lags the pods can make it an overestimate: the next stable
+            // saturated window corrects it.)
             let floor = completions / f64::from(most_ready);
             if self.capacity.is_none_or(|k| floor > k) {
                 self.capacity = Some(floor);
@@ -408,7 +410,8 @@ mod tests {
         // Pods serve 100 req/s each, 250 req/s are offered, and every second brings new ready
         // replicas (which serve a second later): no window sees a stable saturated count.
         let mut f = Feed::new();
-        for (ready, serving) in [(1, 0), (2, 1), (4, 2), (6, 4), (6, 6)] {
+        // The first ready count lags the pods (the Deployment's status is written later).
+        for (ready, serving) in [(0, 1), (1, 1), (2, 1), (4, 2), (6, 4), (6, 6)] {
             let served = (100.0 * f64::from(serving)).min(250.0);
             let latency = if served < 250.0 { 0.3 } else { 0.01 };
             f.second(served, latency, 250.0 * latency, ready);
