@@ -163,7 +163,7 @@ impl QueryLaw {
             ),
             None => format!("{completions:.1} req/s, too few requests for a {label}"),
         };
-        // Capacity per replica, from windows where the replicas did not change.
+        // Capacity per replica.
         let ready = s.replicas.ready;
         let readies = self.history.iter().map(|h| h.replicas.ready);
         let (fewest_ready, most_ready) = (
@@ -182,6 +182,7 @@ impl QueryLaw {
                 self.capacity = Some(floor);
             }
         }
+        // Measured (not just bounded) only where the replicas did not change.
         if ready > 0 && fewest_ready == most_ready && window.total >= MIN_REQUESTS {
             let per_replica = completions / f64::from(ready);
             self.capacity = match self.capacity {
