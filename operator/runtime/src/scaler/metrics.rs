@@ -52,7 +52,8 @@ pub struct AutoscalerMetrics {
     pub stale: Family<HeadLabels, Gauge>,
     /// Replica changes made.
     pub actions: Family<ActionLabels, Counter>,
-    /// Seconds from a tick's start to each head's decision in it: how late decisions are.
+    /// Seconds from the start of the slot a head was due in to its decision: how late
+    /// decisions are.
     pub tick_lag: Histogram,
     /// Unix time of the head's last decision: the heartbeat (status changes only on change).
     pub last_decision: Family<HeadLabels, Gauge>,
@@ -106,7 +107,7 @@ impl AutoscalerMetrics {
         registry.register("scale_actions", "Replica changes made", actions.clone());
         registry.register(
             "tick_lag_seconds",
-            "Seconds from a tick's start to each head's decision in it",
+            "Seconds from the start of the slot a head was due in to its decision",
             tick_lag.clone(),
         );
         registry.register(

@@ -1,12 +1,13 @@
 //! The autoscaler: a loop with a short tick that reads each head's signals, runs its control
 //! law (chimera_core::autoscale) and writes the Deployment's replicas, as the one owner of
 //! `spec.replicas` (the field manager the reconciler uses to hold replicas within bounds).
-//! Each decision goes to the operator's `/metrics` (with its lag behind the tick and a
+//! Each decision goes to the operator's `/metrics` (with its lag behind its due time and a
 //! heartbeat); the module's status (`status.autoscaling`) is written only when a count, the
 //! staleness or the measured start-up changes, and an Event when the replicas change. Missing
 //! or stale metrics hold the replicas.
 
 pub mod metrics;
+pub mod schedule;
 pub mod sources;
 pub mod writer;
 
@@ -14,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
@@ -37,8 +37,9 @@ use writer::ReplicaWriter;
 pub const AUTOSCALER_MANAGER: &str = "chimera-operator/autoscaler";
 /// A module's broker endpoint is re-read (it may come from a Secret) this often.
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(30);
-/// Modules scaled at once. (64 was tried at 1,000 modules on a broker: the tick lag stayed at
-/// about 1 s and the operator's peak memory rose from 130 to 180 MiB; see bench/README.md.)
+/// Modules decided at once. (64 was tried at 1,000 modules on a broker, when all were decided
+/// at the tick's start: the tick lag stayed at about 1 s and the operator's peak memory rose
+/// from 130 to 180 MiB; see bench/README.md.)
 const CONCURRENCY: usize = 16;
 /// Longest wait for one head's signals.
 const SOURCE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -122,32 +123,50 @@ impl Scaler {
     }
 
     /// Ticks until the process stops. `pods` holds the heads' pods (for their start-up times).
+    ///
+    /// The interval is cut into [`schedule::SLOTS`] slots; each module is decided once per
+    /// interval, at the slot of its phase, and its lag is measured from that slot's start.
+    /// Decisions run [`CONCURRENCY`] at a time across slots: a slow broker makes them late
+    /// (which the lag shows), never piles them up.
     pub async fn run(
         self: Arc<Self>,
         modules: Store<ChimeraModule>,
         deployments: Store<Deployment>,
         pods: Store<Pod>,
     ) {
-        let mut tick = tokio::time::interval(self.settings.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            let started = tick.tick().await;
-            let live = modules.state();
-            self.forget_gone(&live);
-            let pods = pods.state();
-            self.measure_startups(&pods);
-            let targets = sources::ready_targets(&pods);
-            futures::stream::iter(live)
-                .for_each_concurrent(CONCURRENCY, |m| {
-                    let deployments = &deployments;
-                    let targets = &targets;
-                    let this = &self;
-                    async move {
-                        this.scale_module(&m, deployments, targets, started.into_std())
-                            .await;
-                    }
-                })
-                .await;
+        let slots = schedule::SLOTS;
+        let mut tick = tokio::time::interval(schedule::slot_length(self.settings.interval, slots));
+        // Late slot ticks still come, at once: every module keeps one decision per interval.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let permits = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+        let mut running = tokio::task::JoinSet::new();
+        let mut targets = Arc::new(HashMap::new());
+        for n in 0u64.. {
+            // (the instant the slot was due, however late this loop got to it)
+            let due = tick.tick().await;
+            while running.try_join_next().is_some() {}
+            let slot = schedule::slot_of_tick(n, slots);
+            if slot == 0 {
+                self.forget_gone(&modules.state());
+                let pods = pods.state();
+                self.measure_startups(&pods);
+                targets = Arc::new(sources::ready_targets(&pods));
+            }
+            for module in modules.state() {
+                if schedule::phase(&key(&module), slots) != slot {
+                    continue;
+                }
+                let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                    return; // (never closed)
+                };
+                let (this, deployments, targets) =
+                    (Arc::clone(&self), deployments.clone(), Arc::clone(&targets));
+                running.spawn(async move {
+                    this.scale_module(&module, &deployments, &targets, due)
+                        .await;
+                    drop(permit);
+                });
+            }
         }
     }
 
@@ -243,13 +262,13 @@ impl Scaler {
     }
 
     /// One tick for one module: each head's decision, then the status. `targets` holds the
-    /// addresses of the ready pods by head; `tick` is when the tick began.
+    /// addresses of the ready pods by head; `tick` is when the decision was due.
     pub async fn scale_module(
         &self,
         module: &ChimeraModule,
         deployments: &Store<Deployment>,
         targets: &HashMap<String, Vec<String>>,
-        tick: Instant,
+        tick: tokio::time::Instant,
     ) {
         if module.metadata.deletion_timestamp.is_some() {
             return;
@@ -323,9 +342,9 @@ impl Scaler {
                 let sample = match self.endpoint(module, state).await {
                     Ok(endpoint) => {
                         let queue = names::worker_queue(module.domain());
-                        self.queues
-                            .sample(&endpoint, &queue)
+                        tokio::time::timeout(SOURCE_TIMEOUT, self.queues.sample(&endpoint, &queue))
                             .await
+                            .unwrap_or(Err(sources::SourceError::Timeout(SOURCE_TIMEOUT)))
                             .map_err(|e| e.to_string())
                     }
                     Err(e) => Err(e),
@@ -669,7 +688,12 @@ mod tests {
     async fn a_backlog_scales_the_worker_out_and_says_so() {
         let (recorder, _, scaler, module, store) = world(Ok(backlog(200.0)));
         scaler
-            .scale_module(&module, &store, &HashMap::new(), Instant::now())
+            .scale_module(
+                &module,
+                &store,
+                &HashMap::new(),
+                tokio::time::Instant::now(),
+            )
             .await;
         let scaled = recorder.scaled.lock().unwrap().clone();
         assert_eq!(scaled.len(), 1, "{scaled:?}");
@@ -688,7 +712,12 @@ mod tests {
         let (recorder, _, scaler, module, store) = world(Err(()));
         for _ in 0..3 {
             scaler
-                .scale_module(&module, &store, &HashMap::new(), Instant::now())
+                .scale_module(
+                    &module,
+                    &store,
+                    &HashMap::new(),
+                    tokio::time::Instant::now(),
+                )
                 .await;
         }
         assert!(recorder.scaled.lock().unwrap().is_empty());
@@ -730,11 +759,21 @@ mod tests {
     async fn the_law_plans_with_the_start_up_time_of_the_heads_own_pods() {
         let (recorder, _, scaler, module, store) = world(Ok(backlog(0.0)));
         scaler
-            .scale_module(&module, &store, &HashMap::new(), Instant::now())
+            .scale_module(
+                &module,
+                &store,
+                &HashMap::new(),
+                tokio::time::Instant::now(),
+            )
             .await;
         scaler.measure_startups(&[head_pod("a", 2), head_pod("b", 3)]);
         scaler
-            .scale_module(&module, &store, &HashMap::new(), Instant::now())
+            .scale_module(
+                &module,
+                &store,
+                &HashMap::new(),
+                tokio::time::Instant::now(),
+            )
             .await;
         let statuses = recorder.statuses.lock().unwrap();
         let before = statuses[0].worker.as_ref().unwrap();
@@ -750,14 +789,193 @@ mod tests {
     async fn a_recovered_queue_writes_the_status_again() {
         let (recorder, queue, scaler, module, store) = world(Err(()));
         scaler
-            .scale_module(&module, &store, &HashMap::new(), Instant::now())
+            .scale_module(
+                &module,
+                &store,
+                &HashMap::new(),
+                tokio::time::Instant::now(),
+            )
             .await;
         *queue.0.lock().unwrap() = Ok(backlog(0.0));
         scaler
-            .scale_module(&module, &store, &HashMap::new(), Instant::now())
+            .scale_module(
+                &module,
+                &store,
+                &HashMap::new(),
+                tokio::time::Instant::now(),
+            )
             .await;
         let statuses = recorder.statuses.lock().unwrap();
         assert_eq!(statuses.len(), 2, "staleness changed: {statuses:?}");
         assert!(!statuses[1].worker.as_ref().unwrap().metrics_stale);
+    }
+}
+
+#[cfg(test)]
+mod loop_tests {
+    //! The loop's cadence, on a paused clock: every module once per interval, at its own slot.
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Mutex as StdMutex;
+
+    use futures::future::BoxFuture;
+    use k8s_openapi::api::apps::v1::DeploymentSpec;
+    use kube::runtime::{reflector, watcher};
+
+    use super::sources::{QueueSample, SourceError};
+    use super::*;
+    use chimera_core::autoscale::exposition::Scrape;
+
+    /// Answers an idle queue and records which queue was read when.
+    #[derive(Default)]
+    struct Reads(StdMutex<Vec<(String, tokio::time::Instant)>>);
+
+    impl QueueSource for Reads {
+        fn sample<'a>(
+            &'a self,
+            _: &'a BrokerEndpoint,
+            queue: &'a str,
+        ) -> BoxFuture<'a, Result<QueueSample, SourceError>> {
+            self.0
+                .lock()
+                .unwrap()
+                .push((queue.to_owned(), tokio::time::Instant::now()));
+            Box::pin(async {
+                Ok(QueueSample {
+                    ready: 0.0,
+                    unacked: 0.0,
+                    acked_total: 0.0,
+                    consumers: 1,
+                })
+            })
+        }
+    }
+
+    impl LatencySource for Reads {
+        fn sample<'a>(
+            &'a self,
+            _: &'a [String],
+        ) -> BoxFuture<'a, Result<Vec<(String, Scrape)>, SourceError>> {
+            Box::pin(async { Err(SourceError::Timeout(Duration::from_secs(3))) })
+        }
+    }
+
+    /// Writes nothing anywhere.
+    struct Nowhere;
+
+    impl ReplicaWriter for Nowhere {
+        fn scale<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: u32,
+        ) -> BoxFuture<'a, Result<(), kube::Error>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn status<'a>(
+            &'a self,
+            _: &'a ChimeraModule,
+            _: &'a AutoscalingStatus,
+        ) -> BoxFuture<'a, Result<(), kube::Error>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn event<'a>(
+            &'a self,
+            _: &'a ChimeraModule,
+            _: &'static str,
+            _: String,
+        ) -> BoxFuture<'a, ()> {
+            Box::pin(async {})
+        }
+        fn endpoint<'a>(
+            &'a self,
+            _: &'a ChimeraModule,
+        ) -> BoxFuture<'a, Result<BrokerEndpoint, String>> {
+            Box::pin(async {
+                BrokerEndpoint::new("amqp://mq/%2f", None).map_err(|e| e.to_string())
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_module_is_decided_once_per_interval_at_its_own_slot() {
+        const MODULES: usize = 60;
+        let (modules, mut modules_in) = reflector::store::<ChimeraModule>();
+        let (deployments, mut deployments_in) = reflector::store::<Deployment>();
+        let (pods, _) = reflector::store::<Pod>();
+        for i in 0..MODULES {
+            let yaml = format!(
+                "apiVersion: chimera.dev/v1alpha1\nkind: ChimeraModule\nmetadata: {{name: m{i}, namespace: shop}}\nspec:\n  image: x/y:1\n  commands: [m{i}.do]\n  worker: {{replicas: {{min: 1, max: 4}}}}\n"
+            );
+            let module = chimera_core::api::validation::modules_from_yaml(&yaml)
+                .0
+                .remove(0);
+            modules_in.apply_watcher_event(&watcher::Event::Apply(module));
+            let mut deployment = Deployment {
+                spec: Some(DeploymentSpec {
+                    replicas: Some(1),
+                    ..DeploymentSpec::default()
+                }),
+                ..Deployment::default()
+            };
+            deployment.metadata.name = Some(format!("m{i}-worker"));
+            deployment.metadata.namespace = Some("shop".into());
+            deployments_in.apply_watcher_event(&watcher::Event::Apply(deployment));
+        }
+        let reads = Arc::new(Reads::default());
+        let scaler = Arc::new(Scaler::new(
+            Arc::new(Nowhere),
+            reads.clone(),
+            reads.clone(),
+            ScalerSettings::default(),
+        ));
+        let start = tokio::time::Instant::now();
+        let running = tokio::spawn(Arc::clone(&scaler).run(modules, deployments, pods));
+        // Two intervals and a little: the slot ticks at 0, 100, ..., 2000 ms.
+        tokio::time::sleep(Duration::from_millis(2050)).await;
+        running.abort();
+
+        let reads = reads.0.lock().unwrap().clone();
+        let mut by_queue: HashMap<String, Vec<Duration>> = HashMap::new();
+        for (queue, at) in &reads {
+            by_queue.entry(queue.clone()).or_default().push(*at - start);
+        }
+        assert_eq!(
+            by_queue.len(),
+            MODULES,
+            "every module was read: {by_queue:?}"
+        );
+        let mut slots = std::collections::BTreeSet::new();
+        for (queue, times) in &by_queue {
+            // Slots 0..9 come twice in 2 s; slot 0 a third time at 2 s.
+            assert!((2..=3).contains(&times.len()), "{queue}: read at {times:?}");
+            for pair in times.windows(2) {
+                assert_eq!(
+                    pair[1] - pair[0],
+                    Duration::from_secs(1),
+                    "{queue}: {times:?}"
+                );
+            }
+            slots.insert(times[0].as_millis() / 100);
+        }
+        assert!(
+            slots.len() >= 8,
+            "the modules' reads are spread over the interval: slots {slots:?}"
+        );
+        // No decision waited behind another: each came in the slot it was due.
+        let text = scaler.metrics.render();
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        };
+        let decided = value("chimera_autoscaler_tick_lag_seconds_count");
+        assert!(decided >= (2 * MODULES) as f64, "{text}");
+        assert_eq!(
+            value("chimera_autoscaler_tick_lag_seconds_bucket{le=\"0.001\"}"),
+            decided,
+            "{text}"
+        );
     }
 }

@@ -87,7 +87,7 @@ pub trait LatencySource: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<(String, Scrape)>, SourceError>>;
 }
 
-/// How old a vhost's counters may be before the next sample reads them again. RabbitMQ itself
+/// How old a vhost's counters may be before a sample starts reading them again. RabbitMQ itself
 /// refreshes them every `collect_statistics_interval` (5 s by default): reading a thousand
 /// queues' counters every tick would mostly read the same numbers again. The ready count, which
 /// must be current, comes from a passive declare each tick.
@@ -105,8 +105,18 @@ fn slot_of(queue: &str) -> usize {
 
 /// A vhost's queue counters as last read, by queue name.
 type Counters = std::sync::Arc<HashMap<String, ActualQueue>>;
-/// A vhost's last read and when it was made, one read at a time.
-type CountersCell = std::sync::Arc<tokio::sync::Mutex<Option<(Instant, Counters)>>>;
+
+/// A vhost's last read of its counters, and whether a new one is under way.
+#[derive(Default)]
+struct CountersState {
+    read: Option<(Instant, Counters)>,
+    refreshing: bool,
+}
+type CountersCell = std::sync::Arc<tokio::sync::Mutex<CountersState>>;
+
+fn index(queues: Vec<ActualQueue>) -> Counters {
+    std::sync::Arc::new(queues.into_iter().map(|q| (q.name.clone(), q)).collect())
+}
 
 /// RabbitMQ: one AMQP connection (with a few channels) and one management client per broker,
 /// kept between ticks, and each vhost's worker-queue counters read at once for all its queues,
@@ -195,27 +205,39 @@ impl RabbitMq {
         Ok(client)
     }
 
-    /// The vhost's counters, read again when older than [`COUNTERS_MAX_AGE`] (one read at a
-    /// time: concurrent samples wait for it and share it).
+    /// The vhost's counters. The first read is waited for; after that, a read older than
+    /// [`COUNTERS_MAX_AGE`] is answered as it is while a new one runs in the background, so
+    /// no decision waits for the listing of a thousand queues (the counters are RabbitMQ's
+    /// 5 s statistics anyway; the ready count comes from the passive declare).
     async fn counters(&self, endpoint: &BrokerEndpoint) -> Result<Counters, SourceError> {
         let key = format!("{}|{}", endpoint.management_url, endpoint.vhost);
         let cell = {
             let mut cells = self.counters.lock().unwrap_or_else(|p| p.into_inner());
             std::sync::Arc::clone(cells.entry(key).or_default())
         };
-        let mut cached = cell.lock().await;
-        if let Some((at, counters)) = cached.as_ref()
-            && at.elapsed() < COUNTERS_MAX_AGE
-        {
-            return Ok(std::sync::Arc::clone(counters));
+        let client = self.management_client(endpoint)?;
+        let mut state = cell.lock().await;
+        if let Some((at, counters)) = state.read.as_ref() {
+            let counters = std::sync::Arc::clone(counters);
+            if at.elapsed() >= COUNTERS_MAX_AGE && !state.refreshing {
+                state.refreshing = true;
+                let cell = std::sync::Arc::clone(&cell);
+                tokio::spawn(async move {
+                    let read = client.worker_queue_counters().await;
+                    let mut state = cell.lock().await;
+                    state.refreshing = false;
+                    match read {
+                        Ok(queues) => state.read = Some((Instant::now(), index(queues))),
+                        // The last read stays; the next sample starts another.
+                        Err(error) => tracing::debug!(%error, "could not read the queue counters"),
+                    }
+                });
+            }
+            return Ok(counters);
         }
-        let queues = self
-            .management_client(endpoint)?
-            .worker_queue_counters()
-            .await?;
-        let counters: Counters =
-            std::sync::Arc::new(queues.into_iter().map(|q| (q.name.clone(), q)).collect());
-        *cached = Some((Instant::now(), std::sync::Arc::clone(&counters)));
+        // (the lock is held while reading: concurrent first samples wait for this one)
+        let counters = index(client.worker_queue_counters().await?);
+        state.read = Some((Instant::now(), std::sync::Arc::clone(&counters)));
         Ok(counters)
     }
 
