@@ -34,6 +34,27 @@ fn crd_prints_the_checked_in_crd() {
 }
 
 #[test]
+fn crd_into_a_reader_that_leaves_early_exits_quietly() {
+    use std::io::Read;
+    use std::process::Stdio;
+    // `chimera crd | head -c 10`: the pipe closes after a few bytes.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chimera"))
+        .arg("crd")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 10];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // (the read end is dropped here)
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(&first, b"# Generate");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(stderr.is_empty(), "nothing on stderr: {stderr}");
+}
+
+#[test]
 fn validate_accepts_the_examples() {
     let (code, out) = chimera(&["validate", "-f", &repo("examples/marketplace")]);
     assert_eq!(code, 0, "{out}");

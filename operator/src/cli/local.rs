@@ -39,7 +39,7 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("reading chimera up's status")?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&snapshot)?);
+        super::print_out(&format!("{}\n", serde_json::to_string_pretty(&snapshot)?))?;
         return Ok(ExitCode::SUCCESS);
     }
     println!(

@@ -18,10 +18,7 @@ pub struct ValidateArgs {
 
 /// Prints the CRD.
 pub fn crd() -> anyhow::Result<ExitCode> {
-    print!(
-        "{}",
-        chimera_module_crd_yaml().context("rendering the CRD")?
-    );
+    super::print_out(&chimera_module_crd_yaml().context("rendering the CRD")?)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -95,6 +95,22 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Writes `text` to stdout. A reader that left early (`chimera crd | head`) is not an error:
+/// the rest of the output is not wanted.
+pub fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::new(e).context("writing to stdout"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Exit 0 on success, 1 otherwise.
 fn exit(success: bool) -> ExitCode {
     if success {

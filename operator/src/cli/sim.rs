@@ -64,7 +64,7 @@ pub fn run(args: &SimArgs) -> anyhow::Result<ExitCode> {
     }
     let m = &result.metrics;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(m)?);
+        super::print_out(&format!("{}\n", serde_json::to_string_pretty(m)?))?;
     } else {
         println!(
             "{} / {}{}: {} s over the SLO, {:.0} replica-seconds ({:.2} x the lower bound {:.0}), {} scale actions, peak {} replicas",

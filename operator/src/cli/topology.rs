@@ -85,7 +85,7 @@ pub async fn run(command: TopologyCommand) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             };
             let plan = plan(&modules);
-            print!("{}", render(&plan, format));
+            super::print_out(&render(&plan, format))?;
             Ok(exit(!plan.has_errors()))
         }
         TopologyCommand::Diff {
@@ -98,9 +98,9 @@ pub async fn run(command: TopologyCommand) -> anyhow::Result<ExitCode> {
             };
             let diff = current_diff(&endpoint, &plan).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&diff)?);
+                super::print_out(&format!("{}\n", serde_json::to_string_pretty(&diff)?))?;
             } else {
-                print!("{}", render_diff(&diff));
+                super::print_out(&render_diff(&diff))?;
             }
             Ok(exit(diff.is_converged() && !diff.has_conflicts()))
         }
@@ -137,7 +137,7 @@ pub async fn run(command: TopologyCommand) -> anyhow::Result<ExitCode> {
             let report = apply(&endpoint, &plan).await?;
             if json {
                 let out = serde_json::json!({"report": report, "findings": plan.findings});
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                super::print_out(&format!("{}\n", serde_json::to_string_pretty(&out)?))?;
             } else {
                 println!(
                     "declared {} exchange(s), {} queue(s), {} binding(s); removed {} stale binding(s)",

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, GetParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
@@ -46,11 +46,20 @@ where
     let existing = match caches::get(cache, &namespace, &name) {
         Some(cached) => Some((*cached).clone()),
         // Not among the objects labelled ours: one of that name may still exist (made by
-        // someone else, or unlabelled by hand), and must not be taken over.
-        None => api.get_opt(&name).await.map_err(|cause| Error::Kube {
-            action: format!("read {kind} {name}"),
-            cause,
-        })?,
+        // someone else, or unlabelled by hand), and must not be taken over. Read from the API
+        // server's watch cache (resourceVersion 0), not etcd: this is each object's first
+        // apply, thousands at once when modules arrive together. The cache lags etcd by
+        // moments; a read from etcd leaves the same kind of window before the apply anyway.
+        None => match api.get_with(&name, &GetParams::any()).await {
+            Ok(found) => Some(found),
+            Err(kube::Error::Api(e)) if e.code == 404 => None,
+            Err(cause) => {
+                return Err(Error::Kube {
+                    action: format!("read {kind} {name}"),
+                    cause,
+                });
+            }
+        },
     };
     if let Some(existing) = existing {
         check_controller(desired, &existing, &kind, &name)?;
