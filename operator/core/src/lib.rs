@@ -6,6 +6,7 @@
 //! - [`topology`]: the RabbitMQ topology a set of modules needs, the diff with a broker's state,
 //!   and the `TopologyReady` verdict;
 //! - [`autoscale`]: the control laws of both heads and the signals they read;
+//! - [`leader`]: the decisions of leader election on a Lease;
 //! - [`sim`]: the reference model and the KEDA / KPA anchors the laws are judged against;
 //! - [`local`]: what `chimera up` runs for a module.
 //!
@@ -15,6 +16,7 @@
 
 pub mod api;
 pub mod autoscale;
+pub mod leader;
 pub mod local;
 pub mod sim;
 pub mod status;

@@ -6,6 +6,7 @@
 //! - [`controller`]: the operator's reconcile loop against the API server, reading the
 //!   [`caches`] it shares with the autoscaler;
 //! - [`scaler`]: the operator's autoscaling loop and its metric sources;
+//! - [`leader`]: leader election on a Lease, which both loops ask before they write;
 //! - [`topology`]: the declarer, the management API client and queue migration;
 //! - [`local`]: `chimera up`, `chimera status` and `chimera load` on one machine.
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@ pub mod caches;
 pub mod client;
 pub mod cluster;
 pub mod controller;
+pub mod leader;
 pub mod local;
 pub mod operator;
 pub mod scaler;
@@ -78,6 +80,9 @@ pub enum Error {
     /// A ChimeraModule without a namespace (the CRD is namespaced, so the cache is corrupt).
     #[error("ChimeraModule has no namespace")]
     NotNamespaced,
+    /// Leader election could not start.
+    #[error(transparent)]
+    Leader(#[from] leader::LeaderError),
     /// The autoscaler could not start.
     #[error("autoscaler: {0}")]
     Autoscaler(#[from] scaler::sources::SourceError),
@@ -117,6 +122,7 @@ impl Error {
             Error::NotNamespaced => "not_namespaced",
             Error::UnexpectedObject(_) => "unexpected_object",
             Error::Serialize(_) => "serialize",
+            Error::Leader(_) => "leader",
             Error::Autoscaler(_) => "autoscaler",
             Error::MetricsListen { .. } => "metrics_listen",
         }

@@ -42,6 +42,8 @@ pub struct OperatorConfig {
     /// The API client's request counts, served on `/metrics` too (when the client was built
     /// by [`crate::client::build`]).
     pub api_metrics: Option<crate::client::ApiMetrics>,
+    /// Leader election among replicas; None: this replica runs alone and always leads.
+    pub leader: Option<crate::leader::LeaderSettings>,
 }
 
 /// Starts the autoscaler next to the controller, on the controller's caches and a reflector of
@@ -77,12 +79,15 @@ fn start_autoscaler(
     );
     tokio::spawn(pods_stream.for_each(|_| futures::future::ready(())));
     let pods = crate::scaler::sources::PodMetrics::new()?;
-    let scaler = Arc::new(Scaler::new(
-        Arc::new(crate::scaler::writer::KubeWriter::new(Arc::clone(ctx))),
-        Arc::new(crate::scaler::sources::RabbitMq::default()),
-        Arc::new(pods),
-        settings,
-    ));
+    let scaler = Arc::new(
+        Scaler::new(
+            Arc::new(crate::scaler::writer::KubeWriter::new(Arc::clone(ctx))),
+            Arc::new(crate::scaler::sources::RabbitMq::default()),
+            Arc::new(pods),
+            settings,
+        )
+        .with_leadership(ctx.leadership.clone()),
+    );
     let metrics = scaler.metrics.clone();
     tokio::spawn(scaler.run(
         caches.modules.clone(),
@@ -101,6 +106,7 @@ async fn serve_metrics(
     addr: std::net::SocketAddr,
     metrics: Option<AutoscalerMetrics>,
     api: Option<crate::client::ApiMetrics>,
+    leadership: crate::leader::Leadership,
 ) -> Result<(), Error> {
     use axum::{Router, routing::get};
     let listener = tokio::net::TcpListener::bind(addr)
@@ -115,6 +121,7 @@ async fn serve_metrics(
                 if let Some(api) = &api {
                     text.push_str(&api.render());
                 }
+                text.push_str(&leadership.render());
                 async move { text }
             }),
         );
@@ -144,6 +151,19 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
         instance: std::env::var("POD_NAME").ok(),
     };
     let (caches, watches) = crate::caches::watch(&client, &config.scope);
+    let (leadership, elector) = match &config.leader {
+        None => (crate::leader::Leadership::always(), None),
+        Some(settings) => {
+            let leadership = crate::leader::Leadership::elected();
+            let elector = Arc::new(crate::leader::Elector::new(
+                client.clone(),
+                settings.clone(),
+                leadership.clone(),
+            )?);
+            info!(lease = %settings.lease, namespace = %settings.namespace, identity = %settings.identity, "running for leader");
+            (leadership, Some(elector))
+        }
+    };
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
@@ -156,6 +176,7 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
         declared: Default::default(),
         snapshots: Default::default(),
         connections: Default::default(),
+        leadership: leadership.clone(),
     });
     if config.broker.is_none() {
         warn!("no broker configured (--amqp-url): RabbitMQ topology is not managed");
@@ -167,9 +188,15 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
         None => None,
     };
     if let Some(addr) = config.metrics_addr {
-        serve_metrics(addr, metrics, config.api_metrics.clone()).await?;
+        serve_metrics(addr, metrics, config.api_metrics.clone(), leadership).await?;
     }
+    let election = elector.as_ref().map(|e| tokio::spawn(Arc::clone(e).run()));
     controller::run(controller, ctx).await;
+    // Stopping: write no more, and hand the Lease over rather than let it expire.
+    if let (Some(elector), Some(election)) = (elector, election) {
+        election.abort();
+        elector.release().await;
+    }
     info!("chimera operator stopped");
     Ok(())
 }

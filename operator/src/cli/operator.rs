@@ -5,10 +5,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chimera_core::api::SecretKeyRef;
+use chimera_core::leader::Timing;
 use chimera_core::topology::state::BrokerEndpoint;
 use chimera_core::workloads::WorkloadSettings;
 use chimera_runtime::client::{ApiMetrics, Limits};
 use chimera_runtime::cluster::Scope;
+use chimera_runtime::leader::LeaderSettings;
 use chimera_runtime::operator::OperatorConfig;
 use chimera_runtime::scaler::ScalerSettings;
 
@@ -52,16 +54,66 @@ pub struct OperatorArgs {
     /// API requests that may start at once after a quiet spell.
     #[arg(long, default_value_t = Limits::default().burst)]
     kube_api_burst: u32,
+    /// Run for leader on a Lease, so that several replicas can run: only the leader writes
+    /// and scales, the others keep their caches warm (the chart turns it on).
+    #[arg(long)]
+    leader_elect: bool,
+    /// Namespace of the Lease (default: the operator pod's, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_elect_namespace: String,
+    /// Name of the Lease.
+    #[arg(long, default_value = "chimera-operator")]
+    leader_elect_lease: String,
+    /// Seconds the Lease holds without renewal; the leader stops writing after two thirds of
+    /// it without a renewal.
+    #[arg(long, default_value_t = 15.0)]
+    leader_elect_lease_seconds: f64,
+}
+
+/// The Lease settings of `--leader-elect`: this replica is its pod (POD_NAME), or the host and
+/// process outside a cluster.
+fn leader(args: &OperatorArgs) -> Option<LeaderSettings> {
+    if !args.leader_elect {
+        return None;
+    }
+    let identity = std::env::var("POD_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "host".to_owned());
+            format!("{host}-{}", std::process::id())
+        });
+    let lease = args.leader_elect_lease_seconds;
+    Some(LeaderSettings {
+        namespace: args.leader_elect_namespace.clone(),
+        lease: args.leader_elect_lease.clone(),
+        identity,
+        // client-go's proportions (15 s, 10 s, 2 s) for any lease duration.
+        timing: Timing {
+            lease_duration: lease,
+            renew_deadline: lease * 2.0 / 3.0,
+            retry_period: lease * 2.0 / 15.0,
+        },
+    })
 }
 
 /// The operator's configuration from its arguments.
 fn config(args: OperatorArgs) -> anyhow::Result<OperatorConfig> {
+    let leader = leader(&args);
     let broker = args
         .amqp_url
         .map(|url| BrokerEndpoint::new(&url, args.management_url.as_deref()))
         .transpose()
         .context("--amqp-url")?;
+    if let Some(l) = &leader {
+        l.timing
+            .validate()
+            .context("--leader-elect-lease-seconds")?;
+    }
     Ok(OperatorConfig {
+        leader,
         scope: args.namespace.map(Scope::Namespace).unwrap_or_default(),
         workloads: WorkloadSettings {
             default_broker: parse_secret_key_ref(&args.default_broker_secret)

@@ -124,17 +124,22 @@ impl Harness {
         config: OperatorConfig,
     ) -> Self {
         let mut h = Self::new(prefix).await;
+        let client = operator_client.unwrap_or_else(|| h.client.clone());
+        h.start_operator(client, config);
+        h
+    }
+
+    /// Starts an operator (as `client`) watching this namespace with `config`.
+    pub fn start_operator(&mut self, client: Client, config: OperatorConfig) {
         let config = OperatorConfig {
-            scope: Scope::Namespace(h.ns.name.clone()),
+            scope: Scope::Namespace(self.ns.name.clone()),
             ..config
         };
-        let client = operator_client.unwrap_or_else(|| h.client.clone());
-        h.operator = Some(tokio::spawn(async move {
+        self.operator = Some(tokio::spawn(async move {
             if let Err(e) = operator::run(client, config).await {
                 panic!("operator stopped: {e}");
             }
         }));
-        h
     }
 
     /// A namespace, the CRD and an operator with admin rights watching it.

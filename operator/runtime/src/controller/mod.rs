@@ -74,11 +74,21 @@ fn error_policy(module: Arc<ChimeraModule>, error: &Error, ctx: Arc<Context>) ->
 /// objects they own, and by the changes of neighbours that alter their plan.
 pub fn new(caches: &Caches, watches: Watches, ctx: &Context) -> Controller<ChimeraModule> {
     let (modules, neighbours) = neighbours::triggers(watches.modules, Arc::clone(&ctx.neighbours));
+    // Becoming the leader reconciles every module: as a follower it wrote nothing.
+    let elected = futures::stream::unfold(ctx.leadership.subscribe(), |mut changes| async move {
+        loop {
+            changes.changed().await.ok()?;
+            if *changes.borrow_and_update() {
+                return Some(((), changes));
+            }
+        }
+    });
     Controller::for_stream(modules, caches.modules.clone())
         .owns_stream(watches.deployments.touched_objects())
         .owns_stream(watches.services.touched_objects())
         .owns_stream(watches.pdbs.touched_objects())
         .reconcile_on(neighbours)
+        .reconcile_all_on(elected)
         .with_config(
             controller::Config::default()
                 .concurrency(CONCURRENCY)

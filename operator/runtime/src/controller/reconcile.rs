@@ -187,6 +187,11 @@ fn now() -> Time {
 /// topology is released; the heads always go through owner references.
 #[instrument(skip_all, fields(module = %module.name_any(), namespace = module.namespace().unwrap_or_default()))]
 pub async fn reconcile(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // A follower keeps its caches and its neighbour index warm and writes nothing; it
+    // reconciles every module when it becomes the leader.
+    if !ctx.leadership.is_leading() {
+        return Ok(Action::await_change());
+    }
     if ctx.broker.is_none() {
         if module.metadata.deletion_timestamp.is_some() {
             ctx.record_success(&module);

@@ -89,6 +89,8 @@ pub struct Scaler {
     origin: Instant,
     /// When it started, on the API server's clock: only pods created since are measured.
     started: k8s_openapi::jiff::Timestamp,
+    /// Only the leader decides and writes.
+    leadership: crate::leader::Leadership,
 }
 
 fn key(module: &ChimeraModule) -> String {
@@ -119,7 +121,30 @@ impl Scaler {
             modules: Mutex::default(),
             origin: Instant::now(),
             started: k8s_openapi::jiff::Timestamp::now(),
+            leadership: crate::leader::Leadership::always(),
         }
+    }
+
+    /// The scaler of one replica among several: it decides only while `leadership` leads.
+    pub fn with_leadership(mut self, leadership: crate::leader::Leadership) -> Self {
+        self.leadership = leadership;
+        self
+    }
+
+    /// Drops what the laws learned: a follower's knowledge would be stale when it leads.
+    fn forget_all(&self) {
+        self.workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.queries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.modules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Ticks until the process stops. `pods` holds the heads' pods (for their start-up times).
@@ -145,6 +170,10 @@ impl Scaler {
             // (the instant the slot was due, however late this loop got to it)
             let due = tick.tick().await;
             while running.try_join_next().is_some() {}
+            if !self.leadership.is_leading() {
+                self.forget_all();
+                continue;
+            }
             let slot = schedule::slot_of_tick(n, slots);
             if slot == 0 {
                 self.forget_gone(&modules.state());
@@ -448,6 +477,10 @@ impl Scaler {
         let Some(namespace) = deployment.namespace() else {
             return;
         };
+        // (leadership can end while the signals are read)
+        if !self.leadership.is_leading() {
+            return;
+        }
         let name = deployment.name_any();
         if let Err(error) = self.writer.scale(&namespace, &name, decision.desired).await {
             tracing::warn!(%error, deployment = %name, "could not scale");
@@ -520,7 +553,7 @@ impl Scaler {
             .written
             .as_ref()
             .or(module.status.as_ref().and_then(|s| s.autoscaling.as_ref()));
-        if written.is_some_and(|w| counts(w) == counts(&status)) {
+        if written.is_some_and(|w| counts(w) == counts(&status)) || !self.leadership.is_leading() {
             return;
         }
         match self.writer.status(module, &status).await {
