@@ -288,3 +288,37 @@ impl Elector {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_leader_stops_at_its_deadline_without_being_told() {
+        let leadership = Leadership::elected();
+        assert!(!leadership.is_leading());
+        let mut changes = leadership.subscribe();
+        leadership.lead_until(Instant::now() + Duration::from_millis(50));
+        assert!(leadership.is_leading());
+        assert!(changes.has_changed().unwrap() && *changes.borrow_and_update());
+        assert!(leadership.render().contains("chimera_operator_leader 1"));
+        std::thread::sleep(Duration::from_millis(60));
+        // Nobody renewed or told it: the deadline alone ends it.
+        assert!(!leadership.is_leading());
+        leadership.publish();
+        assert!(changes.has_changed().unwrap() && !*changes.borrow_and_update());
+        assert!(leadership.render().contains("chimera_operator_leader 0"));
+    }
+
+    #[test]
+    fn a_replica_alone_always_leads() {
+        let alone = Leadership::always();
+        assert!(alone.is_leading());
+        alone.follow();
+        assert!(
+            alone.is_leading(),
+            "no election: nothing can make it follow"
+        );
+    }
+}

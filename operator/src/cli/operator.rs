@@ -70,21 +70,26 @@ pub struct OperatorArgs {
     leader_elect_lease_seconds: f64,
 }
 
-/// The Lease settings of `--leader-elect`: this replica is its pod (POD_NAME), or the host and
-/// process outside a cluster.
+/// The Lease settings of `--leader-elect`. This replica is its pod (POD_NAME; the host outside
+/// a cluster) and this very process: a container restarted after a crash is a new candidate
+/// that waits for the Lease to expire, like any other, rather than resuming as the holder.
 fn leader(args: &OperatorArgs) -> Option<LeaderSettings> {
     if !args.leader_elect {
         return None;
     }
-    let identity = std::env::var("POD_NAME")
+    let replica = std::env::var("POD_NAME")
         .ok()
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "host".to_owned());
-            format!("{host}-{}", std::process::id())
+                .unwrap_or_else(|_| "host".to_owned())
         });
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let identity = format!("{replica}_{:x}", started ^ u128::from(std::process::id()));
     let lease = args.leader_elect_lease_seconds;
     Some(LeaderSettings {
         namespace: args.leader_elect_namespace.clone(),
