@@ -65,20 +65,6 @@ fn pod_of(identity: &str) -> &str {
     identity.rsplit_once('_').map_or(identity, |(pod, _)| pod)
 }
 
-fn container_of(pod: &Pod) -> String {
-    pod.status
-        .as_ref()
-        .unwrap()
-        .container_statuses
-        .as_ref()
-        .unwrap()[0]
-        .container_id
-        .clone()
-        .unwrap()
-        .trim_start_matches("containerd://")
-        .to_owned()
-}
-
 #[tokio::test]
 async fn the_other_replica_takes_over_when_the_leader_crashes_or_stops() {
     let mut h = NodeHarness::start("node-failover", &[]).await;
@@ -113,7 +99,7 @@ async fn the_other_replica_takes_over_when_the_leader_crashes_or_stops() {
         "kill",
         "--signal",
         "SIGKILL",
-        &container_of(&leader_pod),
+        &common::node::container_id(&leader_pod),
     ]);
     assert!(killed.status.success(), "ctr tasks kill: {killed:?}");
     let crashed = Instant::now();

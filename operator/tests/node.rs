@@ -449,23 +449,8 @@ async fn a_rolling_update_and_a_killed_worker_lose_nothing_under_load() {
         .list(&ListParams::default().labels("chimera.dev/module=users,chimera.dev/head=worker"))
         .await
         .unwrap();
-    let container = workers.items[0]
-        .status
-        .as_ref()
-        .unwrap()
-        .container_statuses
-        .as_ref()
-        .unwrap()[0]
-        .container_id
-        .clone()
-        .unwrap();
-    let killed = chimera_testenv::ctr(&[
-        "tasks",
-        "kill",
-        "--signal",
-        "SIGKILL",
-        container.trim_start_matches("containerd://"),
-    ]);
+    let container = common::node::container_id(&workers.items[0]);
+    let killed = chimera_testenv::ctr(&["tasks", "kill", "--signal", "SIGKILL", &container]);
     assert!(killed.status.success(), "ctr tasks kill: {killed:?}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (ok, failures, sent) = load.finish().await;

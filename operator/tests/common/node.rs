@@ -24,6 +24,21 @@ pub const IMAGES: [&str; 4] = [
     "chimera/orders:dev",
 ];
 
+/// The containerd id of `pod`'s first container (for `ctr tasks kill`).
+pub fn container_id(pod: &Pod) -> String {
+    pod.status
+        .as_ref()
+        .unwrap()
+        .container_statuses
+        .as_ref()
+        .unwrap()[0]
+        .container_id
+        .clone()
+        .unwrap()
+        .trim_start_matches("containerd://")
+        .to_owned()
+}
+
 /// A namespace on the node with its own broker vhost and its own operator release.
 pub struct NodeHarness {
     pub client: Client,

@@ -842,22 +842,8 @@ mod tests {
         assert_eq!(statuses.len(), 2, "staleness changed: {statuses:?}");
         assert!(!statuses[1].worker.as_ref().unwrap().metrics_stale);
     }
-}
 
-#[cfg(test)]
-mod loop_tests {
-    //! The loop's cadence, on a paused clock: every module once per interval, at its own slot.
-    #![allow(clippy::unwrap_used)]
-
-    use std::sync::Mutex as StdMutex;
-
-    use futures::future::BoxFuture;
-    use k8s_openapi::api::apps::v1::DeploymentSpec;
-    use kube::runtime::{reflector, watcher};
-
-    use super::sources::{QueueSample, SourceError};
-    use super::*;
-    use chimera_core::autoscale::exposition::Scrape;
+    // The loop's cadence, on a paused clock: every module once per interval, at its own slot.
 
     /// Answers an idle queue and records which queue was read when.
     #[derive(Default)]
@@ -893,43 +879,6 @@ mod loop_tests {
         }
     }
 
-    /// Writes nothing anywhere.
-    struct Nowhere;
-
-    impl ReplicaWriter for Nowhere {
-        fn scale<'a>(
-            &'a self,
-            _: &'a str,
-            _: &'a str,
-            _: u32,
-        ) -> BoxFuture<'a, Result<(), kube::Error>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn status<'a>(
-            &'a self,
-            _: &'a ChimeraModule,
-            _: &'a AutoscalingStatus,
-        ) -> BoxFuture<'a, Result<(), kube::Error>> {
-            Box::pin(async { Ok(()) })
-        }
-        fn event<'a>(
-            &'a self,
-            _: &'a ChimeraModule,
-            _: &'static str,
-            _: String,
-        ) -> BoxFuture<'a, ()> {
-            Box::pin(async {})
-        }
-        fn endpoint<'a>(
-            &'a self,
-            _: &'a ChimeraModule,
-        ) -> BoxFuture<'a, Result<BrokerEndpoint, String>> {
-            Box::pin(async {
-                BrokerEndpoint::new("amqp://mq/%2f", None).map_err(|e| e.to_string())
-            })
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn every_module_is_decided_once_per_interval_at_its_own_slot() {
         const MODULES: usize = 60;
@@ -957,7 +906,7 @@ mod loop_tests {
         }
         let reads = Arc::new(Reads::default());
         let scaler = Arc::new(Scaler::new(
-            Arc::new(Nowhere),
+            Arc::new(Recorder::default()),
             reads.clone(),
             reads.clone(),
             ScalerSettings::default(),

@@ -1,0 +1,159 @@
+//! The chart as reviewers and GitOps tools render it (`helm template`, offline): what it runs,
+//! what it refuses, and the rights it asks for.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_yaml::Value;
+
+fn chart() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/chimera-operator")
+        .display()
+        .to_string()
+}
+
+/// `helm template` with `args`: Ok(the documents) or Err(what helm said).
+fn template(args: &[&str]) -> Result<Vec<Value>, String> {
+    let out = Command::new(chimera_testenv::helm())
+        .args([
+            "template",
+            "chimera",
+            &chart(),
+            "--namespace",
+            "chimera-system",
+        ])
+        .args(args)
+        .output()
+        .expect("run helm");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8(out.stdout).unwrap();
+    Ok(serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect())
+}
+
+use serde::Deserialize;
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+#[test]
+fn renders_offline_two_replicas_electing_a_leader_under_restricted_security() {
+    // No cluster and no --kube-version: what `helm template` in a GitOps tool does.
+    let docs = template(&[]).unwrap();
+    let deployment = kind(&docs, "Deployment")[0];
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(args.contains(&"--leader-elect"), "{args:?}");
+    // Restricted pod security.
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let security = &container["securityContext"];
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["capabilities"]["drop"][0], "ALL");
+    assert!(container["resources"]["requests"]["memory"].is_string());
+    assert!(container["resources"]["limits"]["memory"].is_string());
+    // A PDB for the two replicas, and a Service for their metrics.
+    assert_eq!(
+        kind(&docs, "PodDisruptionBudget")[0]["spec"]["maxUnavailable"],
+        1
+    );
+    let metrics = kind(&docs, "Service")[0];
+    assert_eq!(metrics["spec"]["ports"][0]["port"], 9090);
+    // No ServiceMonitor unless asked (its CRD may not exist).
+    assert!(kind(&docs, "ServiceMonitor").is_empty());
+    let with_monitor = template(&["--set", "metrics.serviceMonitor.enabled=true"]).unwrap();
+    assert_eq!(kind(&with_monitor, "ServiceMonitor").len(), 1);
+}
+
+#[test]
+fn asks_for_no_wildcard_and_the_lease_only_in_its_own_namespace() {
+    let docs = template(&[]).unwrap();
+    for role in kind(&docs, "ClusterRole")
+        .into_iter()
+        .chain(kind(&docs, "Role"))
+    {
+        for rule in role["rules"].as_sequence().unwrap() {
+            for field in ["apiGroups", "resources", "verbs"] {
+                let values = rule[field].as_sequence().unwrap();
+                assert!(
+                    values.iter().all(|v| v.as_str() != Some("*")),
+                    "{field} has *: {rule:?}"
+                );
+            }
+        }
+    }
+    let cluster_rules = serde_yaml::to_string(&kind(&docs, "ClusterRole")[0]["rules"]).unwrap();
+    assert!(
+        !cluster_rules.contains("leases"),
+        "leases are not cluster-wide"
+    );
+    let role = kind(&docs, "Role")[0];
+    assert_eq!(role["metadata"]["name"], "chimera-leader");
+    assert!(
+        serde_yaml::to_string(&role["rules"])
+            .unwrap()
+            .contains("leases")
+    );
+    // The broker's credentials come from a Secret, never from values.
+    let with_broker = template(&["--set", "brokerSecret=mq"]).unwrap();
+    let env =
+        &kind(&with_broker, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"];
+    let amqp = env
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "CHIMERA_AMQP_URL")
+        .unwrap();
+    assert!(amqp["value"].is_null());
+    assert_eq!(amqp["valueFrom"]["secretKeyRef"]["name"], "mq");
+}
+
+#[test]
+fn bad_values_are_refused_naming_the_value() {
+    for (value, says) in [
+        ("replicas=-1", "/replicas"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("resources.limits.memory=lots", "/resources/limits/memory"),
+        ("resources.requests.gpu=1", "/resources/requests"),
+        (
+            "leaderElection.leaseSeconds=1",
+            "/leaderElection/leaseSeconds",
+        ),
+        ("replica=2", "'replica' not allowed"),
+        (
+            "leaderElection.enabled=false",
+            "replicas > 1 needs leaderElection.enabled",
+        ),
+    ] {
+        let error = template(&["--set", value]).expect_err(value);
+        assert!(error.contains(says), "{value}: {error}");
+    }
+    let error = template(&["--kube-version", "1.29.0"]).unwrap_err();
+    assert!(error.contains("needs Kubernetes 1.30 or later"), "{error}");
+    template(&["--kube-version", "1.34.0"]).unwrap();
+    template(&[
+        "--set",
+        "replicas=1",
+        "--set",
+        "leaderElection.enabled=false",
+    ])
+    .unwrap();
+}
