@@ -153,6 +153,14 @@ async fn a_worker_backlog_scales_out_and_back_in_when_drained() {
             && metrics.contains("chimera_autoscaler_scale_actions_total{"),
         "{metrics}"
     );
+    // The controller's own: reconciles by result, their duration, and who leads (alone: it).
+    assert!(
+        metrics.contains(r#"chimera_operator_reconciles_total{result="ok",error=""}"#)
+            && metrics.contains("chimera_operator_reconcile_duration_seconds_count")
+            && metrics.contains("chimera_operator_topology_drift_repairs_total")
+            && metrics.contains("chimera_operator_leader 1"),
+        "{metrics}"
+    );
 
     // A consumer drains the queue; the replicas come back after the scale-in window.
     let channel = connection.create_channel().await.unwrap();

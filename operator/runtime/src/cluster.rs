@@ -92,6 +92,8 @@ pub struct Context {
     pub connections: crate::topology::amqp::Connections,
     /// Whether this replica may write (leader election; always, without one).
     pub leadership: crate::leader::Leadership,
+    /// The controller's metrics.
+    pub metrics: crate::controller::metrics::ControllerMetrics,
 }
 
 impl Context {

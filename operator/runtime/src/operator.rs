@@ -107,6 +107,7 @@ async fn serve_metrics(
     metrics: Option<AutoscalerMetrics>,
     api: Option<crate::client::ApiMetrics>,
     leadership: crate::leader::Leadership,
+    controller: crate::controller::metrics::ControllerMetrics,
 ) -> Result<(), Error> {
     use axum::{Router, routing::get};
     let listener = tokio::net::TcpListener::bind(addr)
@@ -122,6 +123,7 @@ async fn serve_metrics(
                     text.push_str(&api.render());
                 }
                 text.push_str(&leadership.render());
+                text.push_str(&controller.render());
                 async move { text }
             }),
         );
@@ -177,6 +179,7 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
         snapshots: Default::default(),
         connections: Default::default(),
         leadership: leadership.clone(),
+        metrics: Default::default(),
     });
     if config.broker.is_none() {
         warn!("no broker configured (--amqp-url): RabbitMQ topology is not managed");
@@ -188,7 +191,14 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
         None => None,
     };
     if let Some(addr) = config.metrics_addr {
-        serve_metrics(addr, metrics, config.api_metrics.clone(), leadership).await?;
+        serve_metrics(
+            addr,
+            metrics,
+            config.api_metrics.clone(),
+            leadership,
+            ctx.metrics.clone(),
+        )
+        .await?;
     }
     let election = elector.as_ref().map(|e| tokio::spawn(Arc::clone(e).run()));
     controller::run(controller, ctx).await;

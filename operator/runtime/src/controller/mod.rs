@@ -2,6 +2,7 @@
 //! API server. Desired state comes from `chimera_core::{workloads, status}`; this module only
 //! does I/O. `crate::operator` starts it beside the autoscaler.
 
+pub mod metrics;
 mod neighbours;
 mod reconcile;
 pub mod topology;
@@ -96,11 +97,22 @@ pub fn new(caches: &Caches, watches: Watches, ctx: &Context) -> Controller<Chime
         )
 }
 
+/// One reconcile, counted and timed (a follower's, which writes nothing, is not counted).
+async fn timed(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if !ctx.leadership.is_leading() {
+        return reconcile(module, ctx).await;
+    }
+    let started = std::time::Instant::now();
+    let result = reconcile(module, Arc::clone(&ctx)).await;
+    ctx.metrics.observe(&result, started.elapsed());
+    result
+}
+
 /// Drives `controller` until SIGTERM/Ctrl-C.
 pub async fn run(controller: Controller<ChimeraModule>, ctx: Arc<Context>) {
     controller
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(timed, error_policy, ctx)
         .for_each(|result| async move {
             match result {
                 Ok((obj, _)) => {

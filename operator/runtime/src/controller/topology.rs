@@ -91,18 +91,39 @@ pub async fn declare(
     let key = module_key(module);
     let print = fingerprint(&owned, &endpoint);
     let fresh = ctx.topology_resync.mul_f64(0.7);
-    {
+    // (declared before from this very plan: whatever must be made again had drifted)
+    let same_plan = {
         let declared = ctx.declared.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(d) = declared.get(&key)
-            && d.fingerprint == print
-            && d.checked.elapsed() < fresh
-        {
-            return Ok((d.verdict.clone(), None));
+        match declared.get(&key) {
+            Some(d) if d.fingerprint == print && d.checked.elapsed() < fresh => {
+                return Ok((d.verdict.clone(), None));
+            }
+            Some(d) => d.fingerprint == print,
+            None => false,
         }
-    }
+    };
     let max_age = ctx.topology_resync / 2;
     let applied =
         declare::apply_cached(&endpoint, &owned, &ctx.snapshots, &ctx.connections, max_age).await;
+    if let Ok(report) = &applied {
+        let remade = report.exchanges_declared + report.queues_declared + report.bindings_created;
+        if same_plan && remade > 0 {
+            ctx.metrics.drift_repairs.inc();
+            tracing::info!(module = %key, ?report, "repaired drifted topology");
+            let note = format!(
+                "declared again what was missing on the broker: {} exchange(s), {} queue(s), {} binding(s)",
+                report.exchanges_declared, report.queues_declared, report.bindings_created
+            );
+            crate::cluster::publish(
+                &ctx.recorder,
+                module,
+                kube::runtime::events::EventType::Warning,
+                "TopologyRepaired",
+                note,
+            )
+            .await;
+        }
+    }
     let mut declared = ctx.declared.lock().unwrap_or_else(|p| p.into_inner());
     match applied {
         Ok(report) => {
