@@ -486,7 +486,12 @@ pub struct TestDatabase {
 
 enum Cleanup {
     Folder(std::path::PathBuf),
-    MySql { server: String, name: String },
+    /// The database and its user, both called `name`.
+    MySql {
+        server: String,
+        name: String,
+        password: String,
+    },
 }
 
 impl TestDatabase {
@@ -501,7 +506,8 @@ impl TestDatabase {
         }
     }
 
-    /// A fresh MariaDB/MySQL database.
+    /// A fresh MariaDB/MySQL database with a user of its own that may use only it (as each
+    /// domain has in production): its URL carries that user, not the server's admin.
     pub async fn mysql(prefix: &str) -> Self {
         let server = required_env("CHIMERA_MYSQL_URL")
             .trim_end_matches('/')
@@ -519,9 +525,23 @@ impl TestDatabase {
         )
         .await
         .unwrap_or_else(|e| panic!("create database {name}: {e}"));
+        // The user is named after the database (MariaDB allows 80 characters).
+        let password = unique_name("pw").replace('-', "");
+        for statement in [
+            format!("CREATE USER '{name}'@'%' IDENTIFIED BY '{password}'"),
+            format!("GRANT ALL PRIVILEGES ON `{name}`.* TO '{name}'@'%'"),
+        ] {
+            sqlx::Executor::execute(&mut conn, sqlx::AssertSqlSafe(statement))
+                .await
+                .unwrap_or_else(|e| panic!("create user {name}: {e}"));
+        }
         Self {
-            url: format!("{server}/{name}"),
-            cleanup: Cleanup::MySql { server, name },
+            url: format!("{}/{name}", with_user(&server, &name, &password)),
+            cleanup: Cleanup::MySql {
+                server,
+                name,
+                password,
+            },
         }
     }
 }
@@ -531,13 +551,24 @@ impl TestDatabase {
     /// namespace chimera-dev); `None` for a SQLite file.
     pub fn cluster_url(&self) -> Option<String> {
         match &self.cleanup {
-            Cleanup::MySql { name, .. } => Some(format!(
+            Cleanup::MySql { name, password, .. } => Some(format!(
                 "{}/{name}",
-                required_env("CHIMERA_CLUSTER_MYSQL_URL").trim_end_matches('/')
+                with_user(
+                    required_env("CHIMERA_CLUSTER_MYSQL_URL").trim_end_matches('/'),
+                    name,
+                    password
+                )
             )),
             Cleanup::Folder(_) => None,
         }
     }
+}
+
+/// `url` (`scheme://user:password@host:port`) with another user and password.
+fn with_user(url: &str, user: &str, password: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("mysql", url));
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{user}:{password}@{host}")
 }
 
 impl Drop for TestDatabase {
@@ -546,7 +577,7 @@ impl Drop for TestDatabase {
             Cleanup::Folder(dir) => {
                 let _ = std::fs::remove_dir_all(dir);
             }
-            Cleanup::MySql { server, name } => {
+            Cleanup::MySql { server, name, .. } => {
                 let (server, name) = (server.clone(), name.clone());
                 let _ = std::thread::spawn(move || {
                     let rt = tokio::runtime::Builder::new_current_thread()
@@ -559,6 +590,11 @@ impl Drop for TestDatabase {
                             let _ = sqlx::Executor::execute(
                                 &mut conn,
                                 sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS `{name}`")),
+                            )
+                            .await;
+                            let _ = sqlx::Executor::execute(
+                                &mut conn,
+                                sqlx::AssertSqlSafe(format!("DROP USER IF EXISTS '{name}'@'%'")),
                             )
                             .await;
                         }
