@@ -185,6 +185,17 @@ async fn fifty_converged_modules_cost_the_api_server_no_write() {
         last_decision(&metrics).await > heartbeat,
         "the autoscaler decided nothing during the window"
     );
+    // The repair was counted where an operator looks for it (and nowhere in the API server).
+    let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+    let repairs: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("chimera_operator_topology_drift_repairs_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no drift repair counter in\n{text}"));
+    assert!(
+        repairs >= 1.0,
+        "the repair of {queue} was not counted: {repairs}"
+    );
 
     // Leave nothing behind: the modules go while their operator runs (their finalizer
     // releases the topology), so the namespace does not stay Terminating, its fifty

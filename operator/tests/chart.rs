@@ -58,6 +58,7 @@ fn renders_offline_two_replicas_electing_a_leader_under_restricted_security() {
         .map(|a| a.as_str().unwrap())
         .collect();
     assert!(args.contains(&"--leader-elect"), "{args:?}");
+    assert!(args.contains(&"--network-policies"), "{args:?}");
     // Restricted pod security.
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
     assert_eq!(

@@ -428,3 +428,50 @@ async fn an_object_someone_else_owns_is_never_taken_over_and_the_module_says_why
     )
     .await;
 }
+
+#[tokio::test]
+async fn with_network_policies_each_head_gets_one_selecting_its_pods() {
+    use chimera_core::workloads::{NetworkPolicySettings, WorkloadSettings};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let mut h = Harness::new("ctl-netpol").await;
+    let config = chimera_runtime::operator::OperatorConfig {
+        workloads: WorkloadSettings {
+            network_policies: Some(NetworkPolicySettings {
+                peer_namespaces: vec!["chimera-system".into()],
+            }),
+            ..WorkloadSettings::default()
+        },
+        ..Default::default()
+    };
+    let client = h.client.clone();
+    h.start_operator(client, config);
+    h.apply_module(&example("orders")).await;
+    let policies: Api<NetworkPolicy> = h.api();
+    let deployments: Api<Deployment> = h.api();
+    for head in ["query", "worker"] {
+        let name = format!("orders-{head}");
+        // Accepted by the API server's validation, owned by the module.
+        let policy = eventually(&format!("NetworkPolicy {name}"), WAIT, || async {
+            policies.get_opt(&name).await.ok().flatten()
+        })
+        .await;
+        let deployment = deployments.get(&name).await.unwrap();
+        let spec = policy.spec.unwrap();
+        assert_eq!(
+            spec.pod_selector.unwrap().match_labels,
+            deployment.spec.unwrap().selector.match_labels,
+            "{name}: selects the head's pods"
+        );
+        let owner = &policy.metadata.owner_references.unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("ChimeraModule", "orders")
+        );
+        let from = spec.ingress.unwrap()[0].from.clone().unwrap();
+        assert_eq!(
+            from.len(),
+            if head == "query" { 2 } else { 1 },
+            "{name}: {from:?}"
+        );
+    }
+}

@@ -24,6 +24,58 @@ use serde_json::json;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// The chart's operator gives every head a NetworkPolicy; the API server accepted them and
+/// each selects exactly its head's pods. (The dev node's bridge CNI does not enforce them.)
+async fn assert_policies_select_their_heads(h: &NodeHarness, modules: &[&str]) {
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let policies = h
+        .api::<NetworkPolicy>()
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    for module in modules {
+        for head in ["query", "worker"] {
+            let name = format!("{module}-{head}");
+            let policy = policies
+                .items
+                .iter()
+                .find(|p| p.metadata.name.as_deref() == Some(name.as_str()))
+                .unwrap_or_else(|| panic!("no NetworkPolicy {name}"));
+            let selector = policy.spec.as_ref().unwrap().pod_selector.clone().unwrap();
+            let labels = selector
+                .match_labels
+                .unwrap()
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let selected = h
+                .api::<Pod>()
+                .list(&ListParams::default().labels(&labels))
+                .await
+                .unwrap();
+            let heads = h
+                .api::<Pod>()
+                .list(&ListParams::default().labels(&format!(
+                    "chimera.dev/module={module},chimera.dev/head={head}"
+                )))
+                .await
+                .unwrap();
+            let names = |l: &kube::api::ObjectList<Pod>| {
+                let mut n: Vec<String> = l.items.iter().map(|p| p.name_any()).collect();
+                n.sort();
+                n
+            };
+            assert!(!heads.items.is_empty(), "{name}: no pods");
+            assert_eq!(
+                names(&selected),
+                names(&heads),
+                "{name} selects its head's pods"
+            );
+        }
+    }
+}
+
 /// Every container of every pod in the namespace has CPU and memory requests and limits, and
 /// the heads' pods carry no API token.
 async fn assert_pods_are_bounded(h: &NodeHarness) {
@@ -81,6 +133,7 @@ async fn the_marketplace_serves_through_services_on_the_node() {
         "measured: apply -> all three modules Ready: {:.1} s",
         applied.elapsed().as_secs_f64()
     );
+    assert_policies_select_their_heads(&h, &["users", "gigs", "orders"]).await;
     // The namespace enforces `restricted`, so the heads' pods passed it: a pod that breaks it
     // is refused.
     let refused = h

@@ -146,25 +146,6 @@ async fn the_marketplace_gets_its_topology_and_keeps_it_under_drift() {
             .then_some(())
     })
     .await;
-    // And said so, on the modules whose objects were made again.
-    let events: kube::Api<k8s_openapi::api::events::v1::Event> = h.api();
-    for module in ["gigs", "orders"] {
-        eventually(
-            &format!("a TopologyRepaired Event on {module}"),
-            WAIT,
-            || async {
-                let list = events.list(&Default::default()).await.ok()?;
-                list.items
-                    .into_iter()
-                    .find(|e| {
-                        e.reason.as_deref() == Some("TopologyRepaired")
-                            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(module)
-                    })
-                    .and_then(|e| e.note)
-            },
-        )
-        .await;
-    }
 }
 
 #[tokio::test]

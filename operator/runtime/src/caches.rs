@@ -9,6 +9,7 @@ use std::hash::Hash;
 use futures::{Stream, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -30,6 +31,8 @@ pub struct Caches {
     pub services: Store<Service>,
     /// The PodDisruptionBudgets it manages.
     pub pdbs: Store<PodDisruptionBudget>,
+    /// The NetworkPolicies it manages.
+    pub network_policies: Store<NetworkPolicy>,
 }
 
 /// A watch's events, as the reflector passes them on after updating its store.
@@ -46,6 +49,8 @@ pub struct Watches {
     pub services: Events<Service>,
     /// PodDisruptionBudget events.
     pub pdbs: Events<PodDisruptionBudget>,
+    /// NetworkPolicy events.
+    pub network_policies: Events<NetworkPolicy>,
 }
 
 /// Drops the field sets of managed fields, keeping the managers (and everything else).
@@ -80,19 +85,22 @@ pub fn watch(client: &Client, scope: &Scope) -> (Caches, Watches) {
     let (modules, module_events) = cached(scope.api(client.clone()), watcher::Config::default());
     let (deployments, deployment_events) = cached(scope.api(client.clone()), owned.clone());
     let (services, service_events) = cached(scope.api(client.clone()), owned.clone());
-    let (pdbs, pdb_events) = cached(scope.api(client.clone()), owned);
+    let (pdbs, pdb_events) = cached(scope.api(client.clone()), owned.clone());
+    let (network_policies, network_policy_events) = cached(scope.api(client.clone()), owned);
     (
         Caches {
             modules,
             deployments,
             services,
             pdbs,
+            network_policies,
         },
         Watches {
             modules: module_events,
             deployments: deployment_events,
             services: service_events,
             pdbs: pdb_events,
+            network_policies: network_policy_events,
         },
     )
 }
@@ -112,4 +120,5 @@ pub async fn ready(caches: &Caches) -> bool {
         && caches.deployments.wait_until_ready().await.is_ok()
         && caches.services.wait_until_ready().await.is_ok()
         && caches.pdbs.wait_until_ready().await.is_ok()
+        && caches.network_policies.wait_until_ready().await.is_ok()
 }

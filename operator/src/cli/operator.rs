@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use chimera_core::api::SecretKeyRef;
 use chimera_core::leader::Timing;
 use chimera_core::topology::state::BrokerEndpoint;
-use chimera_core::workloads::WorkloadSettings;
+use chimera_core::workloads::{NetworkPolicySettings, WorkloadSettings};
 use chimera_runtime::client::{ApiMetrics, Limits};
 use chimera_runtime::cluster::Scope;
 use chimera_runtime::leader::LeaderSettings;
@@ -68,6 +68,15 @@ pub struct OperatorArgs {
     /// it without a renewal.
     #[arg(long, default_value_t = 15.0)]
     leader_elect_lease_seconds: f64,
+    /// Give every head a NetworkPolicy: a query head admits its own namespace and the peer
+    /// namespaces, a worker only the peers. The operator's own namespace (POD_NAMESPACE) is
+    /// always a peer: its autoscaler scrapes the heads.
+    #[arg(long)]
+    network_policies: bool,
+    /// A namespace whose pods may reach every head's HTTP port (an ingress controller's,
+    /// Prometheus's); repeat for more.
+    #[arg(long = "network-policy-peer-namespace", value_name = "NAMESPACE")]
+    network_policy_peers: Vec<String>,
 }
 
 /// The Lease settings of `--leader-elect`. This replica is its pod (POD_NAME; the host outside
@@ -123,6 +132,14 @@ fn config(args: OperatorArgs) -> anyhow::Result<OperatorConfig> {
         workloads: WorkloadSettings {
             default_broker: parse_secret_key_ref(&args.default_broker_secret)
                 .context("--default-broker-secret")?,
+            network_policies: args.network_policies.then(|| NetworkPolicySettings {
+                peer_namespaces: std::env::var("POD_NAMESPACE")
+                    .ok()
+                    .into_iter()
+                    .chain(args.network_policy_peers.iter().cloned())
+                    .filter(|ns| !ns.is_empty())
+                    .collect(),
+            }),
         },
         broker,
         topology_resync: Some(Duration::from_secs(args.topology_resync_seconds.max(1))),

@@ -7,18 +7,21 @@ mod contract;
 mod deployment;
 pub mod drift;
 mod labels;
+mod network_policy;
 mod pdb;
 mod service;
 
 pub use contract::{ContractEnv, ContractValue, contract_env, contract_values};
-pub use deployment::{deployment, initial_replicas};
+pub use deployment::{HTTP_PORT_NAME, deployment, initial_replicas};
 pub use labels::{
     HEAD_LABEL, Head, MANAGED_BY, MODULE_LABEL, declared_heads, head_labels, module_selector,
     selector_labels,
 };
+pub use network_policy::NetworkPolicySettings;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Resource;
@@ -31,6 +34,8 @@ pub struct WorkloadSettings {
     /// Secret key (in the module's namespace) with the AMQP URL, for modules without
     /// `spec.broker`.
     pub default_broker: SecretKeyRef,
+    /// A NetworkPolicy per head, admitting these peers; None makes none.
+    pub network_policies: Option<NetworkPolicySettings>,
 }
 
 impl Default for WorkloadSettings {
@@ -40,6 +45,7 @@ impl Default for WorkloadSettings {
                 name: "chimera-broker".into(),
                 key: "url".into(),
             },
+            network_policies: None,
         }
     }
 }
@@ -63,6 +69,8 @@ pub struct DesiredWorkloads {
     pub services: Vec<Service>,
     /// The query head's PodDisruptionBudget (absent without a query head).
     pub pod_disruption_budgets: Vec<PodDisruptionBudget>,
+    /// One NetworkPolicy per head, when the operator makes them.
+    pub network_policies: Vec<NetworkPolicy>,
 }
 
 /// Identity of the module the objects are built for.
@@ -127,6 +135,13 @@ pub fn desired_workloads(
         desired
             .deployments
             .push(deployment::worker_deployment(&owner, worker, settings));
+    }
+    if let Some(policies) = &settings.network_policies {
+        for head in declared_heads(module) {
+            desired
+                .network_policies
+                .push(network_policy::network_policy(&owner, head, policies));
+        }
     }
     Ok(desired)
 }

@@ -88,6 +88,7 @@ pub fn new(caches: &Caches, watches: Watches, ctx: &Context) -> Controller<Chime
         .owns_stream(watches.deployments.touched_objects())
         .owns_stream(watches.services.touched_objects())
         .owns_stream(watches.pdbs.touched_objects())
+        .owns_stream(watches.network_policies.touched_objects())
         .reconcile_on(neighbours)
         .reconcile_all_on(elected)
         .with_config(

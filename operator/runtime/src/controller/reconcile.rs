@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -270,6 +271,7 @@ async fn apply_module(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<A
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &namespace);
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
 
     let caches = &ctx.caches;
     let mut observed = ObservedHeads::default();
@@ -287,6 +289,9 @@ async fn apply_module(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<A
     }
     for pdb in &desired.pod_disruption_budgets {
         ensure(&pdbs, &caches.pdbs, pdb).await?;
+    }
+    for policy in &desired.network_policies {
+        ensure(&policies, &caches.network_policies, policy).await?;
     }
 
     let mut removed = delete_orphans(
@@ -311,6 +316,15 @@ async fn apply_module(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<A
             &caches.pdbs,
             &module,
             &names(&desired.pod_disruption_budgets),
+        )
+        .await?,
+    );
+    removed.extend(
+        delete_orphans(
+            &policies,
+            &caches.network_policies,
+            &module,
+            &names(&desired.network_policies),
         )
         .await?,
     );

@@ -107,21 +107,11 @@ pub async fn declare(
         declare::apply_cached(&endpoint, &owned, &ctx.snapshots, &ctx.connections, max_age).await;
     if let Ok(report) = &applied {
         let remade = report.exchanges_declared + report.queues_declared + report.bindings_created;
+        // Counted and logged, not an Event: a repair of the broker costs the API server
+        // nothing (operator/tests/at_rest.rs holds it to that).
         if same_plan && remade > 0 {
             ctx.metrics.drift_repairs.inc();
             tracing::info!(module = %key, ?report, "repaired drifted topology");
-            let note = format!(
-                "declared again what was missing on the broker: {} exchange(s), {} queue(s), {} binding(s)",
-                report.exchanges_declared, report.queues_declared, report.bindings_created
-            );
-            crate::cluster::publish(
-                &ctx.recorder,
-                module,
-                kube::runtime::events::EventType::Warning,
-                "TopologyRepaired",
-                note,
-            )
-            .await;
         }
     }
     let mut declared = ctx.declared.lock().unwrap_or_else(|p| p.into_inner());
