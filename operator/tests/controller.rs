@@ -331,11 +331,12 @@ async fn a_settled_module_is_not_rewritten() {
     })
     .await;
     // Let the first rounds (ReplicaSets appearing, status counts) settle.
-    let settled = eventually("resourceVersion stable for 3s", WAIT, || async {
+    let (settled, settled_status) = eventually("resourceVersion stable for 3s", WAIT, || async {
         let before = modules.get("users").await.ok()?.resource_version()?;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let after = modules.get("users").await.ok()?.resource_version()?;
-        (before == after).then_some(after)
+        let module = modules.get("users").await.ok()?;
+        let after = module.resource_version()?;
+        (before == after).then_some((after, module.status))
     })
     .await;
 
@@ -355,15 +356,12 @@ async fn a_settled_module_is_not_rewritten() {
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = modules
-        .get("users")
-        .await
-        .unwrap()
-        .resource_version()
-        .unwrap();
+    let module = modules.get("users").await.unwrap();
     assert_eq!(
-        settled, after,
-        "reconciles of an unchanged module must not write its status"
+        settled,
+        module.resource_version().unwrap(),
+        "reconciles of an unchanged module must not write its status:\nsettled {settled_status:#?}\nnow {:#?}",
+        module.status
     );
 }
 

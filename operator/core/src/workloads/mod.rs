@@ -23,7 +23,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 
 use crate::api::{ChimeraModule, SecretKeyRef};
@@ -107,6 +107,17 @@ impl<'a> Owner<'a> {
     /// Name of an object owned for a head: `<module>-<head>`.
     pub fn object_name(&self, head: Head) -> String {
         object_name(self.name, head)
+    }
+
+    /// Metadata of an object owned for a head: its name, namespace, labels and owner.
+    pub fn object_meta(&self, head: Head) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(self.object_name(head)),
+            namespace: Some(self.namespace.to_owned()),
+            labels: Some(head_labels(self.name, self.module.domain(), head)),
+            owner_references: Some(vec![self.reference.clone()]),
+            ..ObjectMeta::default()
+        }
     }
 }
 

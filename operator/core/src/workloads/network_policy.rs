@@ -9,12 +9,10 @@ use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
     NetworkPolicySpec,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
-    LabelSelector, LabelSelectorRequirement, ObjectMeta,
-};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{HTTP_PORT_NAME, Head, Owner, head_labels, selector_labels};
+use super::{HTTP_PORT_NAME, Head, Owner, selector_labels};
 
 /// The label every namespace carries with its own name (set by the API server).
 const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -76,13 +74,7 @@ pub(crate) fn network_policy(
         }]
     };
     NetworkPolicy {
-        metadata: ObjectMeta {
-            name: Some(owner.object_name(head)),
-            namespace: Some(owner.namespace.to_owned()),
-            labels: Some(head_labels(owner.name, owner.module.domain(), head)),
-            owner_references: Some(vec![owner.reference.clone()]),
-            ..ObjectMeta::default()
-        },
+        metadata: owner.object_meta(head),
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(LabelSelector {
                 match_labels: Some(selector_labels(owner.name, head)),

@@ -2,20 +2,14 @@
 //! replica at a time, so a drain never empties the head.
 
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{Head, Owner, head_labels, selector_labels};
+use super::{Head, Owner, selector_labels};
 
 pub(crate) fn pod_disruption_budget(owner: &Owner<'_>, head: Head) -> PodDisruptionBudget {
     PodDisruptionBudget {
-        metadata: ObjectMeta {
-            name: Some(owner.object_name(head)),
-            namespace: Some(owner.namespace.to_owned()),
-            labels: Some(head_labels(owner.name, owner.module.domain(), head)),
-            owner_references: Some(vec![owner.reference.clone()]),
-            ..ObjectMeta::default()
-        },
+        metadata: owner.object_meta(head),
         spec: Some(PodDisruptionBudgetSpec {
             // maxUnavailable (not minAvailable) so a single-replica head can still be drained.
             max_unavailable: Some(IntOrString::Int(1)),

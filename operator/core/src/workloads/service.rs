@@ -1,22 +1,15 @@
 //! The query head's Service: one stable address in front of all its replicas.
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::deployment::HTTP_PORT_NAME;
-use super::{Head, Owner, head_labels, selector_labels};
+use super::{Head, Owner, selector_labels};
 use crate::api::QueryHeadSpec;
 
 pub(crate) fn service(owner: &Owner<'_>, query: &QueryHeadSpec) -> Service {
     Service {
-        metadata: ObjectMeta {
-            name: Some(owner.object_name(Head::Query)),
-            namespace: Some(owner.namespace.to_owned()),
-            labels: Some(head_labels(owner.name, owner.module.domain(), Head::Query)),
-            owner_references: Some(vec![owner.reference.clone()]),
-            ..ObjectMeta::default()
-        },
+        metadata: owner.object_meta(Head::Query),
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".to_owned()),
             selector: Some(selector_labels(owner.name, Head::Query)),
