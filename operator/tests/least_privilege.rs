@@ -65,68 +65,81 @@ async fn the_operators_account_can_run_modules_and_nothing_more() {
     let me = format!("system:serviceaccount:{0}:{0}", h.ns.name);
     let ns = Some(h.ns.name.as_str());
     let other = Some("some-other-namespace");
-    for (verb, group, resource, namespace) in [
-        ("watch", "chimera.dev", "chimeramodules", None),
-        ("patch", "chimera.dev", "chimeramodules/status", other),
-        ("create", "apps", "deployments", other),
-        ("delete", "", "services", other),
-        ("patch", "policy", "poddisruptionbudgets", other),
-        ("create", "networking.k8s.io", "networkpolicies", other),
-        ("watch", "", "pods", None),
-        ("get", "", "secrets", other),
-        ("create", "events.k8s.io", "events", other),
+    // (verb, API group, resource[/subresource][#name], namespace or cluster-wide, allowed)
+    let cases = [
+        // What a module's lifecycle needs.
+        ("watch", "chimera.dev", "chimeramodules", None, true),
+        ("patch", "chimera.dev", "chimeramodules/status", other, true),
+        ("create", "apps", "deployments", other, true),
+        ("delete", "", "services", other, true),
+        ("patch", "policy", "poddisruptionbudgets", other, true),
+        (
+            "create",
+            "networking.k8s.io",
+            "networkpolicies",
+            other,
+            true,
+        ),
+        ("watch", "", "pods", None, true),
+        ("get", "", "secrets", other, true),
+        ("create", "events.k8s.io", "events", other, true),
         (
             "update",
             "coordination.k8s.io",
             "leases#chimera-operator",
             ns,
+            true,
         ),
-        ("create", "coordination.k8s.io", "leases", ns),
-    ] {
-        assert!(
-            can(&h, &me, verb, group, resource, namespace).await,
-            "{me} must be able to {verb} {resource} in {namespace:?}"
-        );
-    }
-    for (verb, group, resource, namespace) in [
+        ("create", "coordination.k8s.io", "leases", ns, true),
         // Secrets: one by name where a module points, never all of them.
-        ("list", "", "secrets", None),
-        ("list", "", "secrets", other),
-        ("watch", "", "secrets", other),
-        ("create", "", "secrets", other),
+        ("list", "", "secrets", None, false),
+        ("list", "", "secrets", other, false),
+        ("watch", "", "secrets", other, false),
+        ("create", "", "secrets", other, false),
         // No shell in anybody's pod, no pods of its own.
-        ("create", "", "pods/exec", other),
-        ("create", "", "pods", other),
-        ("delete", "", "pods", other),
+        ("create", "", "pods/exec", other, false),
+        ("create", "", "pods", other, false),
+        ("delete", "", "pods", other, false),
         // Unrelated kinds.
-        ("get", "", "configmaps", other),
+        ("get", "", "configmaps", other, false),
         (
             "create",
             "rbac.authorization.k8s.io",
             "clusterrolebindings",
             None,
+            false,
         ),
-        ("delete", "", "namespaces", None),
+        ("delete", "", "namespaces", None, false),
         (
             "delete",
             "apiextensions.k8s.io",
             "customresourcedefinitions",
             None,
+            false,
         ),
-        ("create", "chimera.dev", "chimeramodules", other),
+        ("create", "chimera.dev", "chimeramodules", other, false),
         // Its one Lease, only in its own namespace.
         (
             "update",
             "coordination.k8s.io",
             "leases#chimera-operator",
             other,
+            false,
         ),
-        ("update", "coordination.k8s.io", "leases#kube-scheduler", ns),
-        ("list", "coordination.k8s.io", "leases", ns),
-    ] {
-        assert!(
-            !can(&h, &me, verb, group, resource, namespace).await,
-            "{me} must not be able to {verb} {resource} in {namespace:?}"
+        (
+            "update",
+            "coordination.k8s.io",
+            "leases#kube-scheduler",
+            ns,
+            false,
+        ),
+        ("list", "coordination.k8s.io", "leases", ns, false),
+    ];
+    for (verb, group, resource, namespace, allowed) in cases {
+        assert_eq!(
+            can(&h, &me, verb, group, resource, namespace).await,
+            allowed,
+            "{me}: may {verb} {resource} in {namespace:?}?"
         );
     }
 }

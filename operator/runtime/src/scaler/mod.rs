@@ -166,6 +166,8 @@ impl Scaler {
         let permits = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
         let mut running = tokio::task::JoinSet::new();
         let mut targets = Arc::new(HashMap::new());
+        // The modules of each slot, sorted out once per interval (at slot 0), not per slot.
+        let mut by_slot: Vec<Vec<ObjectRef<ChimeraModule>>> = vec![Vec::new(); slots as usize];
         for n in 0u64.. {
             // (the instant the slot was due, however late this loop got to it)
             let due = tick.tick().await;
@@ -176,15 +178,29 @@ impl Scaler {
             }
             let slot = schedule::slot_of_tick(n, slots);
             if slot == 0 {
-                self.forget_gone(&modules.state());
+                let live = modules.state();
+                self.forget_gone(&live);
+                // (anew: a slot not reached last interval, while following, is not carried over)
+                by_slot.iter_mut().for_each(Vec::clear);
+                for module in &live {
+                    let phase = schedule::phase(&key(module), slots) as usize;
+                    if let Some(due_then) = by_slot.get_mut(phase) {
+                        due_then.push(ObjectRef::from_obj(&**module));
+                    }
+                }
                 let pods = pods.state();
                 self.measure_startups(&pods);
                 targets = Arc::new(sources::ready_targets(&pods));
             }
-            for module in modules.state() {
-                if schedule::phase(&key(&module), slots) != slot {
+            let due_now = by_slot
+                .get_mut(slot as usize)
+                .map(std::mem::take)
+                .unwrap_or_default();
+            for reference in due_now {
+                // (as it is now: changed or deleted since the interval began)
+                let Some(module) = modules.get(&reference) else {
                     continue;
-                }
+                };
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                     return; // (never closed)
                 };
