@@ -146,6 +146,7 @@ async fn pipeline(
     let config = WorkerConfig {
         queue: "chimera.users.worker".into(),
         dead_letter_queue: "chimera.users.worker.dlq".into(),
+        failures_exchange: "chimera.users.worker.failures".into(),
         retry_delays_seconds: vec![1, 10, 60],
         max_attempts: 4,
         prefetch: PREFETCH,

@@ -127,6 +127,57 @@ fn asks_for_no_wildcard_and_the_lease_only_in_its_own_namespace() {
     assert_eq!(amqp["valueFrom"]["secretKeyRef"]["name"], "mq");
 }
 
+/// The verbs of the ClusterRole's rule on Secrets, and whether the operator runs with module
+/// broker users.
+fn secret_rights(args: &[&str]) -> (Vec<String>, bool) {
+    let docs = template(args).unwrap();
+    let rules = kind(&docs, "ClusterRole")[0]["rules"]
+        .as_sequence()
+        .unwrap()
+        .clone();
+    let rule = rules
+        .iter()
+        .find(|r| {
+            r["resources"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|v| v == "secrets")
+        })
+        .unwrap();
+    let verbs = rule["verbs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    let args = serde_yaml::to_string(
+        &kind(&docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"],
+    )
+    .unwrap();
+    (verbs, args.contains("--module-broker-users"))
+}
+
+#[test]
+fn secrets_are_made_only_for_module_broker_users() {
+    // Without a broker there are no users to make: read only.
+    assert_eq!(secret_rights(&[]), (vec!["get".to_owned()], false));
+    // With one, each module's Secret is created and patched; never listed, watched, deleted.
+    assert_eq!(
+        secret_rights(&["--set", "brokerSecret=mq"]),
+        (vec!["get".into(), "create".into(), "patch".into()], true)
+    );
+    assert_eq!(
+        secret_rights(&[
+            "--set",
+            "brokerSecret=mq",
+            "--set",
+            "moduleBrokerUsers=false"
+        ]),
+        (vec!["get".to_owned()], false)
+    );
+}
+
 #[test]
 fn bad_values_are_refused_naming_the_value() {
     for (value, says) in [

@@ -91,11 +91,15 @@ async fn the_operators_account_can_run_modules_and_nothing_more() {
             true,
         ),
         ("create", "coordination.k8s.io", "leases", ns, true),
-        // Secrets: one by name where a module points, never all of them.
+        // Secrets: one by name where a module points, and each module's broker Secret
+        // (created and patched; deleted by the garbage collector), never all of them.
+        ("create", "", "secrets", other, true),
+        ("patch", "", "secrets", other, true),
         ("list", "", "secrets", None, false),
         ("list", "", "secrets", other, false),
         ("watch", "", "secrets", other, false),
-        ("create", "", "secrets", other, false),
+        ("delete", "", "secrets", other, false),
+        ("update", "", "secrets", other, false),
         // No shell in anybody's pod, no pods of its own.
         ("create", "", "pods/exec", other, false),
         ("create", "", "pods", other, false),

@@ -199,10 +199,12 @@ impl Publisher {
 }
 
 impl Publisher {
-    /// Publishes raw bytes to a queue by name (the default exchange), keeping `properties` and
-    /// adding `headers`: for parking a message that is not a valid envelope exactly as it came.
+    /// Publishes raw bytes to `exchange` with the routing key `queue` (a direct exchange that
+    /// routes by queue name, or `""` for the default exchange), keeping `properties` and adding
+    /// `headers`: for parking a message that is not a valid envelope exactly as it came.
     pub async fn publish_raw(
         &self,
+        exchange: &str,
         queue: &str,
         body: &[u8],
         properties: &BasicProperties,
@@ -222,7 +224,7 @@ impl Publisher {
         };
         let confirmation = self
             .channel
-            .basic_publish("".into(), queue.into(), options, body, properties)
+            .basic_publish(exchange.into(), queue.into(), options, body, properties)
             .await
             .map_err(amqp("publish"))?
             .await
@@ -230,7 +232,7 @@ impl Publisher {
         match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) => Err(BrokerError::Unroutable {
-                exchange: String::new(),
+                exchange: exchange.to_owned(),
                 routing_key: queue.to_owned(),
             }),
             Confirmation::Nack(_) => Err(BrokerError::Nacked {

@@ -27,6 +27,8 @@ pub const PUBLISHES: &str = "CHIMERA_PUBLISHES";
 pub const WORKER_QUEUE: &str = "CHIMERA_WORKER_QUEUE";
 /// Where messages go after their last attempt.
 pub const DEAD_LETTER_QUEUE: &str = "CHIMERA_DEAD_LETTER_QUEUE";
+/// Where the worker publishes failed messages (to a retry queue or the dead-letter queue).
+pub const FAILURES_EXCHANGE: &str = "CHIMERA_FAILURES_EXCHANGE";
 /// Comma-separated retry delays in seconds.
 pub const RETRY_DELAYS_SECONDS: &str = "CHIMERA_RETRY_DELAYS_SECONDS";
 /// Attempts before dead-lettering.
@@ -136,6 +138,12 @@ pub const VARIABLES: &[Variable] = &[
         true,
         true,
         "where messages go after the last attempt",
+    ),
+    var(
+        FAILURES_EXCHANGE,
+        true,
+        false,
+        "direct exchange for failed messages, routed by target queue (default: <queue>.failures)",
     ),
     var(
         RETRY_DELAYS_SECONDS,

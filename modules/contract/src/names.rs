@@ -40,6 +40,28 @@ pub fn dead_letter_queue(domain: &str) -> String {
     dead_letter_queue_of(&worker_queue(domain))
 }
 
+/// `<worker queue>.failures`: direct exchange the worker head publishes its failed messages to,
+/// routed by the name of the queue they go to (a retry queue or the dead-letter queue). Going
+/// through an exchange of the domain's own, not the default exchange, is what lets a module's
+/// broker user write only its own queues: a grant on the default exchange reaches every queue.
+pub fn failures_exchange_of(worker_queue: &str) -> String {
+    format!("{worker_queue}.failures")
+}
+
+/// `chimera.<domain>.worker.failures`.
+pub fn failures_exchange(domain: &str) -> String {
+    failures_exchange_of(&worker_queue(domain))
+}
+
+/// Every exchange of the domain's own: bindings from these into its queues are its own too.
+pub fn own_exchanges(domain: &str) -> [String; 3] {
+    [
+        events_exchange(domain),
+        commands_exchange(domain),
+        failures_exchange(domain),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +73,10 @@ mod tests {
         assert_eq!(worker_queue("orders"), "chimera.orders.worker");
         assert_eq!(retry_queue("orders", 2), "chimera.orders.worker.retry.2");
         assert_eq!(dead_letter_queue("orders"), "chimera.orders.worker.dlq");
+        assert_eq!(
+            failures_exchange("orders"),
+            "chimera.orders.worker.failures"
+        );
         for name in [events_exchange("a"), worker_queue("a"), retry_queue("a", 1)] {
             assert!(name.starts_with(PREFIX), "{name}");
         }
@@ -67,6 +93,10 @@ mod tests {
         assert_eq!(
             dead_letter_queue("gigs"),
             dead_letter_queue_of(&worker_queue("gigs"))
+        );
+        assert_eq!(
+            failures_exchange("gigs"),
+            failures_exchange_of(&worker_queue("gigs"))
         );
     }
 }

@@ -64,6 +64,9 @@ pub struct WorkerConfig {
     pub queue: String,
     /// `CHIMERA_DEAD_LETTER_QUEUE`.
     pub dead_letter_queue: String,
+    /// `CHIMERA_FAILURES_EXCHANGE`: where retries and dead letters are published, routed by
+    /// the name of the queue they go to.
+    pub failures_exchange: String,
     /// `CHIMERA_RETRY_DELAYS_SECONDS`: retry queue n (from 1) waits `retry_delays[n-1]` s.
     pub retry_delays_seconds: Vec<u64>,
     /// `CHIMERA_MAX_ATTEMPTS`.
@@ -170,8 +173,12 @@ impl HeadConfig {
                     .ok()
                     .filter(|p| *p >= 1)
                     .ok_or_else(|| invalid(var::PREFETCH, &prefetch_raw, "expected 1-65535"))?;
+                let queue = required(var::WORKER_QUEUE)?;
                 Some(WorkerConfig {
-                    queue: required(var::WORKER_QUEUE)?,
+                    failures_exchange: get(var::FAILURES_EXCHANGE)
+                        .cloned()
+                        .unwrap_or_else(|| names::failures_exchange_of(&queue)),
+                    queue,
                     dead_letter_queue: required(var::DEAD_LETTER_QUEUE)?,
                     retry_delays_seconds,
                     max_attempts,
@@ -222,6 +229,7 @@ mod tests {
             ("CHIMERA_AMQP_URL", "amqp://u:p@mq:5672/%2f"),
             ("CHIMERA_WORKER_QUEUE", "chimera.orders.worker"),
             ("CHIMERA_DEAD_LETTER_QUEUE", "chimera.orders.worker.dlq"),
+            ("CHIMERA_FAILURES_EXCHANGE", "orders.failed"),
             ("CHIMERA_RETRY_DELAYS_SECONDS", "1,10,60"),
             ("CHIMERA_PREFETCH", "200"),
             ("CHIMERA_COMMANDS", "order.place, order.cancel"),
@@ -291,6 +299,15 @@ mod tests {
         assert_eq!(w.prefetch, 200);
         assert_eq!(w.commands, ["order.place", "order.cancel"]);
         assert_eq!(w.retry_queue(2), "chimera.orders.worker.retry.2");
+        assert_eq!(w.failures_exchange, "orders.failed");
+        // Unset, the failures exchange follows from the queue (the contract's naming rule).
+        let mut env = worker_env();
+        env.remove("CHIMERA_FAILURES_EXCHANGE");
+        let w = HeadConfig::from_vars(&env)
+            .ok()
+            .and_then(|c| c.worker)
+            .unwrap_or_else(|| panic!("worker config"));
+        assert_eq!(w.failures_exchange, "chimera.orders.worker.failures");
     }
 
     #[test]

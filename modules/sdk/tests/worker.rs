@@ -81,6 +81,7 @@ fn worker_config() -> WorkerConfig {
     WorkerConfig {
         queue: "chimera.bank.worker".into(),
         dead_letter_queue: "chimera.bank.worker.dlq".into(),
+        failures_exchange: "chimera.bank.worker.failures".into(),
         retry_delays_seconds: vec![1],
         max_attempts: 2,
         prefetch: 20,

@@ -1,6 +1,7 @@
 //! Chimera's pure core: everything the control plane decides, computed without I/O.
 //!
 //! - [`api`]: the ChimeraModule types, the CRD, offline validation and the manifest loader;
+//! - [`access`]: each module's own broker user, its Secret and its permissions;
 //! - [`workloads`]: the Deployments, Service and PDB that run a module's heads;
 //! - [`status`]: a module's status from what the API server reports;
 //! - [`topology`]: the RabbitMQ topology a set of modules needs, the diff with a broker's state,
@@ -14,6 +15,7 @@
 //! the broker, calls into here, and writes what differs.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod api;
 pub mod autoscale;
 pub mod leader;

@@ -90,6 +90,8 @@ pub struct Context {
     pub snapshots: crate::topology::snapshots::Snapshots,
     /// A kept AMQP connection per broker, for declares.
     pub connections: crate::topology::amqp::Connections,
+    /// Each module's own broker user, as last made.
+    pub access: crate::access::Access,
     /// Whether this replica may write (leader election; always, without one).
     pub leadership: crate::leader::Leadership,
     /// The controller's metrics.

@@ -8,9 +8,11 @@
 //! - [`scaler`]: the operator's autoscaling loop and its metric sources;
 //! - [`leader`]: leader election on a Lease, which both loops ask before they write;
 //! - [`topology`]: the declarer, the management API client and queue migration;
+//! - [`access`]: each module's own broker user and its Secret;
 //! - [`local`]: `chimera up`, `chimera status` and `chimera load` on one machine.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod caches;
 pub mod client;
 pub mod cluster;
@@ -94,6 +96,9 @@ pub enum Error {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// The operating system gave no randomness for a password.
+    #[error("no randomness for a broker password: {0}")]
+    Random(String),
     /// An object could not be turned into JSON to compare it.
     #[error("comparing objects: {0}")]
     Serialize(#[source] serde_json::Error),
@@ -122,6 +127,7 @@ impl Error {
             Error::NotNamespaced => "not_namespaced",
             Error::UnexpectedObject(_) => "unexpected_object",
             Error::Serialize(_) => "serialize",
+            Error::Random(_) => "random",
             Error::Leader(_) => "leader",
             Error::Autoscaler(_) => "autoscaler",
             Error::MetricsListen { .. } => "metrics_listen",

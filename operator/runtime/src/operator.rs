@@ -178,6 +178,7 @@ pub async fn run(client: Client, config: OperatorConfig) -> Result<(), Error> {
         declared: Default::default(),
         snapshots: Default::default(),
         connections: Default::default(),
+        access: Default::default(),
         leadership: leadership.clone(),
         metrics: Default::default(),
     });

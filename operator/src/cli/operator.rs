@@ -38,6 +38,12 @@ pub struct OperatorArgs {
         env = "CHIMERA_DEFAULT_BROKER_SECRET"
     )]
     default_broker_secret: String,
+    /// Give each module without spec.broker a RabbitMQ user of its own, made through the
+    /// management API (the operator's user needs the `administrator` tag), with a Secret
+    /// `<module>-broker` its heads read; the user may touch only the module's own queues and
+    /// exchanges, and is deleted with the module. Needs --amqp-url.
+    #[arg(long, env = "CHIMERA_MODULE_BROKER_USERS")]
+    module_broker_users: bool,
     /// The autoscaler's tick in milliseconds; 0 turns the autoscaler off (replicas then
     /// stay within spec bounds where they are).
     #[arg(long, default_value_t = 1000, env = "CHIMERA_AUTOSCALE_INTERVAL_MS")]
@@ -121,6 +127,10 @@ fn config(args: OperatorArgs) -> anyhow::Result<OperatorConfig> {
         .map(|url| BrokerEndpoint::new(&url, args.management_url.as_deref()))
         .transpose()
         .context("--amqp-url")?;
+    anyhow::ensure!(
+        broker.is_some() || !args.module_broker_users,
+        "--module-broker-users needs --amqp-url: the users are made on the operator's broker"
+    );
     if let Some(l) = &leader {
         l.timing
             .validate()
@@ -132,6 +142,7 @@ fn config(args: OperatorArgs) -> anyhow::Result<OperatorConfig> {
         workloads: WorkloadSettings {
             default_broker: parse_secret_key_ref(&args.default_broker_secret)
                 .context("--default-broker-secret")?,
+            module_broker_users: args.module_broker_users,
             network_policies: args.network_policies.then(|| NetworkPolicySettings {
                 peer_namespaces: std::env::var("POD_NAMESPACE")
                     .ok()

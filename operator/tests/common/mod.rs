@@ -118,7 +118,7 @@ impl Harness {
         Self::with_operator_config(prefix, None, config).await
     }
 
-    async fn with_operator_config(
+    pub async fn with_operator_config(
         prefix: &str,
         operator_client: Option<Client>,
         config: OperatorConfig,

@@ -32,7 +32,10 @@ impl Worker {
             }
             Err(HandlerError::Retry(reason)) => {
                 if let Some(n) = self.config.retry_after(p.attempt) {
-                    let mut retry = Outgoing::new("", Envelope::clone(&p.envelope));
+                    let mut retry = Outgoing::new(
+                        &*self.config.failures_exchange,
+                        Envelope::clone(&p.envelope),
+                    );
                     retry.routing_key = self.config.retry_queue(n);
                     retry.attempt = u32::try_from(p.attempt + 1).unwrap_or(u32::MAX);
                     retry.trace = Some(p.trace);
@@ -67,7 +70,7 @@ impl Worker {
             .unwrap_or_else(|| delivery.routing_key.to_string());
         match envelope {
             Some(envelope) => {
-                let mut parked = Outgoing::new("", envelope.clone());
+                let mut parked = Outgoing::new(&self.config.failures_exchange, envelope.clone());
                 parked.routing_key = self.config.dead_letter_queue.clone();
                 parked.attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
                 parked.headers.push((REASON.to_owned(), reason.to_owned()));
@@ -80,6 +83,7 @@ impl Worker {
             None => {
                 publisher
                     .publish_raw(
+                        &self.config.failures_exchange,
                         &self.config.dead_letter_queue,
                         &delivery.data,
                         &delivery.properties,

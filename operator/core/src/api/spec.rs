@@ -117,6 +117,13 @@ pub struct ChimeraModuleSpec {
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub commands: Vec<String>,
 
+    /// Other domains whose commands this module's heads send (on `chimera.<domain>.commands`).
+    /// With per-module broker users, these are the only commands exchanges its user may write.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = DNS_LABEL_PATTERN), length(max = 63)))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub sends_commands_to: Vec<String>,
+
     /// Events this domain publishes and the events of other domains it subscribes to.
     #[serde(default)]
     pub events: EventsSpec,

@@ -302,6 +302,26 @@ fn plan_module(
 
     let worker_queue = names::worker_queue(domain);
     let dlq = names::dead_letter_queue(domain);
+    // Failed messages go to their retry queue or the dlq through the worker's own exchange,
+    // routed by queue name (the contract's failures exchange).
+    let failures = names::failures_exchange(domain);
+    out.exchanges.push(PlannedExchange {
+        name: failures.clone(),
+        kind: ExchangeKind::Direct,
+        domain: domain.to_owned(),
+    });
+    let mut failure_route = |queue: &str| {
+        bindings.insert(PlannedBinding {
+            source: failures.clone(),
+            destination: queue.to_owned(),
+            routing_key: queue.to_owned(),
+            domain: domain.to_owned(),
+        });
+    };
+    failure_route(&dlq);
+    for n in 1..=worker.retry.delays_seconds.len() {
+        failure_route(&names::retry_queue(domain, n));
+    }
     let ty = queue_type(worker.queue.queue_type);
     let reject_publish = worker.queue.overflow == QueueOverflow::RejectPublish;
     let quorum = worker.queue.queue_type == QueueType::Quorum;
@@ -563,14 +583,31 @@ pub(crate) mod tests {
             .collect();
         assert!(exchanges.contains(&("chimera.users.events", ExchangeKind::Topic)));
         assert!(exchanges.contains(&("chimera.orders.commands", ExchangeKind::Direct)));
-        assert_eq!(p.exchanges.len(), 6);
+        assert!(exchanges.contains(&("chimera.gigs.worker.failures", ExchangeKind::Direct)));
+        // events, commands and failures of each domain
+        assert_eq!(p.exchanges.len(), 9);
         // worker + 3 default retries + dlq for users and orders; worker + 1 retry + dlq for gigs
         assert_eq!(p.queues.len(), 5 + 5 + 3);
         let b = binding(&p, "chimera.gigs.events", "gig.*").expect("orders bound to gigs");
         assert_eq!(b.destination, "chimera.orders.worker");
         let b = binding(&p, "chimera.users.commands", "user.register").expect("command binding");
         assert_eq!(b.destination, "chimera.users.worker");
-        assert_eq!(p.bindings.len(), 1 + 3 + 3);
+        let b = binding(
+            &p,
+            "chimera.users.worker.failures",
+            "chimera.users.worker.retry.2",
+        )
+        .expect("failures route to a retry queue");
+        assert_eq!(b.destination, "chimera.users.worker.retry.2");
+        let b = binding(
+            &p,
+            "chimera.gigs.worker.failures",
+            "chimera.gigs.worker.dlq",
+        )
+        .expect("failures route to the dlq");
+        assert_eq!(b.destination, "chimera.gigs.worker.dlq");
+        // commands and events, then the failures routes (one per retry queue and dlq)
+        assert_eq!(p.bindings.len(), 1 + 3 + 3 + 4 + 4 + 2);
     }
 
     #[test]
@@ -729,9 +766,10 @@ pub(crate) mod tests {
         let p = plan(&marketplace());
         let orders = p.for_domain("orders", "shop/orders");
         assert!(orders.queues.iter().all(|q| q.domain == "orders"));
-        assert_eq!(orders.bindings.len(), 2 + 1);
-        // Its own two, plus the events exchanges of gigs and users it is bound to.
-        assert_eq!(orders.exchanges.len(), 4);
+        // Two subscriptions and a command, then its failures routes (3 retries and the dlq).
+        assert_eq!(orders.bindings.len(), 2 + 1 + 4);
+        // Its own three, plus the events exchanges of gigs and users it is bound to.
+        assert_eq!(orders.exchanges.len(), 5);
     }
 
     fn arbitrary_modules() -> impl Strategy<Value = Vec<ChimeraModule>> {

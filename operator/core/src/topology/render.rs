@@ -302,9 +302,9 @@ mod tests {
     fn text_has_every_section() {
         let t = render(&sample(), Format::Text);
         for section in [
-            "exchanges (4):",
+            "exchanges (6):",
             "queues (10):",
-            "bindings (3):",
+            "bindings (11):",
             "findings (0):",
         ] {
             assert!(t.contains(section), "{section} in {t}");

@@ -125,6 +125,7 @@ pub fn contract_values(
         env.extend([
             plain(var::WORKER_QUEUE, names::worker_queue(domain)),
             plain(var::DEAD_LETTER_QUEUE, names::dead_letter_queue(domain)),
+            plain(var::FAILURES_EXCHANGE, names::failures_exchange(domain)),
             plain(
                 var::RETRY_DELAYS_SECONDS,
                 delays

@@ -174,7 +174,7 @@ fn head_deployment(
     // User env first, then the contract: the CRD forbids CHIMERA_* names in spec.env, so the two
     // never collide.
     let mut env = spec.env.clone();
-    env.extend(contract_env(module, t.head, t.port, &settings.default_broker).0);
+    env.extend(contract_env(module, t.head, t.port, &settings.broker_secret(module)).0);
     let probes = t.probes.cloned().unwrap_or_default();
 
     let container = Container {

@@ -34,8 +34,28 @@ pub struct WorkloadSettings {
     /// Secret key (in the module's namespace) with the AMQP URL, for modules without
     /// `spec.broker`.
     pub default_broker: SecretKeyRef,
+    /// Whether each module without `spec.broker` gets a broker user of its own (its heads then
+    /// read the URL from Secret `<module>-broker`, which the operator makes).
+    pub module_broker_users: bool,
     /// A NetworkPolicy per head, admitting these peers; None makes none.
     pub network_policies: Option<NetworkPolicySettings>,
+}
+
+impl WorkloadSettings {
+    /// Where `module`'s heads read `CHIMERA_AMQP_URL` unless `spec.broker` names a Secret: the
+    /// module's own user's Secret, or the shared one.
+    pub fn broker_secret(&self, module: &ChimeraModule) -> SecretKeyRef {
+        if self.module_broker_users {
+            SecretKeyRef {
+                name: crate::access::user::secret_name(
+                    &module.metadata.name.clone().unwrap_or_default(),
+                ),
+                key: crate::access::user::URL_KEY.to_owned(),
+            }
+        } else {
+            self.default_broker.clone()
+        }
+    }
 }
 
 impl Default for WorkloadSettings {
@@ -45,6 +65,7 @@ impl Default for WorkloadSettings {
                 name: "chimera-broker".into(),
                 key: "url".into(),
             },
+            module_broker_users: false,
             network_policies: None,
         }
     }

@@ -7,6 +7,7 @@ mod neighbours;
 mod reconcile;
 pub mod topology;
 
+pub(crate) use reconcile::check_controller;
 pub use reconcile::reconcile;
 
 use std::sync::Arc;

@@ -81,7 +81,7 @@ where
 }
 
 /// Fails unless `existing` has the controller `desired` names.
-fn check_controller<K: Resource>(
+pub(crate) fn check_controller<K: Resource>(
     desired: &K,
     existing: &K,
     kind: &str,
@@ -226,7 +226,12 @@ pub async fn reconcile(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<
 
 /// Releases a deleted module's topology (its heads go with the owner references).
 async fn cleanup_module(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<Action, Error> {
-    match super::topology::release(&module, &ctx).await {
+    let released = match super::topology::release(&module, &ctx).await {
+        // The user goes last: a module whose queues are held keeps its credentials too.
+        Ok(report) => crate::access::remove(&module, &ctx).await.map(|()| report),
+        Err(error) => Err(error),
+    };
+    match released {
         Ok(report) => {
             info!(?report, "released the module's topology");
             if let Some(why) = &report.left_in_place {
@@ -272,6 +277,10 @@ async fn apply_module(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<A
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &namespace);
     let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+
+    // The broker Secret before the heads that read it; a broker failure is reported with the
+    // topology, after the heads are applied.
+    let access_failure = crate::access::ensure(&module, &ctx).await?;
 
     let caches = &ctx.caches;
     let mut observed = ObservedHeads::default();
@@ -343,7 +352,13 @@ async fn apply_module(module: Arc<ChimeraModule>, ctx: Arc<Context>) -> Result<A
     let (topology, topology_error) = match &ctx.broker {
         Some(_) => {
             let (verdict, error) = super::topology::declare(&module, &ctx).await?;
-            (Some(verdict), error)
+            match access_failure {
+                // The topology's own failure says more; the user is tried again with it.
+                Some((access, access_error)) if verdict.status => {
+                    (Some(access), Some(access_error))
+                }
+                _ => (Some(verdict), error),
+            }
         }
         None => (None, None),
     };

@@ -170,10 +170,7 @@ pub async fn release(module: &ChimeraModule, ctx: &Context) -> Result<ReleaseRep
         declare::release(&endpoint, &state, &owned, module.domain(), delete, force).await;
     if let Ok(report) = &released {
         let queues: Vec<String> = owned.queues.iter().map(|q| q.name.clone()).collect();
-        let own = [
-            chimera_contract::names::events_exchange(module.domain()),
-            chimera_contract::names::commands_exchange(module.domain()),
-        ];
+        let own = chimera_contract::names::own_exchanges(module.domain());
         ctx.snapshots
             .released(&endpoint, &queues, &report.queues_deleted, &own)
             .await;

@@ -203,10 +203,7 @@ pub async fn release(
     force: bool,
 ) -> Result<ReleaseReport, ReleaseError> {
     let queues: Vec<&str> = owned.queues.iter().map(|q| q.name.as_str()).collect();
-    let own_exchanges = [
-        chimera_contract::names::events_exchange(domain),
-        chimera_contract::names::commands_exchange(domain),
-    ];
+    let own_exchanges = chimera_contract::names::own_exchanges(domain);
     let existing: Vec<&ActualQueue> = state
         .queues
         .iter()

@@ -44,6 +44,26 @@ pub enum BrokerError {
         /// Response body (trimmed).
         body: String,
     },
+    /// The management API refused an operation to the operator's user (403).
+    #[error(
+        "RabbitMQ management API refused {path} to user {user:?} (403): managing module users needs the administrator tag"
+    )]
+    ManagementForbidden {
+        /// The operator's user.
+        user: String,
+        /// Request path.
+        path: String,
+    },
+    /// A broker user of the name a module's user would have exists and is not the operator's.
+    #[error(
+        "broker user {user:?} exists and was not made by the operator (no {tag:?} tag): remove it, or set spec.broker"
+    )]
+    UserTaken {
+        /// The user.
+        user: String,
+        /// The tag the operator's users carry.
+        tag: &'static str,
+    },
     /// AMQP connection or channel error.
     #[error("AMQP {action} failed: {cause}")]
     Amqp {
@@ -59,7 +79,8 @@ impl BrokerError {
     pub fn failure(&self) -> BrokerFailure {
         let kind = match self {
             BrokerError::VhostNotFound { .. } => BrokerFailureKind::VhostNotFound,
-            BrokerError::ManagementUnauthorized { .. } => BrokerFailureKind::AccessRefused,
+            BrokerError::ManagementUnauthorized { .. }
+            | BrokerError::ManagementForbidden { .. } => BrokerFailureKind::AccessRefused,
             BrokerError::Amqp { cause, .. } if access_refused(cause) => {
                 BrokerFailureKind::AccessRefused
             }
@@ -67,7 +88,9 @@ impl BrokerError {
                 BrokerFailureKind::Unreachable
             }
             BrokerError::BadUrl(_) => BrokerFailureKind::UrlInvalid,
-            BrokerError::ManagementStatus { .. } => BrokerFailureKind::Other,
+            BrokerError::ManagementStatus { .. } | BrokerError::UserTaken { .. } => {
+                BrokerFailureKind::Other
+            }
         };
         BrokerFailure {
             kind,
@@ -126,6 +149,50 @@ impl ManagementClient {
         })
     }
 
+    /// Sends one request to `path` (from `/api/...`), retrying a few times on 5xx (the
+    /// management API answers 5xx for a moment after a vhost is created or while a node is
+    /// busy); the status is the caller's to read.
+    pub(crate) async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<reqwest::Response, BrokerError> {
+        let mut attempt = 0u64;
+        loop {
+            let mut request = self
+                .http
+                .request(method.clone(), format!("{}{path}", self.base))
+                .basic_auth(&self.user, Some(&self.password));
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let response =
+                request
+                    .send()
+                    .await
+                    .map_err(|cause| BrokerError::ManagementUnreachable {
+                        url: self.base.clone(),
+                        cause,
+                    })?;
+            if !response.status().is_server_error() || attempt >= 4 {
+                return Ok(response);
+            }
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+        }
+    }
+
+    /// The management user's name (for messages).
+    pub(crate) fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// The vhost this client reads.
+    pub(crate) fn vhost(&self) -> &str {
+        &self.vhost
+    }
+
     async fn get<T: serde::de::DeserializeOwned>(
         &self,
         kind: &str,
@@ -136,26 +203,7 @@ impl ManagementClient {
         } else {
             format!("/api/{kind}/{}", percent_encode(&self.vhost))
         };
-        // The management API answers 5xx for a moment after a vhost is created or while a node
-        // is busy: a few quick retries, then the error.
-        let mut attempt = 0u64;
-        let response = loop {
-            let response = self
-                .http
-                .get(format!("{}{path}", self.base))
-                .basic_auth(&self.user, Some(&self.password))
-                .send()
-                .await
-                .map_err(|cause| BrokerError::ManagementUnreachable {
-                    url: self.base.clone(),
-                    cause,
-                })?;
-            if !response.status().is_server_error() || attempt >= 4 {
-                break response;
-            }
-            attempt += 1;
-            tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-        };
+        let response = self.request(reqwest::Method::GET, &path, None).await?;
         let status = response.status();
         if status.as_u16() == 404 {
             return Err(BrokerError::VhostNotFound {
