@@ -519,7 +519,7 @@ async fn the_cli_applies_the_marketplace_and_diff_then_reports_no_change() {
     let (code, out) = run(&["topology", "apply"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(
-        out.contains("declared 6 exchange(s), 15 queue(s), 16 binding(s)"),
+        out.contains("declared 9 exchange(s), 15 queue(s), 28 binding(s)"),
         "{out}"
     );
     assert_eq!(
