@@ -13,11 +13,23 @@ use kube::api::{DeleteParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
-/// The rules of charts/chimera-operator/templates/clusterrole.yaml.
+/// The rules of the chart's ClusterRole as helm renders it with a broker (and so with module
+/// broker users, the widest it gets).
 fn chart_rules() -> Vec<PolicyRule> {
-    let path = repo_root().join("charts/chimera-operator/templates/clusterrole.yaml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let role: serde_json::Value = serde_yaml::from_str(&text).unwrap();
+    let chart = repo_root().join("charts/chimera-operator");
+    let out = std::process::Command::new(chimera_testenv::helm())
+        .args(["template", "chimera"])
+        .arg(&chart)
+        .args([
+            "--set",
+            "brokerSecret=mq",
+            "--show-only",
+            "templates/clusterrole.yaml",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run helm: {e}"));
+    assert!(out.status.success(), "helm template: {out:?}");
+    let role: serde_json::Value = serde_yaml::from_slice(&out.stdout).unwrap();
     serde_json::from_value(role["rules"].clone()).unwrap()
 }
 
