@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 
 use crate::api::ChimeraModule;
 use crate::topology::state::{BadUrl, percent_encode, redact};
-use crate::workloads::{BuildError, MANAGED_BY, MODULE_LABEL};
+use crate::workloads::{BuildError, MANAGED_BY, MODULE_LABEL, Owner};
 
 /// The tag the operator puts on the users it makes. It deletes a user only when the user
 /// carries it: a user of the same name made by someone else is never taken over or removed.
@@ -84,19 +84,12 @@ pub fn broker_secret(
     password: &str,
     url: &str,
 ) -> Result<Secret, BuildError> {
-    let name = module
-        .metadata
-        .name
-        .as_deref()
-        .ok_or(BuildError::MissingMetadata("name"))?;
-    let namespace = module
-        .metadata
-        .namespace
-        .as_deref()
-        .ok_or(BuildError::MissingMetadata("namespace"))?;
-    let owner = module
-        .controller_owner_ref(&())
-        .ok_or(BuildError::MissingMetadata("uid"))?;
+    let Owner {
+        name,
+        namespace,
+        reference: owner,
+        ..
+    } = Owner::of(module)?;
     let data = [
         (URL_KEY, url),
         (USERNAME_KEY, user),

@@ -103,7 +103,8 @@ pub(crate) struct Owner<'a> {
 }
 
 impl<'a> Owner<'a> {
-    fn of(module: &'a ChimeraModule) -> Result<Self, BuildError> {
+    /// The module's identity, or which server-assigned field it lacks.
+    pub(crate) fn of(module: &'a ChimeraModule) -> Result<Self, BuildError> {
         let name = module
             .metadata
             .name
