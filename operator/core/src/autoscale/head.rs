@@ -140,6 +140,11 @@ impl QueryAutoscaler {
         self.law.decide(signals)
     }
 
+    /// The held percentile the last decision measured, in seconds (see [`QueryLaw::percentile`]).
+    pub fn percentile(&self) -> Option<f64> {
+        self.law.percentile()
+    }
+
     /// Decides on one round of the pods' scrapes (keyed by pod), or holds when none could be
     /// read. Also returns the merged histogram it decided on, for whoever shows percentiles.
     pub fn decide_scrapes<E: Display>(

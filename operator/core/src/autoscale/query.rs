@@ -95,6 +95,8 @@ pub struct QueryLaw {
     recommendations: Recent,
     last_change_at: f64,
     last_desired: Option<u32>,
+    /// The held percentile of the last window, when it had enough requests to have one.
+    percentile: Option<f64>,
 }
 
 impl QueryLaw {
@@ -114,6 +116,7 @@ impl QueryLaw {
             recommendations: Recent::default(),
             last_change_at: f64::NEG_INFINITY,
             last_desired: None,
+            percentile: None,
         }
     }
 
@@ -122,8 +125,15 @@ impl QueryLaw {
         self.capacity
     }
 
+    /// The held percentile (e.g. p95), in seconds, of the window the last decision measured;
+    /// `None` while too few requests came to have one.
+    pub fn percentile(&self) -> Option<f64> {
+        self.percentile
+    }
+
     /// Learns from `s` and decides the replicas.
     pub fn decide(&mut self, s: &QuerySignals) -> Decision {
+        self.percentile = None;
         self.history.push_back(s.clone());
         while self
             .history
@@ -152,6 +162,7 @@ impl QueryLaw {
         let percentile = (window.total >= MIN_REQUESTS)
             .then(|| window.quantile(self.settings.quantile))
             .flatten();
+        self.percentile = percentile;
         let target = self.settings.target_seconds;
         let label = format!("p{}", self.settings.quantile * 100.0);
         let signal = match percentile {
@@ -363,6 +374,25 @@ mod tests {
             f.law.capacity().is_none(),
             "no capacity is learned far from saturation"
         );
+    }
+
+    #[test]
+    fn the_held_percentile_is_the_last_windows_and_absent_at_a_trickle() {
+        let mut f = Feed::new();
+        f.second(100.0, 0.02, 2.0, 2);
+        assert_eq!(f.law.percentile(), None, "one measurement has no window");
+        f.second(100.0, 0.02, 2.0, 2);
+        let p = f.law.percentile().unwrap();
+        assert!(p > 0.01 && p <= 0.02, "{p}");
+        for _ in 0..4 {
+            f.second(100.0, 0.4, 2.0, 2);
+        }
+        let p = f.law.percentile().unwrap();
+        assert!(p > 0.2 && p <= 0.5, "slow requests move it: {p}");
+        for _ in 0..4 {
+            f.second(1.0, 0.4, 0.0, 2);
+        }
+        assert_eq!(f.law.percentile(), None, "too few requests for a p95");
     }
 
     #[test]

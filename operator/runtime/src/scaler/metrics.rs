@@ -129,9 +129,58 @@ impl AutoscalerMetrics {
         }
     }
 
+    /// Makes a head's action counters, at zero: before its first action, a rate over them is
+    /// 0 rather than absent (dashboards and alerts see the head).
+    pub fn count_actions_of(&self, head: &HeadLabels) {
+        for direction in ["out", "in"] {
+            let _ = self.actions.get_or_create(&ActionLabels {
+                namespace: head.namespace.clone(),
+                module: head.module.clone(),
+                head: head.head.clone(),
+                direction: direction.to_owned(),
+            });
+        }
+    }
+
+    /// Drops every head's gauges: a replica that stops leading shows no frozen values (the
+    /// leader's are the only ones, so dashboards need not know who leads). The counters stay:
+    /// they count what this process did.
+    pub fn forget_all_heads(&self) {
+        for family in [&self.desired, &self.current, &self.ready, &self.stale] {
+            family.clear();
+        }
+        for family in [&self.backlog, &self.latency] {
+            family.clear();
+        }
+        self.last_decision.clear();
+    }
+
+    /// Drops one head's gauges (its module is gone).
+    pub fn forget_head(&self, labels: &HeadLabels) {
+        for family in [&self.desired, &self.current, &self.ready, &self.stale] {
+            family.remove(labels);
+        }
+        for family in [&self.backlog, &self.latency] {
+            family.remove(labels);
+        }
+        self.last_decision.remove(labels);
+    }
+
     /// Prometheus text.
     pub fn render(&self) -> String {
         render(&self.registry)
+    }
+}
+
+impl HeadLabels {
+    /// The labels of the head keyed `namespace/module/head` (the autoscaler's key).
+    pub fn from_key(key: &str) -> Option<Self> {
+        let mut parts = key.splitn(3, '/');
+        Some(Self {
+            namespace: parts.next()?.to_owned(),
+            module: parts.next()?.to_owned(),
+            head: parts.next()?.to_owned(),
+        })
     }
 }
 
@@ -148,4 +197,67 @@ pub(crate) fn render(registry: &Registry) -> String {
         out.clear();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(module: &str) -> HeadLabels {
+        HeadLabels::from_key(&format!("shop/{module}/worker")).unwrap()
+    }
+
+    #[test]
+    fn a_key_names_namespace_module_and_head() {
+        let labels = head("orders");
+        assert_eq!(
+            (
+                labels.namespace.as_str(),
+                labels.module.as_str(),
+                labels.head.as_str()
+            ),
+            ("shop", "orders", "worker")
+        );
+        assert!(HeadLabels::from_key("shop/orders").is_none());
+    }
+
+    #[test]
+    fn forgetting_drops_gauges_and_keeps_counters() {
+        let metrics = AutoscalerMetrics::new();
+        for module in ["orders", "users"] {
+            metrics.desired.get_or_create(&head(module)).set(3);
+            metrics.backlog.get_or_create(&head(module)).set(12.0);
+            metrics.last_decision.get_or_create(&head(module)).set(1);
+        }
+        let action = ActionLabels {
+            namespace: "shop".into(),
+            module: "orders".into(),
+            head: "worker".into(),
+            direction: "out".into(),
+        };
+        metrics.count_actions_of(&head("orders"));
+        assert!(
+            metrics.render().contains(r#"chimera_autoscaler_scale_actions_total{namespace="shop",module="orders",head="worker",direction="in"} 0"#)
+        );
+        metrics.actions.get_or_create(&action).inc();
+
+        metrics.forget_head(&head("orders"));
+        let text = metrics.render();
+        assert!(
+            !text.contains(r#"desired_replicas{namespace="shop",module="orders""#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"desired_replicas{namespace="shop",module="users""#),
+            "{text}"
+        );
+
+        metrics.forget_all_heads();
+        let text = metrics.render();
+        assert!(!text.contains(r#"module="users""#), "{text}");
+        assert!(
+            text.contains(r#"chimera_autoscaler_scale_actions_total{namespace="shop",module="orders",head="worker",direction="out"} 1"#),
+            "{text}"
+        );
+    }
 }

@@ -145,6 +145,7 @@ impl Scaler {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+        self.metrics.forget_all_heads();
     }
 
     /// Ticks until the process stops. `pods` holds the heads' pods (for their start-up times).
@@ -219,11 +220,22 @@ impl Scaler {
         let keys: std::collections::HashSet<String> = live.iter().map(|m| key(m)).collect();
         // A head's key is `namespace/module/head`: live while `namespace/module` is.
         let live = |k: &String| k.rsplit_once('/').is_some_and(|(m, _)| keys.contains(m));
+        let mut gone = Vec::new();
+        let mut sweep = |k: &String| {
+            let keep = live(k);
+            if !keep {
+                gone.push(k.clone());
+            }
+            keep
+        };
         if let Ok(mut heads) = self.workers.lock() {
-            heads.retain(|k, _| live(k));
+            heads.retain(|k, _| sweep(k));
         }
         if let Ok(mut heads) = self.queries.lock() {
-            heads.retain(|k, _| live(k));
+            heads.retain(|k, _| sweep(k));
+        }
+        for labels in gone.iter().filter_map(|k| HeadLabels::from_key(k)) {
+            self.metrics.forget_head(&labels);
         }
         if let Ok(mut modules) = self.modules.lock() {
             modules.retain(|k, _| keys.contains(k));
@@ -379,8 +391,10 @@ impl Scaler {
         let Outcome { decision, stale } = match head {
             Head::Worker => {
                 let settings = WorkerSettings::for_head(module.spec.worker.as_ref()?, startup);
-                let cell =
-                    Self::autoscaler(&self.workers, &head_key, || WorkerAutoscaler::new(settings));
+                let cell = Self::autoscaler(&self.workers, &head_key, || {
+                    self.metrics.count_actions_of(&labels);
+                    WorkerAutoscaler::new(settings)
+                });
                 let mut autoscaler = cell.lock().await;
                 // A spec change to what the law holds (bounds, targets) starts it afresh.
                 autoscaler.reconfigure(settings);
@@ -404,8 +418,10 @@ impl Scaler {
             }
             Head::Query => {
                 let settings = QuerySettings::for_head(module.spec.query.as_ref()?, startup);
-                let cell =
-                    Self::autoscaler(&self.queries, &head_key, || QueryAutoscaler::new(settings));
+                let cell = Self::autoscaler(&self.queries, &head_key, || {
+                    self.metrics.count_actions_of(&labels);
+                    QueryAutoscaler::new(settings)
+                });
                 let mut autoscaler = cell.lock().await;
                 autoscaler.reconfigure(settings);
                 let port = module.spec.query.as_ref()?.port;
@@ -425,9 +441,20 @@ impl Scaler {
                         .await
                         .unwrap_or(Err(sources::SourceError::Timeout(SOURCE_TIMEOUT)))
                 };
-                autoscaler
+                let outcome = autoscaler
                     .decide_scrapes(now, scrapes.as_deref(), replicas)
-                    .0
+                    .0;
+                // Absent while the head serves too little to have a percentile: a stale value
+                // would read as the head's latency now.
+                match autoscaler.percentile() {
+                    Some(seconds) => {
+                        self.metrics.latency.get_or_create(&labels).set(seconds);
+                    }
+                    None => {
+                        self.metrics.latency.remove(&labels);
+                    }
+                }
+                outcome
             }
         };
         self.metrics
