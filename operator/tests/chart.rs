@@ -209,3 +209,59 @@ fn bad_values_are_refused_naming_the_value() {
     ])
     .unwrap();
 }
+
+#[test]
+fn dashboards_ship_as_configmaps_and_the_monitors_keep_the_labels_they_select_on() {
+    assert!(kind(&template(&[]).unwrap(), "ConfigMap").is_empty());
+    let docs = template(&[
+        "--set",
+        "grafana.dashboards.enabled=true",
+        "--set",
+        "metrics.podMonitor.enabled=true",
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+    ])
+    .unwrap();
+    let maps = kind(&docs, "ConfigMap");
+    let mut names = Vec::new();
+    for map in &maps {
+        assert_eq!(map["metadata"]["labels"]["grafana_dashboard"], "1");
+        assert_eq!(map["metadata"]["namespace"], "chimera-system");
+        for (file, json) in map["data"].as_mapping().unwrap() {
+            let file = file.as_str().unwrap();
+            let shipped: serde_json::Value = serde_json::from_str(json.as_str().unwrap()).unwrap();
+            let on_disk: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(PathBuf::from(chart()).join("dashboards").join(file))
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(shipped, on_disk, "{file} is shipped as it is in the chart");
+            names.push(file.to_owned());
+        }
+    }
+    names.sort();
+    assert_eq!(names, ["chimera-modules.json", "chimera-operator.json"]);
+
+    let pod_monitor = kind(&docs, "PodMonitor")[0];
+    assert_eq!(pod_monitor["spec"]["namespaceSelector"]["any"], true);
+    assert_eq!(
+        pod_monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/part-of"],
+        "chimera"
+    );
+    let endpoint = &pod_monitor["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["port"], "http");
+    let targets: Vec<&str> = endpoint["relabelings"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| r["targetLabel"].as_str().unwrap())
+        .collect();
+    assert_eq!(targets, ["module", "domain", "head"]);
+    let service_monitor = kind(&docs, "ServiceMonitor")[0];
+    assert_eq!(service_monitor["spec"]["endpoints"][0]["honorLabels"], true);
+
+    let error = template(&["--set", "metrics.podMonitor.interval=often"]).unwrap_err();
+    assert!(error.contains("/metrics/podMonitor/interval"), "{error}");
+    let error = template(&["--set", "grafana.dashboards.folder=x"]).unwrap_err();
+    assert!(error.contains("'folder' not allowed"), "{error}");
+}

@@ -228,7 +228,7 @@ impl NodeHarness {
             .join("\n")
     }
 
-    /// `http://<ClusterIP>:<port>` of the module's query Service.
+    /// `http://<ClusterIP>:<port>` of the module's query Service, once it answers `/readyz`.
     pub async fn query_url(&self, module: &str) -> String {
         let service = self
             .api::<Service>()
@@ -238,7 +238,19 @@ impl NodeHarness {
         let spec = service.spec.unwrap();
         let ip = spec.cluster_ip.unwrap();
         let port = spec.ports.unwrap()[0].port;
-        format!("http://{ip}:{port}")
+        let url = format!("http://{ip}:{port}");
+        // Ready pods are not yet a Service that answers: kube-proxy programs it a moment later
+        // (until then the ClusterIP refuses connections).
+        eventually(
+            &format!("{module}-query answering on {url}"),
+            Duration::from_secs(60),
+            || async {
+                let answer = reqwest::get(format!("{url}/readyz")).await.ok()?;
+                answer.status().is_success().then_some(())
+            },
+        )
+        .await;
+        url
     }
 
     /// The Ready pods of one head (label selector of the operator's head labels).
