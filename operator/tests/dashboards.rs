@@ -10,10 +10,9 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use chimera_sdk::broker::{Outgoing, Publisher, connect};
-use chimera_sdk::envelope::Envelope;
+use chimera_sdk::broker::{Publisher, connect};
 use chimera_testenv::prometheus::Prometheus;
-use common::node::{NodeHarness, example_module};
+use common::node::{NodeHarness, example_module, register_user};
 use common::repo_root;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::ResourceExt;
@@ -254,13 +253,7 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let publisher = Publisher::open(&connection).await.unwrap();
     for i in 0..20 {
         let id = format!("dash-{i}");
-        let command = Outgoing::new(
-            "chimera.users.commands",
-            Envelope::new(
-                "user.register",
-                json!({"user_id": id, "name": id, "email": format!("{id}@example.com")}),
-            ),
-        );
+        let command = register_user(&id);
         publisher.publish(&command, true).await.unwrap();
     }
     let channel = connection.create_channel().await.unwrap();

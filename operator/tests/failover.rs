@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chimera_core::api::ChimeraModule;
 use common::eventually;
-use common::node::{NodeHarness, example_module};
+use common::node::{NodeHarness, example_module, register_user, users_with_slow_workers};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
@@ -47,17 +47,31 @@ async fn holder(h: &NodeHarness) -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
-/// The `chimera_operator_leader` gauge of the pod at `ip`.
-async fn leader_gauge(ip: &str) -> Option<u8> {
-    let text = reqwest::get(format!("http://{ip}:9090/metrics"))
+/// The operator pod's metrics (Prometheus text), from its metrics port.
+async fn operator_metrics(ip: &str) -> Option<String> {
+    reqwest::get(format!("http://{ip}:9090/metrics"))
         .await
         .ok()?
         .text()
         .await
-        .ok()?;
+        .ok()
+}
+
+/// The `chimera_operator_leader` gauge of the pod at `ip`.
+async fn leader_gauge(ip: &str) -> Option<u8> {
+    let text = operator_metrics(ip).await?;
     text.lines()
         .find_map(|l| l.strip_prefix("chimera_operator_leader "))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// The chart's two operator pods, once both exist.
+async fn two_operator_pods(h: &NodeHarness) -> Vec<(String, String)> {
+    eventually("two operator pods", Duration::from_secs(60), || async {
+        let pods = operator_pods(h).await;
+        (pods.len() == 2).then_some(pods)
+    })
+    .await
 }
 
 /// The pod an identity on the Lease belongs to (`POD_NAME_<process>`).
@@ -68,11 +82,7 @@ fn pod_of(identity: &str) -> &str {
 #[tokio::test]
 async fn the_other_replica_takes_over_when_the_leader_crashes_or_stops() {
     let mut h = NodeHarness::start("node-failover", &[]).await;
-    let pods = eventually("two operator pods", Duration::from_secs(60), || async {
-        let pods = operator_pods(&h).await;
-        (pods.len() == 2).then_some(pods)
-    })
-    .await;
+    let pods = two_operator_pods(&h).await;
     let leader = eventually("one of them leads", Duration::from_secs(30), || async {
         let holder = holder(&h).await?;
         pods.iter()
@@ -221,12 +231,7 @@ async fn api_server_port(h: &NodeHarness) -> i32 {
 
 /// The scale actions a pod's autoscaler made on the users worker (both directions).
 async fn scale_actions(ip: &str) -> Option<u64> {
-    let text = reqwest::get(format!("http://{ip}:9090/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
+    let text = operator_metrics(ip).await?;
     Some(
         text.lines()
             .filter(|l| l.starts_with("chimera_autoscaler_scale_actions_total{"))
@@ -267,24 +272,12 @@ fn replica_writes(h: &NodeHarness, name: &str) -> std::sync::Arc<std::sync::Mute
 
 #[tokio::test]
 async fn a_partitioned_leader_stops_scaling_and_each_decision_is_written_once() {
-    use chimera_sdk::broker::{Outgoing, Publisher, connect};
-    use chimera_sdk::envelope::Envelope;
+    use chimera_sdk::broker::{Publisher, connect};
 
     let mut h = NodeHarness::start("node-partition", &[]).await;
-    let pods = eventually("two operator pods", Duration::from_secs(60), || async {
-        let pods = operator_pods(&h).await;
-        (pods.len() == 2).then_some(pods)
-    })
-    .await;
+    let pods = two_operator_pods(&h).await;
     h.database("users").await;
-    let mut users = example_module("users");
-    users["spec"]["worker"]["replicas"] = json!({"min": 1, "max": 4});
-    users["spec"]["worker"]["autoscale"] = json!({"drainSeconds": 5});
-    // A tenth of a core per pod: one pod cannot keep up with the backlog, more can.
-    users["spec"]["worker"]["resources"] = json!({
-        "requests": {"cpu": "50m", "memory": "32Mi"},
-        "limits": {"cpu": "100m", "memory": "256Mi"}
-    });
+    let users = users_with_slow_workers(4);
     h.apply_module(&users).await;
     h.wait_ready("users", Duration::from_secs(180)).await;
     let writes = replica_writes(&h, "users-worker");
@@ -306,13 +299,7 @@ async fn a_partitioned_leader_stops_scaling_and_each_decision_is_written_once() 
     let publishing = tokio::spawn(async move {
         for i in 0..total {
             let id = format!("part-{i}");
-            let command = Outgoing::new(
-                "chimera.users.commands",
-                Envelope::new(
-                    "user.register",
-                    json!({"user_id": id, "name": id, "email": format!("{id}@example.com")}),
-                ),
-            );
+            let command = register_user(&id);
             publisher.publish(&command, true).await.unwrap();
         }
     });

@@ -9,13 +9,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use chimera_core::api::ChimeraModule;
-use chimera_sdk::broker::{Outgoing, Publisher, connect};
+use chimera_sdk::broker::{Publisher, connect};
 use chimera_sdk::db::Database;
-use chimera_sdk::envelope::Envelope;
 use chimera_sdk::sqlx::{self, Row};
 use chimera_testenv::unique_name;
 use common::flow;
-use common::node::{NodeHarness, example_module};
+use common::node::{NodeHarness, example_module, register_user, users_with_slow_workers};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
@@ -189,17 +188,6 @@ async fn the_marketplace_serves_through_services_on_the_node() {
     .await;
 }
 
-/// The command that registers user `id`.
-fn register(id: &str) -> Outgoing {
-    Outgoing::new(
-        "chimera.users.commands",
-        Envelope::new(
-            "user.register",
-            json!({"user_id": id, "name": id, "email": format!("{id}@example.com")}),
-        ),
-    )
-}
-
 /// users' rows and the events its worker published for them.
 async fn users_written(db: &Database, prefix: &str) -> (i64, i64) {
     let users: i64 = sqlx::query("SELECT COUNT(*) AS n FROM users WHERE user_id LIKE ?")
@@ -246,14 +234,7 @@ async fn applied_exactly_once(h: &NodeHarness, db: &Database, prefix: &str, sent
 async fn a_backlog_scales_worker_pods_out_and_back_to_the_floor() {
     let mut h = NodeHarness::start("node-worker-scale", &[]).await;
     h.database("users").await;
-    let mut users = example_module("users");
-    users["spec"]["worker"]["replicas"] = json!({"min": 1, "max": 4});
-    users["spec"]["worker"]["autoscale"] = json!({"drainSeconds": 5});
-    // A tenth of a core per pod: one pod cannot keep up with the commands below, more can.
-    users["spec"]["worker"]["resources"] = json!({
-        "requests": {"cpu": "50m", "memory": "32Mi"},
-        "limits": {"cpu": "100m", "memory": "256Mi"}
-    });
+    let users = users_with_slow_workers(4);
     h.apply_module(&users).await;
     h.wait_ready("users", READY_TIMEOUT).await;
     assert_eq!(h.ready_pods("users", "worker").await, 1);
@@ -269,7 +250,7 @@ async fn a_backlog_scales_worker_pods_out_and_back_to_the_floor() {
     let backlog = Instant::now();
     let publishing = tokio::spawn(async move {
         for i in 0..total {
-            let command = register(&format!("load-{i}"));
+            let command = register_user(&format!("load-{i}"));
             publisher.publish(&command, true).await.unwrap();
         }
         backlog.elapsed()
@@ -381,7 +362,7 @@ impl Load {
             tokio::spawn(async move {
                 let mut sent = 0;
                 while !stop.load(Ordering::Relaxed) {
-                    let command = register(&format!("{prefix}{sent}"));
+                    let command = register_user(&format!("{prefix}{sent}"));
                     publisher.publish(&command, true).await.unwrap();
                     sent += 1;
                     tokio::time::sleep(Duration::from_millis(10)).await;

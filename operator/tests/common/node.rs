@@ -7,6 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chimera_core::api::ChimeraModule;
+use chimera_sdk::broker::Outgoing;
+use chimera_sdk::envelope::Envelope;
 use chimera_testenv::{TestDatabase, TestNamespace, TestVhost};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
@@ -301,4 +303,28 @@ impl Drop for NodeHarness {
 /// images `scripts/images` tags.
 pub fn example_module(name: &str) -> serde_json::Value {
     super::example(name)
+}
+
+/// The users module with a worker of 1 to `max` pods, each given a tenth of a core: one pod
+/// cannot keep up with a backlog, more can (the autoscaler has something to do).
+pub fn users_with_slow_workers(max: u32) -> serde_json::Value {
+    let mut users = example_module("users");
+    users["spec"]["worker"]["replicas"] = json!({"min": 1, "max": max});
+    users["spec"]["worker"]["autoscale"] = json!({"drainSeconds": 5});
+    users["spec"]["worker"]["resources"] = json!({
+        "requests": {"cpu": "50m", "memory": "32Mi"},
+        "limits": {"cpu": "100m", "memory": "256Mi"}
+    });
+    users
+}
+
+/// The command that registers user `id` (the users module's `user.register`).
+pub fn register_user(id: &str) -> Outgoing {
+    Outgoing::new(
+        "chimera.users.commands",
+        Envelope::new(
+            "user.register",
+            json!({"user_id": id, "name": id, "email": format!("{id}@example.com")}),
+        ),
+    )
 }
