@@ -358,6 +358,23 @@ async fn a_partitioned_leader_stops_scaling_and_each_decision_is_written_once() 
     println!(
         "measured: replicas went {seen:?}; writes by the old leader {old_final}, by the new {new_final}"
     );
+    // What each replica says it did, and when (read when an assertion below fails).
+    for (name, _) in [&leader, &follower] {
+        let logs = h
+            .api::<Pod>()
+            .logs(name, &kube::api::LogParams::default())
+            .await
+            .unwrap_or_default();
+        let told: Vec<&str> = logs
+            .lines()
+            .filter(|l| {
+                ["scale", "abandoned", "leading", "following", "Lease"]
+                    .iter()
+                    .any(|w| l.contains(w))
+            })
+            .collect();
+        println!("{name}:\n{}", told.join("\n"));
+    }
     assert_eq!(
         old_final, old_actions,
         "the old leader wrote after it stepped down"

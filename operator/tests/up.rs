@@ -28,6 +28,18 @@ fn repo(path: &str) -> PathBuf {
         .join(path)
 }
 
+/// Copies the marketplace examples `names` into `dir` (so that a test can edit them).
+fn copy_examples(dir: &Path, names: &[&str]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for name in names {
+        std::fs::copy(
+            repo(&format!("examples/marketplace/{name}.yaml")),
+            dir.join(format!("{name}.yaml")),
+        )
+        .unwrap();
+    }
+}
+
 /// Three consecutive ports nobody listens on.
 fn free_ports(n: u16) -> u16 {
     loop {
@@ -125,14 +137,7 @@ async fn chimera_up_runs_scales_and_stops_cleanly() {
     let state = std::env::temp_dir().join(unique_name("chimera-up"));
     // A copy of the examples, so that the test can edit one.
     let modules = state.with_extension("modules");
-    std::fs::create_dir_all(&modules).unwrap();
-    for name in ["users", "gigs", "orders"] {
-        std::fs::copy(
-            repo(&format!("examples/marketplace/{name}.yaml")),
-            modules.join(format!("{name}.yaml")),
-        )
-        .unwrap();
-    }
+    copy_examples(&modules, &["users", "gigs", "orders"]);
     let dashboard_port = free_port();
     let base = free_ports(3);
     let child = start_up(&state, &modules, &vhost, dashboard_port, base);
@@ -417,7 +422,21 @@ fn start_up(
     dashboard_port: u16,
     query_base_port: u16,
 ) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_chimera"))
+    up_command(state, modules, vhost, dashboard_port, query_base_port)
+        .spawn()
+        .unwrap()
+}
+
+/// `chimera up` of the modules in `modules` on the test's vhost, as a user runs it.
+fn up_command(
+    state: &Path,
+    modules: &Path,
+    vhost: &TestVhost,
+    dashboard_port: u16,
+    query_base_port: u16,
+) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chimera"));
+    command
         .args(["up", "-f"])
         .arg(modules)
         .arg("--state-dir")
@@ -430,9 +449,8 @@ fn start_up(
         .env("CHIMERA_AMQP_URL", &vhost.amqp_url)
         .env("CHIMERA_RABBITMQ_MANAGEMENT_URL", vhost.management_url())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::inherit());
+    command
 }
 
 #[tokio::test]
@@ -494,6 +512,120 @@ async fn a_second_up_after_a_crash_recovers() {
     let status = second.child.wait().unwrap();
     assert!(status.success(), "{status}");
     assert!(pids.iter().all(|p| !alive(*p)), "nothing left behind");
+    std::fs::remove_dir_all(&state).ok();
+    std::fs::remove_dir_all(&modules).ok();
+}
+
+#[tokio::test]
+async fn a_commands_trace_reaches_every_subscribers_handling_over_otlp() {
+    use chimera_sdk::envelope::TraceParent;
+    use chimera_testenv::otelcol::{Collector, ReceivedSpan};
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let collector = Collector::start();
+    let vhost = TestVhost::create("up-traces");
+    let state = std::env::temp_dir().join(unique_name("chimera-up-traces"));
+    let modules = state.with_extension("modules");
+    copy_examples(&modules, &["users", "gigs", "orders"]);
+    let port = free_port();
+    let mut command = up_command(&state, &modules, &vhost, port, free_ports(3));
+    // As a user turns tracing on: the standard variables, passed on to every head.
+    command
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.endpoint)
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200");
+    let mut up = Up {
+        child: command.spawn().unwrap(),
+        state: state.clone(),
+    };
+    let dashboard = format!("http://127.0.0.1:{port}");
+    eventually(
+        "every query head ready",
+        Duration::from_secs(60),
+        || async {
+            let s = snapshot(&dashboard).await?;
+            let ready = s
+                .modules
+                .iter()
+                .flat_map(|m| m.heads.iter().filter(|h| h.head == "query"))
+                .filter(|h| h.ready >= 1)
+                .count();
+            (ready == 3).then_some(())
+        },
+    )
+    .await;
+
+    // A command sent from a span of the test's own trace.
+    let root = TraceParent::new_root();
+    let connection = chimera_sdk::broker::connect(&vhost.amqp_url, "traces-test")
+        .await
+        .unwrap();
+    let publisher = chimera_sdk::broker::Publisher::open(&connection)
+        .await
+        .unwrap();
+    let id = unique_name("traced");
+    let mut register = chimera_sdk::broker::Outgoing::new(
+        "chimera.users.commands",
+        chimera_sdk::envelope::Envelope::new(
+            "user.register",
+            serde_json::json!({"user_id": id, "name": "Traced", "email": "t@example.com"}),
+        ),
+    );
+    register.trace = Some(root);
+    publisher.publish(&register, true).await.unwrap();
+
+    let trace = format!("{:032x}", root.trace_id);
+    let in_trace = |spans: &[ReceivedSpan], service: &str, name: &str| {
+        spans
+            .iter()
+            .find(|s| s.trace_id == trace && s.service == service && s.name == name)
+            .cloned()
+    };
+    let (handled, subscribers) = eventually(
+        "the command's and its event's handlings in the collector",
+        Duration::from_secs(90),
+        || async {
+            let spans = collector.spans();
+            let handled = in_trace(&spans, "users-worker", "handle user.register")?;
+            let subscribers: Vec<ReceivedSpan> = ["gigs-worker", "orders-worker"]
+                .iter()
+                .map(|service| in_trace(&spans, service, "handle user.registered"))
+                .collect::<Option<_>>()?;
+            Some((handled, subscribers))
+        },
+    )
+    .await;
+    // One trace: the test's span → the users worker's handling → each subscriber's handling.
+    assert_eq!(
+        handled.parent_id,
+        format!("{:016x}", root.span_id),
+        "{handled:?}"
+    );
+    assert_eq!(handled.kind, "Consumer");
+    assert_eq!(handled.attribute("messaging.system"), Some("rabbitmq"));
+    assert_eq!(
+        handled.attribute("messaging.destination.name"),
+        Some("chimera.users.worker")
+    );
+    assert_eq!(
+        handled.attribute("messaging.message.type"),
+        Some("user.register")
+    );
+    for subscriber in &subscribers {
+        assert_eq!(
+            subscriber.parent_id, handled.span_id,
+            "{} is a child of the users worker's handling: {subscriber:?}",
+            subscriber.service
+        );
+        assert_eq!(subscriber.kind, "Consumer");
+    }
+    connection.close(200, "done".into()).await.ok();
+
+    Command::new("kill")
+        .args(["-TERM", &up.child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = up.child.wait().unwrap();
+    assert!(status.success(), "{status}");
     std::fs::remove_dir_all(&state).ok();
     std::fs::remove_dir_all(&modules).ok();
 }

@@ -6,6 +6,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test support: a failure here is a test failure
 
 pub mod apiserver;
+pub mod otelcol;
 pub mod prometheus;
 
 use std::io::{Read, Write};

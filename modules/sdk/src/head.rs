@@ -20,6 +20,7 @@ use crate::config::{ConfigError, Head, HeadConfig};
 use crate::db::{Database, DbError, Migration};
 use crate::http::{ServerOptions, router, serve};
 use crate::outbox::{RelaySettings, run_relay};
+use crate::telemetry::{Service, Telemetry};
 use crate::usage::{Invocation, Program};
 use crate::worker::{Worker, WorkerError};
 
@@ -88,7 +89,7 @@ pub fn main(module: Module) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    init_tracing();
+    let telemetry = Telemetry::init(&service(&program, head.as_deref()));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -96,29 +97,37 @@ pub fn main(module: Module) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
+            telemetry.shutdown();
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(module, head)) {
+    let code = match runtime.block_on(run(module, head)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "head stopped");
             eprintln!("error: {error}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The runtime first (its tasks may still end spans), then the last spans out.
+    drop(runtime);
+    telemetry.shutdown();
+    code
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("CHIMERA_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().init();
-    } else {
-        builder.init();
+/// The OTel resource of this head: `OTEL_SERVICE_NAME`, else `<domain>-<head>`.
+fn service(program: &Program, head: Option<&str>) -> Service {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let domain = var("CHIMERA_DOMAIN").unwrap_or_else(|| program.name.to_owned());
+    let head = head
+        .map(str::to_owned)
+        .or_else(|| var("CHIMERA_HEAD"))
+        .unwrap_or_default();
+    Service {
+        name: var("OTEL_SERVICE_NAME").unwrap_or_else(|| format!("{domain}-{head}")),
+        version: program.version.to_owned(),
+        domain,
+        head,
     }
 }
 

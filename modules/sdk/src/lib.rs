@@ -10,6 +10,7 @@
 //! - [`worker`]: the worker runtime (dispatch, retries, dead letters, graceful stop);
 //! - [`validate`]: payload checks every domain needs;
 //! - [`shutdown`]: SIGTERM / Ctrl-C as a future;
+//! - [`telemetry`]: logs, and traces over OTLP when an endpoint is configured;
 //! - [`usage`]: the program's command line (`query|worker`, `--help`, `--version`).
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ pub mod http;
 pub mod inbox;
 pub mod outbox;
 pub mod shutdown;
+pub mod telemetry;
 pub mod usage;
 pub mod validate;
 pub mod worker;

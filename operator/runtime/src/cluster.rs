@@ -16,18 +16,24 @@ use chimera_core::topology::state::BrokerEndpoint;
 use chimera_core::workloads::WorkloadSettings;
 
 /// Sets a Deployment's `spec.replicas` as [`REPLICAS_MANAGER`], the one owner of that field
-/// (the reconciler holding bounds and the autoscaler share it, so they never fight).
+/// (the reconciler holding bounds and the autoscaler share it, so they never fight). With
+/// `resource_version`, only if the Deployment is still that version (409 Conflict otherwise):
+/// a write decided on what was read then, delivered late, cannot undo a newer one.
 pub async fn set_replicas(
     api: &Api<k8s_openapi::api::apps::v1::Deployment>,
     name: &str,
     replicas: i64,
+    resource_version: Option<&str>,
 ) -> Result<k8s_openapi::api::apps::v1::Deployment, kube::Error> {
-    let patch = serde_json::json!({
+    let mut patch = serde_json::json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": name},
         "spec": {"replicas": replicas}
     });
+    if let Some(version) = resource_version {
+        patch["metadata"]["resourceVersion"] = version.into();
+    }
     api.patch(
         name,
         &kube::api::PatchParams::apply(REPLICAS_MANAGER).force(),

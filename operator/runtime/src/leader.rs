@@ -71,12 +71,25 @@ impl Leadership {
         state.until.is_some_and(|until| Instant::now() < until)
     }
 
+    /// How long this replica still leads without renewing (None: it does not lead now); a
+    /// write that has not finished by then must be abandoned. Unbounded when alone.
+    pub fn time_left(&self) -> Option<Duration> {
+        if self.always {
+            return Some(Duration::MAX);
+        }
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state
+            .until
+            .and_then(|until| until.checked_duration_since(Instant::now()))
+            .filter(|left| !left.is_zero())
+    }
+
     /// Changes of leadership (true: leads), as the elector notices them.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<bool> {
         self.changes.subscribe()
     }
 
-    fn lead_until(&self, until: Instant) {
+    pub(crate) fn lead_until(&self, until: Instant) {
         {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             state.until = Some(until);
@@ -309,6 +322,21 @@ mod tests {
         leadership.publish();
         assert!(changes.has_changed().unwrap() && !*changes.borrow_and_update());
         assert!(leadership.render().contains("chimera_operator_leader 0"));
+    }
+
+    #[test]
+    fn time_left_is_what_remains_until_the_deadline() {
+        let leadership = Leadership::elected();
+        assert_eq!(leadership.time_left(), None, "a follower has none");
+        leadership.lead_until(Instant::now() + Duration::from_secs(10));
+        let left = leadership.time_left().unwrap();
+        assert!(
+            left > Duration::from_secs(9) && left <= Duration::from_secs(10),
+            "{left:?}"
+        );
+        leadership.lead_until(Instant::now());
+        assert_eq!(leadership.time_left(), None, "at the deadline, none");
+        assert_eq!(Leadership::always().time_left(), Some(Duration::MAX));
     }
 
     #[test]

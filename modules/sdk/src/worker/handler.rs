@@ -53,6 +53,7 @@ pub struct Context {
     pub(super) attempt: i64,
     pub(super) last_attempt: bool,
     pub(super) tx: WriteTransaction,
+    /// This handling's trace context (its span is the parent of the events it emits).
     pub(super) trace: TraceParent,
     pub(super) events_exchange: Arc<str>,
     /// Events emitted so far, written to the outbox with the batch (one statement for all).
@@ -109,7 +110,7 @@ impl Context {
         self.events.push(PendingEvent::new(
             &self.events_exchange,
             &event,
-            Some(self.trace.child()),
+            Some(self.trace),
         ));
         Ok(())
     }

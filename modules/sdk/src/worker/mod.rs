@@ -312,17 +312,22 @@ impl Worker {
                     .map_err(q("savepoint"))?;
             }
             let last_attempt = self.config.retry_after(p.attempt).is_none();
+            let span = handling_span(p, &self.config.queue);
             let mut ctx = Context {
                 envelope: Arc::clone(&p.envelope),
                 attempt: p.attempt,
                 last_attempt,
                 tx,
-                trace: p.trace,
+                trace: crate::telemetry::continue_trace(&span, p.trace),
                 events_exchange: Arc::clone(&self.events_exchange),
                 events: Vec::new(),
             };
-            let span = tracing::info_span!("handle", kind = %p.envelope.kind, id = %p.envelope.id, attempt = p.attempt, trace_id = %format!("{:032x}", p.trace.trace_id));
-            let result = tracing::Instrument::instrument(p.handler.handle(&mut ctx), span).await;
+            let result =
+                tracing::Instrument::instrument(p.handler.handle(&mut ctx), span.clone()).await;
+            if let Err(e) = &result {
+                use tracing_opentelemetry::OpenTelemetrySpanExt;
+                span.set_status(opentelemetry::trace::Status::error(e.to_string()));
+            }
             tx = ctx.tx;
             match result {
                 Ok(()) => {
@@ -453,4 +458,26 @@ async fn undo(tx: &mut WriteTransaction) -> Result<(), DbError> {
             })?;
     }
     Ok(())
+}
+
+/// The span of one message's handling: a log span with the message's trace id, and an OTel
+/// consumer span (messaging semantic conventions) when traces are exported.
+fn handling_span(p: &Prepared, queue: &str) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!(
+        "handle",
+        kind = %p.envelope.kind,
+        id = %p.envelope.id,
+        attempt = p.attempt,
+        trace_id = %format!("{:032x}", p.trace.trace_id),
+        otel.name = %format!("handle {}", p.envelope.kind),
+        otel.kind = "consumer",
+    );
+    // (OTel attributes only: the log line has the kind and id already)
+    span.set_attribute("messaging.system", "rabbitmq");
+    span.set_attribute("messaging.operation.type", "process");
+    span.set_attribute("messaging.destination.name", queue.to_owned());
+    span.set_attribute("messaging.message.id", p.envelope.id.to_string());
+    span.set_attribute("messaging.message.type", p.envelope.kind.clone());
+    span
 }

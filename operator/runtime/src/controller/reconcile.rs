@@ -168,7 +168,7 @@ async fn hold_replicas(
         return Ok(deployment);
     }
     let name = deployment.name_any();
-    set_replicas(api, &name, i64::from(wanted))
+    set_replicas(api, &name, i64::from(wanted), None)
         .await
         .map_err(|cause| Error::Apply {
             kind: "Deployment".into(),

@@ -35,8 +35,15 @@ pub struct Replica {
     child: Child,
 }
 
-/// Passed through from `chimera up`'s environment to the heads.
+/// Passed through from `chimera up`'s environment to the heads (with every `OTEL_*`
+/// variable: `OTEL_EXPORTER_OTLP_ENDPOINT=... chimera up` traces every head).
 const INHERITED: [&str; 4] = ["PATH", "HOME", "RUST_LOG", "RUST_BACKTRACE"];
+
+/// What of `vars` a head inherits.
+fn inherited(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
+    vars.filter(|(k, _)| INHERITED.contains(&k.as_str()) || k.starts_with("OTEL_"))
+        .collect()
+}
 
 impl Replica {
     /// Starts it.
@@ -48,11 +55,7 @@ impl Replica {
         command
             .args(&spec.args)
             .env_clear()
-            .envs(
-                INHERITED
-                    .iter()
-                    .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
-            )
+            .envs(inherited(std::env::vars()))
             .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             // Plain log lines: they go to files and behind a prefix, not to a terminal.
             .env("NO_COLOR", "1")
@@ -138,5 +141,36 @@ async fn pump(
         let mut file = log.lock().await;
         let _ = file.write_all(line.as_bytes()).await;
         let _ = file.write_all(b"\n").await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_inherit_the_path_the_log_filter_and_the_otel_settings_only() {
+        let vars = [
+            ("PATH", "/bin"),
+            ("RUST_LOG", "debug"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+            ("OTEL_SERVICE_NAME", "x"),
+            ("AWS_SECRET_ACCESS_KEY", "no"),
+            ("CHIMERA_AMQP_URL", "amqp://elsewhere"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let names: Vec<String> = inherited(vars.into_iter())
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "PATH",
+                "RUST_LOG",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                "OTEL_SERVICE_NAME"
+            ]
+        );
     }
 }

@@ -521,13 +521,32 @@ impl Scaler {
             return;
         };
         // (leadership can end while the signals are read)
-        if !self.leadership.is_leading() {
+        let Some(left) = self.leadership.time_left() else {
             return;
-        }
+        };
         let name = deployment.name_any();
-        if let Err(error) = self.writer.scale(&namespace, &name, decision.desired).await {
-            tracing::warn!(%error, deployment = %name, "could not scale");
-            return;
+        // Fenced twice: the write must finish while this replica still leads (a write stuck in
+        // a partition is abandoned at the renew deadline), and it applies only to the
+        // Deployment as it was read, so one delivered after the partition heals cannot undo
+        // what the next leader wrote meanwhile.
+        let version = deployment.resource_version();
+        let write = self
+            .writer
+            .scale(&namespace, &name, decision.desired, version.as_deref());
+        match tokio::time::timeout(left, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(kube::Error::Api(e))) if e.code == 409 => {
+                tracing::debug!(deployment = %name, "the Deployment changed since it was read: deciding again");
+                return;
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, deployment = %name, "could not scale");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(deployment = %name, "the write did not finish while leading: abandoned");
+                return;
+            }
         }
         let direction = if decision.desired > current {
             "out"
@@ -596,12 +615,17 @@ impl Scaler {
             .written
             .as_ref()
             .or(module.status.as_ref().and_then(|s| s.autoscaling.as_ref()));
-        if written.is_some_and(|w| counts(w) == counts(&status)) || !self.leadership.is_leading() {
+        if written.is_some_and(|w| counts(w) == counts(&status)) {
             return;
         }
-        match self.writer.status(module, &status).await {
-            Ok(_) => state.written = Some(status),
-            Err(error) => tracing::debug!(%error, "could not write the autoscaling status"),
+        // (as a scale write: over by the end of the leadership, or not at all)
+        let Some(left) = self.leadership.time_left() else {
+            return;
+        };
+        match tokio::time::timeout(left, self.writer.status(module, &status)).await {
+            Ok(Ok(_)) => state.written = Some(status),
+            Ok(Err(error)) => tracing::debug!(%error, "could not write the autoscaling status"),
+            Err(_) => tracing::debug!("the autoscaling status was not written while leading"),
         }
     }
 }
@@ -669,6 +693,10 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         scaled: StdMutex<Vec<(String, u32)>>,
+        /// The resourceVersion each scale write was conditioned on.
+        versions: StdMutex<Vec<Option<String>>>,
+        /// Scale writes never finish (a request stuck in a partition).
+        hang: std::sync::atomic::AtomicBool,
         statuses: StdMutex<Vec<AutoscalingStatus>>,
         events: StdMutex<Vec<&'static str>>,
     }
@@ -679,11 +707,19 @@ mod tests {
             _: &'a str,
             name: &'a str,
             replicas: u32,
+            version: Option<&'a str>,
         ) -> BoxFuture<'a, Result<(), kube::Error>> {
             self.scaled
                 .lock()
                 .unwrap()
                 .push((name.to_owned(), replicas));
+            self.versions
+                .lock()
+                .unwrap()
+                .push(version.map(str::to_owned));
+            if self.hang.load(std::sync::atomic::Ordering::SeqCst) {
+                return Box::pin(futures::future::pending());
+            }
             Box::pin(async { Ok(()) })
         }
         fn status<'a>(
@@ -739,6 +775,7 @@ mod tests {
         };
         deployment.metadata.name = Some("ledger-worker".into());
         deployment.metadata.namespace = Some("shop".into());
+        deployment.metadata.resource_version = Some("42".into());
         writer.apply_watcher_event(&watcher::Event::Apply(deployment));
         let recorder = Arc::new(Recorder::default());
         let queue = Arc::new(Queue(StdMutex::new(sample)));
@@ -781,6 +818,56 @@ mod tests {
         assert!(!worker.metrics_stale);
         assert_eq!(worker.desired_replicas, i32::try_from(scaled[0].1).unwrap());
         assert!(worker.signal.contains("backlog 200"), "{worker:?}");
+    }
+
+    #[tokio::test]
+    async fn a_scale_write_applies_only_to_the_deployment_it_read() {
+        let (recorder, _, scaler, module, store) = world(Ok(backlog(200.0)));
+        scaler
+            .scale_module(
+                &module,
+                &store,
+                &HashMap::new(),
+                tokio::time::Instant::now(),
+            )
+            .await;
+        assert_eq!(*recorder.versions.lock().unwrap(), [Some("42".to_owned())]);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_outlasts_the_leadership_is_abandoned_and_not_counted() {
+        let (recorder, _, scaler, module, store) = world(Ok(backlog(200.0)));
+        let leadership = crate::leader::Leadership::elected();
+        leadership.lead_until(std::time::Instant::now() + Duration::from_millis(200));
+        let scaler = scaler.with_leadership(leadership.clone());
+        recorder
+            .hang
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        scaler
+            .scale_module(
+                &module,
+                &store,
+                &HashMap::new(),
+                tokio::time::Instant::now(),
+            )
+            .await;
+        assert_eq!(
+            recorder.scaled.lock().unwrap().len(),
+            1,
+            "the write was tried"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "and given up at the end of the leadership, not awaited forever"
+        );
+        assert!(!leadership.is_leading());
+        assert!(recorder.events.lock().unwrap().is_empty(), "no ScaledOut");
+        let text = scaler.metrics.render();
+        assert!(
+            text.contains(r#"chimera_autoscaler_scale_actions_total{namespace="shop",module="ledger",head="worker",direction="out"} 0"#),
+            "not counted: {text}"
+        );
     }
 
     #[tokio::test]

@@ -18,12 +18,14 @@ use chimera_core::topology::state::BrokerEndpoint;
 
 /// Writes what the autoscaler decided.
 pub trait ReplicaWriter: Send + Sync {
-    /// Sets `spec.replicas` of Deployment `name` in `namespace`, as the field's one owner.
+    /// Sets `spec.replicas` of Deployment `name` in `namespace`, as the field's one owner,
+    /// if it is still at `resource_version` (the version the decision read).
     fn scale<'a>(
         &'a self,
         namespace: &'a str,
         name: &'a str,
         replicas: u32,
+        resource_version: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), kube::Error>>;
 
     /// Writes the module's `status.autoscaling`.
@@ -66,10 +68,11 @@ impl ReplicaWriter for KubeWriter {
         namespace: &'a str,
         name: &'a str,
         replicas: u32,
+        resource_version: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), kube::Error>> {
         Box::pin(async move {
             let api: Api<Deployment> = Api::namespaced(self.ctx.client.clone(), namespace);
-            set_replicas(&api, name, i64::from(replicas))
+            set_replicas(&api, name, i64::from(replicas), resource_version)
                 .await
                 .map(|_| ())
         })
