@@ -97,15 +97,17 @@ def main():
     by_scenario = defaultdict(list)
     for r in runs:
         by_scenario[r["scenario"]].append(r)
-    lines = ["| scenario | chimera: s over SLO | chimera: cost / lower bound | best KEDA knob: s over SLO, cost | best KPA knob: s over SLO, cost | fewer violations than the best anchor |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| scenario | chimera: s over SLO | chimera: scale actions | chimera: cost / lower bound | best KEDA knob: s over SLO, actions, cost | best KPA knob: s over SLO, actions, cost | fewer violations than the best anchor | no more scale actions than the calmer best knob |",
+             "|---|---|---|---|---|---|---|---|"]
     totals = defaultdict(lambda: [0.0, 0.0])
     met_all = True
+    churn_all = True
     for name in sorted(by_scenario):
         rs = by_scenario[name]
         ours = best(rs, "chimera")
         keda, kpa = best(rs, "keda"), best(rs, "kpa")
-        anchor = min((x for x in (keda, kpa) if x), key=lambda r: r["slo_violation_s"])
+        # The best anchor: the best-tuned knob with the fewest violations (then the cheapest).
+        anchor = min((x for x in (keda, kpa) if x), key=lambda r: (r["slo_violation_s"], r["replica_seconds"]))
         if anchor["slo_violation_s"] == 0:
             met = ours["slo_violation_s"] == 0
             verdict = "yes (both 0)" if met else "**no**"
@@ -113,12 +115,18 @@ def main():
             met = ours["slo_violation_s"] < anchor["slo_violation_s"]
             verdict = "yes" if met else "**no**"
         met_all &= met
+        # Churn is judged against the calmer of the two best-tuned knobs (the stricter reading:
+        # either one is a configuration a user would run).
+        fewest = min(x["scale_actions"] for x in (keda, kpa) if x)
+        calm = ours["scale_actions"] <= fewest
+        churn_all &= calm
+        churn = f"{'yes' if calm else '**no**'} ({ours['scale_actions']} vs {fewest})"
         for tag, r in (("chimera", ours), ("keda", keda), ("kpa", kpa)):
             if r:
                 totals[tag][0] += r["replica_seconds"]
                 totals[tag][1] += r["lower_bound"]
-        cell = lambda r: f"{r['slo_violation_s']} s, {r['cost_ratio']:.2f}x (knob {r['knob']:g})" if r else "-"
-        lines.append(f"| {name} | {ours['slo_violation_s']} | {ours['cost_ratio']:.2f}x | {cell(keda)} | {cell(kpa)} | {verdict} |")
+        cell = lambda r: f"{r['slo_violation_s']} s, {r['scale_actions']}, {r['cost_ratio']:.2f}x (knob {r['knob']:g})" if r else "-"
+        lines.append(f"| {name} | {ours['slo_violation_s']} | {ours['scale_actions']} | {ours['cost_ratio']:.2f}x | {cell(keda)} | {cell(kpa)} | {verdict} | {churn} |")
         plot(os.path.join(out, f"{name}.svg"), name, [x for x in (ours, keda, kpa) if x])
     ratio = {k: v[0] / v[1] for k, v in totals.items() if v[1] > 0}
     lines.append("")
@@ -130,7 +138,8 @@ def main():
             lines.append(f"| {tag} | {ratio[tag]:.2f}x{note} |")
     lines.append("")
     target = met_all and ratio.get("chimera", 99) <= 1.6
-    lines.append(f"Target met: **{'yes' if target else 'no'}**")
+    lines.append(f"Target met (violations, cost <= 1.6x): **{'yes' if target else 'no'}**; "
+                 f"scale actions no more than the calmer best knob's on every scenario: **{'yes' if churn_all else 'no'}**")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(table)
