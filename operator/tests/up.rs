@@ -562,14 +562,7 @@ async fn a_commands_trace_reaches_every_subscribers_handling_over_otlp() {
     let publisher = chimera_sdk::broker::Publisher::open(&connection)
         .await
         .unwrap();
-    let id = unique_name("traced");
-    let mut register = chimera_sdk::broker::Outgoing::new(
-        "chimera.users.commands",
-        chimera_sdk::envelope::Envelope::new(
-            "user.register",
-            serde_json::json!({"user_id": id, "name": "Traced", "email": "t@example.com"}),
-        ),
-    );
+    let mut register = common::node::register_user(&unique_name("traced"));
     register.trace = Some(root);
     publisher.publish(&register, true).await.unwrap();
 
