@@ -12,6 +12,7 @@
 pub mod exposition;
 pub mod head;
 pub mod histogram;
+pub mod hysteresis;
 pub mod query;
 pub mod series;
 pub mod signals;

@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 
 use super::histogram::Histogram;
+use super::hysteresis::Hold;
 use super::series::Recent;
 use super::{Bounds, Decision, Replicas, ceil_replicas};
 
@@ -27,12 +28,9 @@ const HOT: f64 = 0.8;
 const WARM: f64 = 0.5;
 /// Weight of a new saturated sample in the capacity estimate.
 const CAPACITY_GAIN: f64 = 0.5;
-/// Scale-in follows the highest recommendation of this many seconds.
-const SCALE_IN_WINDOW_S: f64 = 30.0;
-/// No scale-in sooner than this after the last change.
-const SCALE_IN_COOLDOWN_S: f64 = 10.0;
-/// Largest share of replicas removed at once.
-const SCALE_IN_STEP: f64 = 0.5;
+/// The query head's own part of the scale-in hold, on top of the start-up: a query head has
+/// no queue to absorb a return of the load, so it keeps a replica a stable half minute.
+const HOLD_BUDGET_S: f64 = 30.0;
 /// Fewest requests in a window for its percentile to count.
 const MIN_REQUESTS: f64 = 20.0;
 /// Spare servers over the busy ones, in units of their square root (square-root staffing:
@@ -40,6 +38,9 @@ const MIN_REQUESTS: f64 = 20.0;
 const SPARE: f64 = 0.75;
 /// The service time is the lowest mean latency of calm windows over this many seconds.
 const SERVICE_TIME_WINDOW_S: f64 = 300.0;
+/// Servers per replica are learned from a saturated window and the calm service time of at
+/// most this many seconds before it.
+const SERVERS_CALM_S: f64 = 15.0;
 /// Seconds within which requests piled up beyond the target should be served.
 const QUEUE_DRAIN_S: f64 = 1.0;
 
@@ -90,10 +91,14 @@ pub struct QueryLaw {
     /// saturation (or is a lower bound from near it).
     capacity: Option<f64>,
     saturated: bool,
+    /// Requests one replica serves at once (capacity × service time, a pod property: its
+    /// pool or its cores), once both were measured. With it the law reads the current
+    /// service time and the replicas' utilisation, so a slower dependency is seen as such.
+    servers: Option<f64>,
     /// Mean latency of calm windows (no queueing): the service time.
     calm_latency: Recent,
     recommendations: Recent,
-    last_change_at: f64,
+    hold: Hold,
     last_desired: Option<u32>,
     /// The held percentile of the last window, when it had enough requests to have one.
     percentile: Option<f64>,
@@ -103,18 +108,21 @@ impl QueryLaw {
     /// A new measure of the pods' start-up time (what was learned is kept).
     pub fn set_startup_seconds(&mut self, seconds: f64) {
         self.settings.startup_seconds = seconds;
+        self.hold.set_base(seconds.max(0.0) + HOLD_BUDGET_S);
     }
 
     /// A law that has measured nothing yet.
     pub fn new(settings: QuerySettings) -> Self {
+        let hold = Hold::new(settings.startup_seconds.max(0.0) + HOLD_BUDGET_S);
         Self {
             settings,
             history: VecDeque::new(),
             capacity: None,
             saturated: false,
+            servers: None,
             calm_latency: Recent::default(),
             recommendations: Recent::default(),
-            last_change_at: f64::NEG_INFINITY,
+            hold,
             last_desired: None,
             percentile: None,
         }
@@ -182,7 +190,28 @@ impl QueryLaw {
             readies.max().unwrap_or(ready),
         );
         let level = percentile.map_or(0.0, |p| p / target);
-        if most_ready > 0 && fewest_ready != most_ready && level > HOT {
+        let mean = window.mean();
+        // With the servers per replica known, the current service time: the mean latency
+        // when nothing waits, the servers over the completions when everything is busy (the
+        // smaller of the two is right in both regimes), and the utilisation it gives.
+        let service_now = self.servers.and_then(|c| {
+            let by_throughput =
+                (completions > 0.0 && ready > 0).then(|| c * f64::from(ready) / completions);
+            match (mean, by_throughput) {
+                (Some(m), Some(t)) => Some(m.min(t)),
+                (m, t) => m.or(t),
+            }
+        });
+        let utilisation = match (self.servers, service_now) {
+            (Some(c), Some(sn)) if ready > 0 => Some(demand * sn / (c * f64::from(ready))),
+            _ => None,
+        };
+        // Saturated: the servers are busy (when their number is known), else the percentile
+        // near the target. Without the first a slower dependency (latency up, load flat)
+        // read as saturation and its load as capacity: one replica more at every tick.
+        let hot = utilisation.map_or(level > HOT, |u| u > HOT && level > WARM);
+        let stable = ready > 0 && fewest_ready == most_ready && window.total >= MIN_REQUESTS;
+        if most_ready > 0 && fewest_ready != most_ready && hot {
             // Saturated while replicas came or went: spread over the most replicas of the
             // window, the completions are a lower bound of what one serves. Without it a head
             // that scaled out fast, before any stable saturated window, could never scale in.
@@ -194,28 +223,46 @@ impl QueryLaw {
             }
         }
         // Measured (not just bounded) only where the replicas did not change.
-        if ready > 0 && fewest_ready == most_ready && window.total >= MIN_REQUESTS {
+        if stable {
             let per_replica = completions / f64::from(ready);
             self.capacity = match self.capacity {
-                None if level > HOT => Some(per_replica),
-                Some(k) if level > HOT => Some(k + CAPACITY_GAIN * (per_replica - k)),
+                None if hot => Some(per_replica),
+                Some(k) if hot => Some(k + CAPACITY_GAIN * (per_replica - k)),
                 None if level > WARM => Some(per_replica),
                 Some(k) if level <= WARM && per_replica > k => Some(per_replica),
                 other => other,
             };
-            self.saturated |= level > HOT;
+            self.saturated |= hot;
             if level <= WARM
-                && let Some(mean) = window.mean()
+                && let Some(mean) = mean
             {
                 self.calm_latency.push(s.now, mean, SERVICE_TIME_WINDOW_S);
             }
         }
         let service_time = self.calm_latency.min_since(s.now, SERVICE_TIME_WINDOW_S);
+        // The servers: what one replica served, saturated and with a stable count, times the
+        // service time of calm windows just before (the same dependency, most likely).
+        if stable
+            && hot
+            && let Some(calm) = self.calm_latency.min_since(s.now, SERVERS_CALM_S)
+        {
+            let c = completions / f64::from(ready) * calm;
+            self.servers = Some(
+                self.servers
+                    .map_or(c, |old| old + CAPACITY_GAIN * (c - old)),
+            );
+        }
+        // Capacity per replica now: the servers over the current service time once known.
+        let capacity = match (self.servers, service_now) {
+            (Some(c), Some(sn)) if sn > 0.0 => Some(c / sn),
+            _ => self.capacity,
+        };
+        let service_time = service_now.or(service_time);
         let over = percentile.map_or(1.0, |p| p / target);
-        // What the demand alone needs (without draining queues), for the scale-in window: a
+        // What the demand alone needs (without draining queues), for the scale-in hold: a
         // queue is drained once, it does not hold replicas afterwards.
         let mut steady = None;
-        let (need, why) = match self.capacity {
+        let (need, why) = match capacity {
             Some(k) if k > 0.0 => {
                 // Requests beyond what the target latency holds (Little's law: a head at the
                 // target holds demand × target in flight) wait in queues; more pile up until
@@ -236,12 +283,26 @@ impl QueryLaw {
                 let mut why = format!(
                     "{sized:.1} replicas serve {demand:.1} req/s and {backlog:.0} queued at {k:.1} req/s each"
                 );
-                if over > 1.0 {
-                    let pushed = ceil_replicas(f64::from(ready.max(1)) * over.min(2.0));
-                    if pushed > need {
-                        need = pushed;
-                        why = format!("{why}; {label} over target: {need}");
+                if let Some(sn) = service_now {
+                    why = format!("{why} (service time {:.0} ms)", sn * 1000.0);
+                }
+                match utilisation {
+                    // Latency over the target with idle servers is the service time itself
+                    // (a slow dependency): more replicas would not bring it down.
+                    Some(u) if over > 1.0 && u <= HOT => {
+                        why = format!(
+                            "{why}; {label} over target at {:.0} % utilisation: the service time, not the replicas",
+                            u * 100.0
+                        );
                     }
+                    _ if over > 1.0 => {
+                        let pushed = ceil_replicas(f64::from(ready.max(1)) * over.min(2.0));
+                        if pushed > need {
+                            need = pushed;
+                            why = format!("{why}; {label} over target: {need}");
+                        }
+                    }
+                    _ => {}
                 }
                 (need, why)
             }
@@ -257,33 +318,34 @@ impl QueryLaw {
         self.recommendations.push(
             s.now,
             f64::from(steady.unwrap_or(need)),
-            SCALE_IN_WINDOW_S * 2.0,
+            self.hold.horizon(),
         );
+        let hold = self.hold.seconds();
         let desired = if need >= current {
             need
-        } else if s.now - self.last_change_at < SCALE_IN_COOLDOWN_S {
-            current
         } else {
-            let recent = self
-                .recommendations
-                .max_since(s.now, SCALE_IN_WINDOW_S)
-                .map_or(current, ceil_replicas);
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-            let step_floor = (f64::from(current) * (1.0 - SCALE_IN_STEP)).floor() as u32;
-            recent.max(step_floor).max(need).min(current)
+            // Scale in, in one step, to what has been enough for the whole hold.
+            self.hold
+                .scale_in(
+                    &self.recommendations,
+                    s.now,
+                    current,
+                    self.settings.startup_seconds,
+                )
+                .unwrap_or(current)
+                .max(need)
+                .min(current)
         };
         let bounded = self.settings.bounds.clamp(desired);
         let reason = match (bounded == desired, desired.cmp(&need)) {
             (false, _) => format!("{why}; bounded to {bounded} by replicas.min/max"),
             (true, std::cmp::Ordering::Greater) => {
-                format!("{why}; scaling in slowly (holding {desired})")
+                format!("{why}; holding {desired} until {need} has been enough for {hold:.0} s")
             }
             _ => why,
         };
-        if self.last_desired != Some(bounded) {
-            self.last_change_at = s.now;
-            self.last_desired = Some(bounded);
-        }
+        self.hold.changed(s.now, current, bounded);
+        self.last_desired = Some(bounded);
         Decision {
             desired: bounded,
             reason,
@@ -410,7 +472,7 @@ mod tests {
     }
 
     #[test]
-    fn scale_in_is_slow_and_bounded() {
+    fn scale_in_waits_for_the_hold_then_takes_one_step() {
         let mut f = Feed::new();
         // Learn a capacity of 100 req/s per replica at saturation.
         for _ in 0..5 {
@@ -425,15 +487,73 @@ mod tests {
             let d = f.second(100.0, 0.02, 2.0, *seen.last().unwrap_or(&10));
             seen.push(d.desired);
         }
-        assert_eq!(seen[10], 10, "holds first: {seen:?}");
+        // The hold is the start-up (8 s) and the query head's 30 s.
+        assert!(seen[..25].iter().all(|n| *n == 10), "holds first: {seen:?}");
         assert!(*seen.last().unwrap() <= 3, "{seen:?}");
+        let changes = seen.windows(2).filter(|w| w[1] != w[0]).count();
+        assert_eq!(changes, 1, "one scale-in, not a staircase: {seen:?}");
         for w in seen.windows(2) {
             assert!(w[1] <= w[0], "never up while the load is flat: {seen:?}");
-            assert!(
-                f64::from(w[1]) >= f64::from(w[0]) * 0.5 - 1.0,
-                "bounded steps: {seen:?}"
-            );
         }
+    }
+
+    #[test]
+    fn a_slower_dependency_at_the_same_load_is_seen_within_seconds() {
+        // 4 replicas of 2 servers each (100 req/s each at 20 ms), learned at saturation.
+        let mut f = Feed::new();
+        for _ in 0..10 {
+            f.second(200.0, 0.02, 4.0, 4);
+        }
+        for _ in 0..5 {
+            f.second(400.0, 0.09, 36.0, 4);
+        }
+        for _ in 0..10 {
+            f.second(200.0, 0.02, 4.0, 4);
+        }
+        assert!(
+            f.law.servers.is_some_and(|c| (c - 2.0).abs() < 0.5),
+            "{:?}",
+            f.law.servers
+        );
+        // The same 200 req/s, now 60 ms each (a slow dependency): 12 busy servers of 8.
+        let mut first_out = None;
+        for i in 0..5 {
+            let d = f.second(200.0, 0.06, 12.0, 4);
+            if d.desired > 4 && first_out.is_none() {
+                first_out = Some((i, d));
+            }
+        }
+        let (i, d) = first_out.expect("scales out on the service time");
+        assert!(i <= 2, "within seconds: tick {i}: {}", d.reason);
+        assert!(
+            d.desired >= 6,
+            "12 busy servers at 2 each: {} ({})",
+            d.desired,
+            d.reason
+        );
+        assert!(d.reason.contains("service time"), "{}", d.reason);
+    }
+
+    #[test]
+    fn latency_from_the_service_time_alone_does_not_push_replicas() {
+        // Learned as above, then every request takes 150 ms (over the 100 ms target) but only
+        // a few come: the servers are idle, more replicas would not help.
+        let mut f = Feed::new();
+        for _ in 0..10 {
+            f.second(200.0, 0.02, 4.0, 4);
+        }
+        for _ in 0..5 {
+            f.second(400.0, 0.09, 36.0, 4);
+        }
+        for _ in 0..10 {
+            f.second(200.0, 0.02, 4.0, 4);
+        }
+        let mut d = f.second(20.0, 0.15, 3.0, 4);
+        for _ in 0..5 {
+            d = f.second(20.0, 0.15, 3.0, 4);
+        }
+        assert!(d.desired <= 4, "{} ({})", d.desired, d.reason);
+        assert!(d.reason.contains("not the replicas"), "{}", d.reason);
     }
 
     #[test]

@@ -7,17 +7,17 @@
 //! that), whichever is more. T' leaves room for the pods' start-up: the backlog keeps growing
 //! until new replicas serve, so that growth is counted in B and the start-up subtracted from T.
 //! Scale-out is immediate (scale from zero too); scale-in waits until the smaller count has been
-//! enough for a while and never drops below what the unacked messages need.
+//! enough for the hold (start-up plus drain target, longer for loads that come back: see
+//! [`super::hysteresis`]) and never drops below what the unacked messages need.
 
 use std::collections::VecDeque;
 
+use super::hysteresis::Hold;
 use super::series::{Counter, Recent};
 use super::{Bounds, Decision, Replicas, ceil_replicas};
 
 /// Rates (arrivals) are measured over this many seconds.
 const RATE_WINDOW_S: f64 = 5.0;
-/// Scale-in follows the highest recommendation of this many seconds.
-const SCALE_IN_WINDOW_S: f64 = 30.0;
 /// Spare capacity over the arrival rate, for noise.
 const HEADROOM: f64 = 0.05;
 /// Share of the drain target the law plans to use (the rest is margin).
@@ -83,6 +83,7 @@ pub struct WorkerLaw {
     /// Whether that rate was measured with work waiting (otherwise it is a lower bound).
     service_rate_measured: bool,
     recommendations: Recent,
+    hold: Hold,
     last_work_at: Option<f64>,
 }
 
@@ -90,10 +91,12 @@ impl WorkerLaw {
     /// A new measure of the pods' start-up time (what was learned is kept).
     pub fn set_startup_seconds(&mut self, seconds: f64) {
         self.settings.startup_seconds = seconds;
+        self.hold.set_base(hold_base(&self.settings));
     }
 
     /// A law that has measured nothing yet.
     pub fn new(settings: WorkerSettings) -> Self {
+        let hold = Hold::new(hold_base(&settings));
         Self {
             settings,
             acked: Counter::new(120.0),
@@ -102,6 +105,7 @@ impl WorkerLaw {
             service_rate: None,
             service_rate_measured: false,
             recommendations: Recent::default(),
+            hold,
             last_work_at: None,
         }
     }
@@ -135,18 +139,25 @@ impl WorkerLaw {
             "backlog {backlog:.0} (ready {:.0}, unacked {:.0}), arrivals {arrivals:.1}/s",
             s.ready_messages, s.unacked_messages
         );
-        let (need, why) = self.need(s, backlog, arrivals);
+        let (need, steady, why) = self.need(s, backlog, arrivals);
+        let (need, why) = self.absorb(s, backlog, arrivals, need, why);
+        // The scale-in hold follows what the arrivals alone need: a queue is drained once, it
+        // does not hold replicas afterwards (the current need is a floor of any scale-in).
         self.recommendations
-            .push(s.now, f64::from(need), SCALE_IN_WINDOW_S * 2.0);
-        let (desired, why) = if need >= current {
+            .push(s.now, f64::from(steady.min(need)), self.hold.horizon());
+        let hold = self.hold.seconds();
+        let (desired, why) = if need > current {
+            self.scale_out(s, need, why)
+        } else if need == current {
             (need, why)
         } else {
-            // Scale in only to what has been enough for the whole window, and not below
+            // Scale in only to what has been enough for the whole hold, and not below
             // what the messages being handled need.
+            let startup = self.settings.startup_seconds;
             let recent = self
-                .recommendations
-                .max_since(s.now, SCALE_IN_WINDOW_S)
-                .map_or(current, ceil_replicas);
+                .hold
+                .scale_in(&self.recommendations, s.now, current, startup)
+                .unwrap_or(current);
             let holding =
                 ceil_replicas(s.unacked_messages / f64::from(self.settings.prefetch.max(1)));
             let floor = recent.max(holding).max(need);
@@ -154,7 +165,7 @@ impl WorkerLaw {
                 (
                     current,
                     format!(
-                        "{why}; holding {current} until {need} has been enough for {SCALE_IN_WINDOW_S:.0} s"
+                        "{why}; holding {current} until {need} has been enough for {hold:.0} s"
                     ),
                 )
             } else {
@@ -167,10 +178,70 @@ impl WorkerLaw {
         } else {
             format!("{why}; bounded to {bounded} by replicas.min/max")
         };
+        self.hold.changed(s.now, current, bounded);
         Decision {
             desired: bounded,
             reason,
             signal,
+        }
+    }
+
+    /// Keeps the current replicas when they handle what is coming within the drain target:
+    /// if arrivals stay at today's rate until a replica ordered now could serve, the newest
+    /// message would still wait less than the target behind the replicas there are (ready and
+    /// starting). A spike shorter than that is absorbed by the queue, which is what the
+    /// target's budget is for, instead of two pods started and stopped; a load that lasts
+    /// fills the queue and orders replicas a few seconds later, still in time.
+    fn absorb(
+        &self,
+        s: &WorkerSignals,
+        backlog: f64,
+        arrivals: f64,
+        need: u32,
+        why: String,
+    ) -> (u32, String) {
+        let current = s.replicas.existing;
+        let Some(mu) = self.service_rate.filter(|mu| *mu > 0.0) else {
+            return (need, why);
+        };
+        if need <= current || s.replicas.ready == 0 {
+            return (need, why);
+        }
+        let startup = self.settings.startup_seconds.max(0.0);
+        let ready = mu * f64::from(s.replicas.ready);
+        let coming = mu * f64::from(current);
+        let projected = backlog + (arrivals - ready).max(0.0) * startup;
+        let wait = projected / coming;
+        let target = self.settings.drain_seconds * DRAIN_MARGIN;
+        if wait <= target {
+            (
+                current,
+                format!(
+                    "{why}; but {current} replicas drain {projected:.0} messages within {wait:.0} s (target {target:.0} s): holding"
+                ),
+            )
+        } else {
+            (need, why)
+        }
+    }
+
+    /// A scale-out to `need`, unless replicas ordered earlier are still starting and cover
+    /// most of it: each order is a pod started, so while the last order is on its way only a
+    /// need well beyond it (a quarter more) orders again. What the starting replicas will serve
+    /// is already counted as coming (the growth until they serve is in the need).
+    fn scale_out(&self, s: &WorkerSignals, need: u32, why: String) -> (u32, String) {
+        let current = s.replicas.existing;
+        let starting = current.saturating_sub(s.replicas.ready);
+        let band = current + (current / 4).max(1);
+        if starting > 0 && need < band {
+            (
+                current,
+                format!(
+                    "{why}; {starting} replicas still starting, waiting for them before ordering {need}"
+                ),
+            )
+        } else {
+            (need, why)
         }
     }
 
@@ -214,7 +285,11 @@ impl WorkerLaw {
             return;
         }
         let per_replica = done / dt / f64::from(ready);
-        let saturated = least >= done / dt;
+        // Saturated: messages were waiting beyond the ones in service the whole time (at least
+        // two per replica, one in service and one waiting) and at least a second's worth. A
+        // backlog of one at a trickle is a message in service, not a queue: reading it as
+        // saturation made the rate λ/n, and λ/(λ/n) asked for one replica more every time.
+        let saturated = least >= (2.0 * f64::from(ready)).max(done / dt);
         self.service_rate = match self.service_rate {
             Some(mu) if saturated && self.service_rate_measured => {
                 Some(mu + SERVICE_RATE_GAIN * (per_replica - mu))
@@ -232,24 +307,32 @@ impl WorkerLaw {
         }
     }
 
-    fn need(&self, s: &WorkerSignals, backlog: f64, arrivals: f64) -> (u32, String) {
+    /// Replicas needed now, replicas the arrivals alone need (without draining the queue), and
+    /// why.
+    fn need(&self, s: &WorkerSignals, backlog: f64, arrivals: f64) -> (u32, u32, String) {
         let current = s.replicas.existing;
         let idle_for = self.last_work_at.map_or(f64::INFINITY, |t| s.now - t);
         if backlog <= 0.0 && arrivals <= 0.0 {
             return if idle_for >= IDLE_TO_ZERO_S {
-                (0, format!("idle for {idle_for:.0} s"))
+                (0, 0, format!("idle for {idle_for:.0} s"))
             } else {
-                (current.min(1), "no work now".to_owned())
+                (current.min(1), current.min(1), "no work now".to_owned())
             };
         }
         let Some(mu) = self.service_rate.filter(|mu| *mu > 0.0) else {
-            // Nothing measured yet (a cold start): one replica per prefetch-full of waiting
-            // messages, so each new consumer has work at once.
-            let holding = ceil_replicas(backlog / f64::from(self.settings.prefetch.max(1)));
+            // Nothing measured yet (a cold start): one replica per prefetch-full of what will
+            // be waiting when replicas ordered now serve (the backlog and the arrivals until
+            // then), so each new consumer has work at once and one order covers the start-up
+            // instead of one more order every second while the queue fills.
+            let startup = self.settings.startup_seconds.max(0.0);
+            let coming = backlog + arrivals * startup;
+            let prefetch = f64::from(self.settings.prefetch.max(1));
+            let need = current.max(1).max(ceil_replicas(coming / prefetch));
             return (
-                current.max(1).max(holding),
+                need,
+                need,
                 format!(
-                    "{backlog:.0} messages waiting, service rate not measured yet: one replica per {} (prefetch)",
+                    "{coming:.0} messages waiting by the time new replicas serve ({backlog:.0} now, {arrivals:.1}/s for {startup:.0} s), service rate not measured yet: one replica per {} (prefetch)",
                     self.settings.prefetch
                 ),
             );
@@ -280,8 +363,14 @@ impl WorkerLaw {
         } else {
             format!("{keep_up:.1} replicas keep up with {arrivals:.1}/s at {mu:.1}/s each")
         };
-        (need, why)
+        (need, ceil_replicas(keep_up).max(1), why)
     }
+}
+
+/// The base scale-in hold: re-ordering a replica costs its start-up and the drain target's
+/// budget (see [`super::hysteresis`]).
+fn hold_base(settings: &WorkerSettings) -> f64 {
+    settings.startup_seconds.max(0.0) + settings.drain_seconds.max(0.0)
 }
 
 #[cfg(test)]
@@ -384,6 +473,79 @@ mod tests {
             let d = law.decide(&signals(f64::from(t), 0.0, 20.0, acked, 10));
             assert_eq!(d.desired, 10, "t={t}: {}", d.reason);
         }
+    }
+
+    #[test]
+    fn a_trickle_with_one_message_in_service_keeps_one_replica() {
+        // What `chimera up` showed: 0.5 messages/s, the management API refreshing every 5 s,
+        // and now and then a sample catching the one message in service. The old saturation
+        // test read that message as a queue, took λ/n for the service rate and asked for one
+        // replica more every refresh (7 replicas for half a message per second).
+        let mut law = WorkerLaw::new(settings(0, 10));
+        let (mut acked, mut replicas) = (0.0, 1);
+        for t in 0..600 {
+            let refresh = t % 5 == 0;
+            if refresh && t > 0 {
+                acked += 2.5_f64.floor() + f64::from(u8::from(t % 10 == 0));
+            }
+            let unacked = if (t / 5) % 3 == 0 { 0.0 } else { 1.0 };
+            let d = law.decide(&signals(f64::from(t), 0.0, unacked, acked, replicas));
+            assert!(d.desired <= 1, "t={t}: {} ({})", d.desired, d.reason);
+            replicas = d.desired.max(1);
+        }
+        assert!(
+            !law.service_rate_measured,
+            "a message in service is not a queue: {:?} is a lower bound",
+            law.service_rate()
+        );
+    }
+
+    #[test]
+    fn a_spike_the_queue_absorbs_orders_nothing() {
+        let mut law = WorkerLaw::new(settings(1, 40));
+        // 4 replicas at 50/s each with work waiting, 150/s arriving: μ is learned.
+        let mut acked = 0.0;
+        for t in 0..20 {
+            acked += 200.0;
+            law.decide(&signals(f64::from(t), 300.0, 400.0, acked, 4));
+        }
+        // Then a short spike: 300 more messages arrive in two seconds. 4 replicas drain them
+        // within seconds, far under the 24 s the law plans with: no order.
+        let mut backlog: f64 = 0.0;
+        for t in 20..60 {
+            let arrived = if t < 22 { 300.0 } else { 150.0 };
+            let served = (backlog + arrived).min(200.0);
+            backlog += arrived - served;
+            acked += served;
+            let d = law.decide(&signals(f64::from(t), 0.0, backlog, acked, 4));
+            assert_eq!(d.desired, 4, "t={t}: {}", d.reason);
+        }
+    }
+
+    #[test]
+    fn a_cold_start_orders_once_for_what_arrives_during_the_start_up() {
+        let mut law = WorkerLaw::new(settings(0, 40));
+        let mut orders = Vec::new();
+        let mut replicas = Replicas::default();
+        for t in 0..8 {
+            // 800 messages a second and nothing served until the replicas are ready.
+            let backlog = 800.0 * f64::from(t);
+            let d = law.decide(&WorkerSignals {
+                now: f64::from(t),
+                ready_messages: backlog,
+                unacked_messages: 0.0,
+                acked_total: 0.0,
+                replicas,
+            });
+            if d.desired != replicas.existing {
+                orders.push((t, d.desired));
+            }
+            replicas.existing = d.desired;
+        }
+        // 800/s for the 10 s start-up at 100 per replica: 40 (the maximum) in two orders, not
+        // one more order every second.
+        assert!(orders.len() <= 2, "{orders:?}");
+        assert_eq!(replicas.existing, 40, "{orders:?}");
     }
 
     #[test]
