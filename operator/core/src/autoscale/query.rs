@@ -409,6 +409,20 @@ mod tests {
             }
         }
 
+        /// 4 replicas that learned 2 servers each (100 req/s at 20 ms): calm, saturated,
+        /// calm again.
+        fn with_two_servers_per_replica() -> Self {
+            let mut f = Self::new();
+            for (seconds, rate, latency, in_flight) in
+                [(10, 200.0, 0.02, 4.0), (5, 400.0, 0.09, 36.0), (10, 200.0, 0.02, 4.0)]
+            {
+                for _ in 0..seconds {
+                    f.second(rate, latency, in_flight, 4);
+                }
+            }
+            f
+        }
+
         /// One second of `rate` requests at `latency` seconds, with `replicas`.
         fn second(&mut self, rate: f64, latency: f64, in_flight: f64, replicas: u32) -> Decision {
             self.t += 1.0;
@@ -500,16 +514,7 @@ mod tests {
     #[test]
     fn a_slower_dependency_at_the_same_load_is_seen_within_seconds() {
         // 4 replicas of 2 servers each (100 req/s each at 20 ms), learned at saturation.
-        let mut f = Feed::new();
-        for _ in 0..10 {
-            f.second(200.0, 0.02, 4.0, 4);
-        }
-        for _ in 0..5 {
-            f.second(400.0, 0.09, 36.0, 4);
-        }
-        for _ in 0..10 {
-            f.second(200.0, 0.02, 4.0, 4);
-        }
+        let mut f = Feed::with_two_servers_per_replica();
         assert!(
             f.law.servers.is_some_and(|c| (c - 2.0).abs() < 0.5),
             "{:?}",
@@ -538,16 +543,7 @@ mod tests {
     fn latency_from_the_service_time_alone_does_not_push_replicas() {
         // Learned as above, then every request takes 150 ms (over the 100 ms target) but only
         // a few come: the servers are idle, more replicas would not help.
-        let mut f = Feed::new();
-        for _ in 0..10 {
-            f.second(200.0, 0.02, 4.0, 4);
-        }
-        for _ in 0..5 {
-            f.second(400.0, 0.09, 36.0, 4);
-        }
-        for _ in 0..10 {
-            f.second(200.0, 0.02, 4.0, 4);
-        }
+        let mut f = Feed::with_two_servers_per_replica();
         let mut d = f.second(20.0, 0.15, 3.0, 4);
         for _ in 0..5 {
             d = f.second(20.0, 0.15, 3.0, 4);
