@@ -97,6 +97,10 @@ pub struct QueryLaw {
     servers: Option<f64>,
     /// Mean latency of calm windows (no queueing): the service time.
     calm_latency: Recent,
+    /// Requests per second per replica of those calm windows.
+    calm_rate: Recent,
+    /// Requests per second per replica of recent saturated windows.
+    saturated_rate: Recent,
     recommendations: Recent,
     hold: Hold,
     last_desired: Option<u32>,
@@ -121,6 +125,8 @@ impl QueryLaw {
             saturated: false,
             servers: None,
             calm_latency: Recent::default(),
+            calm_rate: Recent::default(),
+            saturated_rate: Recent::default(),
             recommendations: Recent::default(),
             hold,
             last_desired: None,
@@ -161,11 +167,17 @@ impl QueryLaw {
         // Demand: completions plus the growth of the in-flight count, over the window and over
         // the last interval alone (a surge shows there first).
         let mut demand = completions + ((s.in_flight - oldest.in_flight) / dt).max(0.0);
+        // The percentile of the last interval alone, as a share of the target.
+        let mut last_level = None;
         if let Some(last) = self.history.iter().rev().nth(1).filter(|h| s.now > h.now) {
             let dt = s.now - last.now;
-            let recent = s.latency.since(&last.latency).total / dt
-                + ((s.in_flight - last.in_flight) / dt).max(0.0);
+            let interval = s.latency.since(&last.latency);
+            let recent = interval.total / dt + ((s.in_flight - last.in_flight) / dt).max(0.0);
             demand = demand.max(recent);
+            last_level = (interval.total >= MIN_REQUESTS)
+                .then(|| interval.quantile(self.settings.quantile))
+                .flatten()
+                .map(|p| p / self.settings.target_seconds);
         }
         let percentile = (window.total >= MIN_REQUESTS)
             .then(|| window.quantile(self.settings.quantile))
@@ -209,7 +221,11 @@ impl QueryLaw {
         // Saturated: the servers are busy (when their number is known), else the percentile
         // near the target. Without the first a slower dependency (latency up, load flat)
         // read as saturation and its load as capacity: one replica more at every tick.
-        let hot = utilisation.map_or(level > HOT, |u| u > HOT && level > WARM);
+        // A window whose last interval is calm again is the tail of a drained queue, not
+        // saturation: its completions are the demand, and read as capacity they taught the
+        // law that every replica was full (a head stuck at its maximum).
+        let draining = last_level.is_some_and(|l| l <= WARM);
+        let hot = !draining && utilisation.map_or(level > HOT, |u| u > HOT && level > WARM);
         let stable = ready > 0 && fewest_ready == most_ready && window.total >= MIN_REQUESTS;
         if most_ready > 0 && fewest_ready != most_ready && hot {
             // Saturated while replicas came or went: spread over the most replicas of the
@@ -233,20 +249,34 @@ impl QueryLaw {
                 other => other,
             };
             self.saturated |= hot;
+            if hot {
+                self.saturated_rate.push(s.now, per_replica, SERVERS_CALM_S);
+            }
             if level <= WARM
                 && let Some(mean) = mean
             {
                 self.calm_latency.push(s.now, mean, SERVICE_TIME_WINDOW_S);
+                self.calm_rate.push(s.now, per_replica, SERVERS_CALM_S);
+                // Little's law: a calm replica holds per_replica × mean requests, all in
+                // service; it has at least that many servers.
+                self.servers = self.servers.map(|c| c.max(per_replica * mean));
             }
         }
         let service_time = self.calm_latency.min_since(s.now, SERVICE_TIME_WINDOW_S);
-        // The servers: what one replica served, saturated and with a stable count, times the
-        // service time of calm windows just before (the same dependency, most likely).
+        // The servers: what one replica served saturated (a stable count) times the service
+        // time of calm windows close to it (before or after), if the service time was that
+        // one. A replica saturated by more demand serves more than it does calm (c/S beats
+        // any calm rate); one saturated by a slower dependency serves as much or less, and c
+        // learned from it would be c·S/S' (a dependency 3x slower reads as a third of the
+        // servers: every replica then looks full and the head never scales in again).
+        let window_of = |r: &Recent| r.max_since(s.now, SERVERS_CALM_S);
         if stable
-            && hot
+            && let (Some(saturated), Some(calm_rate)) =
+                (window_of(&self.saturated_rate), window_of(&self.calm_rate))
+            && saturated > calm_rate
             && let Some(calm) = self.calm_latency.min_since(s.now, SERVERS_CALM_S)
         {
-            let c = completions / f64::from(ready) * calm;
+            let c = saturated * calm;
             self.servers = Some(
                 self.servers
                     .map_or(c, |old| old + CAPACITY_GAIN * (c - old)),
@@ -413,9 +443,11 @@ mod tests {
         /// calm again.
         fn with_two_servers_per_replica() -> Self {
             let mut f = Self::new();
-            for (seconds, rate, latency, in_flight) in
-                [(10, 200.0, 0.02, 4.0), (5, 400.0, 0.09, 36.0), (10, 200.0, 0.02, 4.0)]
-            {
+            for (seconds, rate, latency, in_flight) in [
+                (10, 200.0, 0.02, 4.0),
+                (5, 400.0, 0.09, 36.0),
+                (10, 200.0, 0.02, 4.0),
+            ] {
                 for _ in 0..seconds {
                     f.second(rate, latency, in_flight, 4);
                 }
@@ -522,14 +554,18 @@ mod tests {
         );
         // The same 200 req/s, now 60 ms each (a slow dependency): 12 busy servers of 8.
         let mut first_out = None;
+        let mut d = None;
         for i in 0..5 {
-            let d = f.second(200.0, 0.06, 12.0, 4);
-            if d.desired > 4 && first_out.is_none() {
-                first_out = Some((i, d));
+            let now = f.second(200.0, 0.06, 12.0, 4);
+            if now.desired > 4 && first_out.is_none() {
+                first_out = Some(i);
             }
+            d = Some(now);
         }
-        let (i, d) = first_out.expect("scales out on the service time");
+        let i = first_out.expect("scales out on the service time");
+        let d = d.unwrap();
         assert!(i <= 2, "within seconds: tick {i}: {}", d.reason);
+        // Once the window holds only slow requests.
         assert!(
             d.desired >= 6,
             "12 busy servers at 2 each: {} ({})",
@@ -574,5 +610,47 @@ mod tests {
             replicas = f.second(50.0, 0.01, 0.5, replicas).desired;
         }
         assert!(replicas < 6, "{replicas}");
+    }
+
+    #[test]
+    fn servers_are_learned_from_a_calm_window_after_the_first_saturation() {
+        // A cold start: saturated before anything calm was seen (100 req/s per replica),
+        // then calm at 20 ms: 2 servers per replica.
+        let mut f = Feed::new();
+        for _ in 0..5 {
+            f.second(400.0, 0.09, 36.0, 4);
+        }
+        assert!(f.law.servers.is_none(), "no calm service time yet");
+        for _ in 0..5 {
+            f.second(200.0, 0.02, 4.0, 4);
+        }
+        assert!(
+            f.law.servers.is_some_and(|c| (c - 2.0).abs() < 0.5),
+            "{:?}",
+            f.law.servers
+        );
+    }
+
+    #[test]
+    fn a_slower_dependency_teaches_no_fewer_servers_and_the_head_scales_in_after_it() {
+        let mut f = Feed::with_two_servers_per_replica();
+        // 60 ms per request at the same 200 req/s: 4 replicas of 2 servers serve 133 req/s
+        // and requests pile up. Per replica they serve less than they did calm: the servers
+        // were not fewer, the dependency is slower.
+        for _ in 0..5 {
+            f.second(133.0, 0.4, 60.0, 4);
+        }
+        assert!(
+            f.law.servers.is_some_and(|c| (c - 2.0).abs() < 0.5),
+            "not learned from a slow dependency: {:?}",
+            f.law.servers
+        );
+        // Scaled out to 12, the queue gone, still 60 ms: 12 busy servers need 6 replicas
+        // (with room), not 12 (which is what reading the throughput as capacity would hold).
+        let mut replicas = 12;
+        for _ in 0..120 {
+            replicas = f.second(200.0, 0.06, 12.0, replicas).desired;
+        }
+        assert!((6..=10).contains(&replicas), "{replicas}");
     }
 }
