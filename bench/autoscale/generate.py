@@ -6,7 +6,9 @@ usage: generate.py --seed N --out DIR [--per-family K]
 Each family draws its parameters (load, service time, pod start-up, SLO) from the seed, so the
 laws are judged on shapes, not on one tuned instance. Families: slow dependency (service time
 steps and ramps at a constant rate, query and worker), sawtooth, spiky and bursty arrivals, two
-bursts, gradual slowdown, trickle, idle then burst. Standard library only.
+bursts, gradual slowdown, trickle, idle then burst, and workers sharing one database (the
+Universal Scalability Law's contention and coherency: past a count, more replicas serve less).
+Standard library only.
 """
 import argparse
 import json
@@ -150,6 +152,24 @@ def idle_then_burst(rng, head, capacity):
     return rates, None
 
 
+def shared_database(rng, head, peak):
+    """Replicas that share one database (see `contended`): a quiet base, then a long phase at
+    70-95 % of the most any replica count serves, then quiet again."""
+    base = peak * rng.uniform(0.1, 0.3)
+    start, length = rng.randint(200, 500), rng.randint(300, 900)
+    high = peak * rng.uniform(0.7, 0.95)
+    return [high if start <= t < start + length else base for t in range(DURATION_S)], None
+
+
+def contended(rng, head, mu):
+    """Gives the head Universal-Scalability-Law contention and coherency; returns the most
+    messages per second any replica count serves (the load is drawn against that)."""
+    sigma, kappa = rng.uniform(0.03, 0.15), rng.uniform(0.001, 0.02)
+    head["service"] = dict(head["service"], contention=round(sigma, 4), coherency=round(kappa, 4))
+    best = max(n * mu / (1 + sigma * (n - 1) + kappa * n * (n - 1)) for n in range(1, head["max_replicas"] + 1))
+    return best
+
+
 # family: (shape, heads it applies to, worker min replicas)
 FAMILIES = {
     "slow-dependency-step": (slow_dependency_step, ("query", "worker"), 1),
@@ -161,6 +181,8 @@ FAMILIES = {
     "gradual-slowdown": (gradual_slowdown, ("query", "worker"), 1),
     "trickle": (trickle, ("worker",), 0),
     "idle-then-burst": (idle_then_burst, ("worker",), 0),
+    # Last, so that adding it left the other families of a seed as they were.
+    "shared-database": (shared_database, ("worker",), 1),
 }
 
 
@@ -189,6 +211,8 @@ def main():
         for head_kind in heads:
             for i in range(a.per_family):
                 head, capacity = worker_head(rng, worker_min) if head_kind == "worker" else query_head(rng)
+                if shape is shared_database:
+                    capacity = contended(rng, head, capacity)
                 rates, scale = shape(rng, head_kind, capacity)
                 suffix = f"-{i + 1}" if a.per_family > 1 else ""
                 write(a.out, f"{head_kind}-{family}{suffix}", head, rates, scale)

@@ -65,6 +65,11 @@ pub struct ScalingDecision {
     /// Pods `podStartupSeconds` was measured from (0: the operator's default).
     #[serde(default)]
     pub pod_startup_measured_pods: i32,
+    /// Replicas beyond which the head's measured throughput stops growing (its replicas
+    /// share something that saturates, e.g. one database), once the law has measured where;
+    /// it orders no more than that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throughput_limit: Option<i32>,
 }
 
 /// Replica counts of one head, as its Deployment reports them.

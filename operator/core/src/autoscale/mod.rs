@@ -14,6 +14,7 @@ pub mod head;
 pub mod histogram;
 pub mod hysteresis;
 pub mod query;
+pub mod scalability;
 pub mod series;
 pub mod signals;
 pub mod startup;
@@ -52,7 +53,7 @@ impl Bounds {
 }
 
 /// What a law decided, and why.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Decision {
     /// Replicas wanted.
     pub desired: u32,
@@ -60,6 +61,9 @@ pub struct Decision {
     pub reason: String,
     /// The measured signal the decision rests on (queue depth or latency), for status.
     pub signal: String,
+    /// Replicas beyond which the head's measured throughput stops growing, once the law has
+    /// seen where (see [`scalability`]); the law orders no more than that.
+    pub throughput_limit: Option<u32>,
 }
 
 impl Decision {
@@ -69,6 +73,7 @@ impl Decision {
             desired: current,
             reason: format!("metrics unavailable, holding {current}: {why}"),
             signal: "none".to_owned(),
+            throughput_limit: None,
         }
     }
 }

@@ -380,6 +380,7 @@ impl QueryLaw {
             desired: bounded,
             reason,
             signal,
+            throughput_limit: None,
         }
     }
 
@@ -405,6 +406,7 @@ impl QueryLaw {
             desired,
             reason,
             signal,
+            throughput_limit: None,
         }
     }
 }

@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 
 use super::hysteresis::Hold;
+use super::scalability::Scalability;
 use super::series::{Counter, Recent};
 use super::{Bounds, Decision, Replicas, ceil_replicas};
 
@@ -85,6 +86,8 @@ pub struct WorkerLaw {
     recommendations: Recent,
     hold: Hold,
     last_work_at: Option<f64>,
+    /// Saturated throughput per replica count: where more replicas stop helping.
+    scalability: Scalability,
 }
 
 impl WorkerLaw {
@@ -107,6 +110,7 @@ impl WorkerLaw {
             recommendations: Recent::default(),
             hold,
             last_work_at: None,
+            scalability: Scalability::default(),
         }
     }
 
@@ -141,6 +145,11 @@ impl WorkerLaw {
         );
         let (need, steady, why) = self.need(s, backlog, arrivals);
         let (need, why) = self.absorb(s, backlog, arrivals, need, why);
+        let limit = self.scalability.limit(self.settings.bounds.max);
+        let (need, why) = match limit {
+            Some(l) if need > l => (l, self.limited(l, need, why)),
+            _ => (need, why),
+        };
         // The scale-in hold follows what the arrivals alone need: a queue is drained once, it
         // does not hold replicas afterwards (the current need is a floor of any scale-in).
         self.recommendations
@@ -158,8 +167,13 @@ impl WorkerLaw {
                 .hold
                 .scale_in(&self.recommendations, s.now, current, startup)
                 .unwrap_or(current);
-            let holding =
-                ceil_replicas(s.unacked_messages / f64::from(self.settings.prefetch.max(1)));
+            // At a throughput limit every replica is full and always will be: its unacked
+            // messages go back to the queue when it stops, for the others.
+            let holding = if limit.is_some_and(|l| need <= l) {
+                0
+            } else {
+                ceil_replicas(s.unacked_messages / f64::from(self.settings.prefetch.max(1)))
+            };
             let floor = recent.max(holding).max(need);
             if floor >= current {
                 (
@@ -183,7 +197,22 @@ impl WorkerLaw {
             desired: bounded,
             reason,
             signal,
+            throughput_limit: limit,
         }
+    }
+
+    /// Why the need is capped at `limit`: the throughput measured at each replica count stops
+    /// growing there (a shared database or lock saturates), so more replicas would add pods
+    /// and contention, not messages handled.
+    fn limited(&self, limit: u32, need: u32, why: String) -> String {
+        let best = self
+            .scalability
+            .best()
+            .map(|(n, x)| format!(", the most measured {x:.0}/s at {n}"))
+            .unwrap_or_default();
+        format!(
+            "{why}; but throughput stops growing beyond {limit} replicas (measured at saturation{best}): {limit}, not {need}"
+        )
     }
 
     /// Keeps the current replicas when they handle what is coming within the drain target:
@@ -285,11 +314,16 @@ impl WorkerLaw {
             return;
         }
         let per_replica = done / dt / f64::from(ready);
+        let saturated_now = least >= (2.0 * f64::from(ready)).max(done / dt);
+        if saturated_now && ready == s.replicas.ready {
+            // The same count the whole interval: a point of throughput against replicas.
+            self.scalability.observe(s.now, ready, done / dt);
+        }
         // Saturated: messages were waiting beyond the ones in service the whole time (at least
         // two per replica, one in service and one waiting) and at least a second's worth. A
         // backlog of one at a trickle is a message in service, not a queue: reading it as
         // saturation made the rate λ/n, and λ/(λ/n) asked for one replica more every time.
-        let saturated = least >= (2.0 * f64::from(ready)).max(done / dt);
+        let saturated = saturated_now;
         self.service_rate = match self.service_rate {
             Some(mu) if saturated && self.service_rate_measured => {
                 Some(mu + SERVICE_RATE_GAIN * (per_replica - mu))

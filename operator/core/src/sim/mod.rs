@@ -145,8 +145,12 @@ pub fn run(scenario: &Scenario, mut policy: Box<dyn Policy>, name: &str, knob: O
         let signal = match scenario.head {
             Head::Worker => {
                 let mu = scenario.service.per_replica_rate.unwrap_or(1.0) / second.service_scale;
-                lower_bound += second.rate / mu;
-                worker.step(second.rate, mu * f64::from(replicas.ready));
+                let max = f64::from(scenario.max_replicas);
+                lower_bound += scenario.service.replicas_for(second.rate, mu, max);
+                worker.step(
+                    second.rate,
+                    scenario.service.throughput(f64::from(replicas.ready), mu),
+                );
                 worker.backlog
             }
             Head::Query => {
@@ -249,6 +253,8 @@ mod tests {
                 per_replica_rate: Some(50.0),
                 service_ms: None,
                 concurrency: None,
+                contention: None,
+                coherency: None,
             },
             slo: Slo {
                 queue_wait_p99_s: Some(30.0),
@@ -272,6 +278,8 @@ mod tests {
                 per_replica_rate: None,
                 service_ms: Some(20.0),
                 concurrency: Some(8),
+                contention: None,
+                coherency: None,
             },
             slo: Slo {
                 queue_wait_p99_s: None,
@@ -280,6 +288,52 @@ mod tests {
             startup_s: 8,
             ..worker_scenario(rates, 1)
         }
+    }
+
+    #[test]
+    fn a_shared_database_stops_the_law_where_the_gain_ends() {
+        // 66 msg/s per replica alone, replicas contending on one database (σ 0.1, κ 0.01:
+        // at most ~236 msg/s, near 9-10 replicas), and 1000 msg/s for 20 minutes: more than
+        // any count serves. KEDA's sizing runs to the maximum (40 replicas serve 128 msg/s);
+        // the law stops where one more replica adds under a twentieth of a first one's.
+        let mut s = worker_scenario(vec![1000.0; 1200], 1);
+        s.service.per_replica_rate = Some(66.0);
+        s.service.contention = Some(0.1);
+        s.service.coherency = Some(0.01);
+        let r = run(&s, build(PolicyName::Chimera, &s, None), "chimera", None);
+        let last = r.timeline.last().unwrap().existing;
+        assert!((4..12).contains(&last), "stopped near the knee, not at 40: {last}");
+        assert!(
+            r.decisions
+                .iter()
+                .any(|(_, _, why)| why.contains("throughput stops growing")),
+            "says why: {:?}",
+            r.decisions.last()
+        );
+        let keda = run(
+            &s,
+            build(PolicyName::Keda, &s, Some(100.0)),
+            "keda",
+            Some(100.0),
+        );
+        assert_eq!(
+            keda.timeline.last().unwrap().existing,
+            40,
+            "the anchor runs to its maximum"
+        );
+    }
+
+    #[test]
+    fn the_lower_bound_under_contention_is_the_fewest_replicas_that_serve_the_rate() {
+        let mut s = worker_scenario(vec![100.0; 10], 1);
+        s.service.contention = Some(0.2);
+        // 100 msg/s at 50 each alone: X(n) = 50n/(1+0.2(n−1)) = 100 at n = 8/3.
+        let r = run(&s, build(PolicyName::Chimera, &s, None), "chimera", None);
+        assert!(
+            (r.metrics.lower_bound - 80.0 / 3.0).abs() < 1e-6,
+            "{}",
+            r.metrics.lower_bound
+        );
     }
 
     #[test]

@@ -152,6 +152,7 @@ fn hold(o: &Observation, why: &str) -> Decision {
         desired: o.replicas().existing,
         reason: why.to_owned(),
         signal: String::new(),
+        throughput_limit: None,
     }
 }
 
@@ -256,6 +257,7 @@ impl Policy for Keda {
             desired,
             reason: format!("keda value {}", self.value),
             signal: format!("metric {metric:.0}"),
+            throughput_limit: None,
         }
     }
 }
@@ -322,6 +324,7 @@ impl Policy for Kpa {
                 desired: current,
                 reason: "between KPA ticks".into(),
                 signal: String::new(),
+                throughput_limit: None,
             };
         }
         let ready = f64::from(o.replicas().ready.max(1));
@@ -358,6 +361,7 @@ impl Policy for Kpa {
                 }
             ),
             signal: format!("concurrency {concurrency:.1}"),
+            throughput_limit: None,
         }
     }
 }

@@ -45,6 +45,61 @@ pub struct Service {
     pub service_ms: Option<f64>,
     /// Query: requests one replica serves at once.
     pub concurrency: Option<u32>,
+    /// Worker: contention σ of the Universal Scalability Law (replicas queueing on a shared
+    /// database or lock); 0 or absent: none.
+    #[serde(default)]
+    pub contention: Option<f64>,
+    /// Worker: coherency κ of the Universal Scalability Law (replicas keeping each other
+    /// consistent: past its peak, more replicas serve less); 0 or absent: none.
+    #[serde(default)]
+    pub coherency: Option<f64>,
+}
+
+impl Service {
+    /// Messages per second `n` worker replicas serve together, each serving `mu` alone:
+    /// `n·mu / (1 + σ(n−1) + κ·n(n−1))`.
+    pub fn throughput(&self, n: f64, mu: f64) -> f64 {
+        let (sigma, kappa) = (
+            self.contention.unwrap_or(0.0),
+            self.coherency.unwrap_or(0.0),
+        );
+        if n <= 0.0 {
+            return 0.0;
+        }
+        n * mu / (1.0 + sigma * (n - 1.0).max(0.0) + kappa * n * (n - 1.0).max(0.0))
+    }
+
+    /// The fewest (fractional) replicas that serve `rate`, each serving `mu` alone, at most
+    /// `max`; where no count serves it, the count that serves the most (the fluid bound).
+    pub fn replicas_for(&self, rate: f64, mu: f64, max: f64) -> f64 {
+        if rate <= 0.0 || mu <= 0.0 {
+            return 0.0;
+        }
+        if self.contention.unwrap_or(0.0) <= 0.0 && self.coherency.unwrap_or(0.0) <= 0.0 {
+            return rate / mu;
+        }
+        // Throughput rises up to its peak, then falls: search the rising part.
+        let kappa = self.coherency.unwrap_or(0.0);
+        let sigma = self.contention.unwrap_or(0.0);
+        let peak = if kappa > 0.0 {
+            ((1.0 - sigma) / kappa).max(1.0).sqrt().min(max.max(1.0))
+        } else {
+            max.max(1.0)
+        };
+        if self.throughput(peak, mu) <= rate {
+            return peak;
+        }
+        let (mut lo, mut hi) = (0.0, peak);
+        for _ in 0..60 {
+            let mid = (lo + hi) / 2.0;
+            if self.throughput(mid, mu) >= rate {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        hi
+    }
 }
 
 /// The objective.
@@ -139,6 +194,16 @@ impl Scenario {
                 "replica bounds {}..{} are empty",
                 file.min_replicas, file.max_replicas
             )));
+        }
+        for (name, v) in [
+            ("service.contention", file.service.contention),
+            ("service.coherency", file.service.coherency),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && (0.0..1.0).contains(&v))
+            {
+                return Err(invalid(format!("{name} must be in [0, 1), got {v}")));
+            }
         }
         match file.head {
             Head::Worker if file.service.per_replica_rate.is_none_or(|r| r <= 0.0) => {

@@ -51,6 +51,9 @@ pub struct DecisionRecord {
     pub reason: String,
     /// What was measured.
     pub signal: String,
+    /// Replicas beyond which the head's measured throughput stops growing, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub throughput_limit: Option<u32>,
 }
 
 /// One head's runner.
@@ -394,6 +397,7 @@ impl HeadRunner {
             desired: decision.desired,
             reason: decision.reason.clone(),
             signal: decision.signal.clone(),
+            throughput_limit: decision.throughput_limit,
         };
         let changed = self
             .decisions

@@ -490,6 +490,9 @@ impl Scaler {
             metrics_stale: stale,
             pod_startup_seconds: Some((measured.seconds * 10.0).round() / 10.0),
             pod_startup_measured_pods: i32::try_from(measured.measured_pods).unwrap_or(i32::MAX),
+            throughput_limit: decision
+                .throughput_limit
+                .map(|l| i32::try_from(l).unwrap_or(i32::MAX)),
         })
     }
 
@@ -607,6 +610,7 @@ impl Scaler {
                         d.current_replicas,
                         d.metrics_stale,
                         d.pod_startup_measured_pods,
+                        d.throughput_limit,
                     )
                 })
             })
