@@ -176,6 +176,7 @@ async fn pipeline(
         wake.clone(),
         stop_relay.clone(),
         Duration::from_millis(100),
+        HttpMetrics::new().outbox_pending,
     ));
     let running = {
         let (worker, db, publisher, wake, stop) = (

@@ -18,6 +18,12 @@ pub const REQUEST_DURATION: &str = "chimera_http_request_duration_seconds";
 /// The gauge of requests in flight.
 pub const IN_FLIGHT: &str = "chimera_http_requests_in_flight";
 
+/// The gauge of a worker head's outbox rows not sent yet (pending: due now or waiting for a
+/// retry; rows set dead are not counted). The autoscaler does not scale a worker head to zero
+/// while any of its pods reports more than 0: the relay runs in the worker pods, and rows left
+/// behind would stay unsent until a message woke the head again.
+pub const OUTBOX_PENDING: &str = "chimera_outbox_pending_rows";
+
 /// The bucket bounds of [`REQUEST_DURATION`], in seconds: fine around the latencies a query
 /// head is held to (tens to hundreds of milliseconds) so that percentiles interpolate well.
 /// Every head uses these bounds, so the autoscaler can merge the histograms of all pods.

@@ -239,6 +239,7 @@ async fn run_worker(
         relay_wake.clone(),
         relay_stop.clone(),
         Duration::from_secs(1),
+        metrics.outbox_pending.clone(),
     ));
     let http = {
         // Ready when the database answers and the broker connection is up.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use sqlx::{Any, AnyPool, Row, Transaction};
 use tokio::sync::Notify;
 
@@ -302,9 +303,27 @@ pub async fn count(pool: &AnyPool, status: &str) -> Result<i64, DbError> {
         .map_err(q("count outbox rows"))
 }
 
+/// Rows not sent yet: pending, due now or waiting for a retry.
+pub async fn pending(db: &Database) -> Result<i64, DbError> {
+    let rows = db
+        .read_all(
+            "SELECT COUNT(*) AS n FROM chimera_outbox WHERE status = 'pending'",
+            &[],
+        )
+        .await?;
+    rows.first()
+        .map_or(Ok(0), |r| r.get::<i64>("n"))
+        .map_err(q("count pending outbox rows"))
+}
+
+/// How often the relay counts what is pending for its gauge (a count per round would be a
+/// query per handler commit).
+const PENDING_EVERY: Duration = Duration::from_secs(1);
+
 /// Runs the relay until `stop` is notified: a round whenever `wake` is notified (a handler
-/// committed events) or every `idle` otherwise. Finishes with a last round, so a graceful
-/// shutdown flushes what is pending.
+/// committed events) or every `idle` otherwise, and `pending` set to the rows not sent yet at
+/// most every second. Finishes with a last round, so a graceful shutdown flushes what is
+/// pending.
 pub async fn run_relay(
     db: Database,
     publisher: Publisher,
@@ -312,12 +331,23 @@ pub async fn run_relay(
     wake: Arc<Notify>,
     stop: Arc<Notify>,
     idle: Duration,
+    pending_rows: Gauge,
 ) {
+    let mut counted: Option<tokio::time::Instant> = None;
     loop {
         match relay_once(&db, &publisher, settings).await {
             Ok(report) if report.sent as i64 == settings.batch => continue, // more is waiting
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "outbox relay round failed"),
+        }
+        if counted.is_none_or(|at| at.elapsed() >= PENDING_EVERY) {
+            match pending(&db).await {
+                Ok(n) => {
+                    pending_rows.set(n);
+                    counted = Some(tokio::time::Instant::now());
+                }
+                Err(error) => tracing::warn!(%error, "could not count the pending outbox rows"),
+            }
         }
         tokio::select! {
             () = wake.notified() => {}

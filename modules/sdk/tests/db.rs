@@ -252,3 +252,72 @@ async fn rows_that_cannot_be_sent_are_retried_then_dead() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn the_relay_reports_rows_not_sent_yet_as_the_autoscaler_reads_them() {
+    use chimera_sdk::http::HttpMetrics;
+    use chimera_sdk::outbox::run_relay;
+    use std::sync::Arc;
+    use tokio::sync::Notify;
+
+    let vhost = TestVhost::create("sdk-outbox-gauge");
+    let tdb = TestDatabase::sqlite("sdk-gauge");
+    let db = Database::connect(&tdb.url, &[]).await.unwrap();
+    let mut tx = db.pool().begin().await.unwrap();
+    // An exchange that does not exist: the row fails and waits an hour for its retry.
+    enqueue(
+        &mut tx,
+        "chimera.missing.events",
+        &Envelope::new("x.happened", serde_json::json!({})),
+        None,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let connection = connect(&vhost.amqp_url, &unique_name("relay"))
+        .await
+        .unwrap();
+    let publisher = Publisher::open(&connection).await.unwrap();
+    let metrics = HttpMetrics::new();
+    let settings = RelaySettings {
+        backoff: Duration::from_secs(3600),
+        ..RelaySettings::default()
+    };
+    let (wake, stop) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let relay = tokio::spawn(run_relay(
+        db.clone(),
+        publisher,
+        settings,
+        wake,
+        stop.clone(),
+        Duration::from_millis(100),
+        metrics.outbox_pending.clone(),
+    ));
+    let read = || chimera_core::autoscale::exposition::outbox_pending(&metrics.render()).unwrap();
+    let until = |want: f64| async move {
+        for _ in 0..100 {
+            if read() == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the gauge stayed at {} (wanted {want})", read());
+    };
+    until(1.0).await;
+    let attempts: i64 = sqlx::query("SELECT attempts FROM chimera_outbox")
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+        .try_get("attempts")
+        .unwrap();
+    assert_eq!(attempts, 1, "counted while waiting for its retry");
+    // A dead row is not waiting to be sent.
+    sqlx::query("UPDATE chimera_outbox SET status = 'dead'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    until(0.0).await;
+    stop.notify_one();
+    relay.await.unwrap();
+    connection.close(200, "done".into()).await.ok();
+}

@@ -184,6 +184,7 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
             relay_wake.clone(),
             stop_relay.clone(),
             Duration::from_millis(200),
+            metrics.outbox_pending.clone(),
         ));
         let running = {
             let (worker, db, publisher, wake, stop) = (

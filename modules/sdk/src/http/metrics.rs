@@ -10,7 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-pub use chimera_contract::metrics::{BUCKETS, IN_FLIGHT};
+pub use chimera_contract::metrics::{BUCKETS, IN_FLIGHT, OUTBOX_PENDING};
 
 /// Name of the request-duration histogram without the `_seconds` unit suffix the encoder
 /// appends: the contract's `chimera_http_request_duration_seconds`.
@@ -47,6 +47,8 @@ pub struct HttpMetrics {
     pub worker_messages: Family<MessageLabels, Counter>,
     /// Time to handle and settle one batch of deliveries (`chimera_worker_batch_duration_seconds`).
     pub worker_batch: Histogram,
+    /// Outbox rows not sent yet ([`OUTBOX_PENDING`]; the worker's relay sets it, 0 elsewhere).
+    pub outbox_pending: Gauge,
     registry: Arc<Registry>,
 }
 
@@ -82,11 +84,18 @@ impl HttpMetrics {
             prometheus_client::registry::Unit::Seconds,
             worker_batch.clone(),
         );
+        let outbox_pending = Gauge::default();
+        registry.register(
+            OUTBOX_PENDING,
+            "Outbox rows not sent yet (due now or waiting for a retry)",
+            outbox_pending.clone(),
+        );
         Self {
             duration,
             in_flight,
             worker_messages,
             worker_batch,
+            outbox_pending,
             registry: Arc::new(registry),
         }
     }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use crate::autoscale::histogram::Histogram;
 
 use chimera_contract::metrics::{
-    BUCKETS, ENDPOINTS as CONTRACT_ROUTES, IN_FLIGHT, REQUEST_DURATION as DURATION,
+    BUCKETS, ENDPOINTS as CONTRACT_ROUTES, IN_FLIGHT, OUTBOX_PENDING, REQUEST_DURATION as DURATION,
 };
 
 /// What one scrape says.
@@ -45,6 +45,34 @@ fn value(text: &str) -> Option<f64> {
         "-Inf" => Some(f64::NEG_INFINITY),
         t => t.parse().ok(),
     }
+}
+
+/// A worker pod's outbox rows not sent yet ([`OUTBOX_PENDING`], summed over its series). A
+/// head that does not expose the gauge has no outbox the control plane knows of: 0.
+pub fn outbox_pending(text: &str) -> Result<f64, ExpositionError> {
+    let mut rows = 0.0;
+    for line in text.lines().map(str::trim) {
+        let Some(rest) = line.strip_prefix(OUTBOX_PENDING) else {
+            continue;
+        };
+        // The name must end here (not a longer metric's prefix).
+        let rest = match rest.strip_prefix('{') {
+            Some(labelled) => labelled
+                .split_once('}')
+                .map(|(_, v)| v)
+                .ok_or_else(|| ExpositionError::BadLine(line.to_owned()))?,
+            None if rest.starts_with(' ') => rest,
+            None => continue,
+        };
+        let v = rest
+            .split_whitespace()
+            .next()
+            .and_then(value)
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| ExpositionError::BadLine(line.to_owned()))?;
+        rows += v.max(0.0);
+    }
+    Ok(rows)
 }
 
 /// Parses the exposition.
@@ -177,5 +205,22 @@ chimera_http_requests_in_flight 3
         ));
         // Not metrics at all (an HTML page, JSON): an error, never a panic.
         assert!(parse("}, {\n").is_err());
+    }
+
+    #[test]
+    fn the_outbox_gauge_is_read_and_absent_means_none() {
+        let text = "# HELP chimera_outbox_pending_rows Outbox rows\n# TYPE chimera_outbox_pending_rows gauge\nchimera_outbox_pending_rows 3\nchimera_outbox_pending_rows_other 9\n";
+        assert_eq!(outbox_pending(text), Ok(3.0));
+        assert_eq!(
+            outbox_pending(
+                "chimera_outbox_pending_rows{shard=\"a\"} 2\nchimera_outbox_pending_rows{shard=\"b\"} 1\n"
+            ),
+            Ok(3.0)
+        );
+        assert_eq!(
+            outbox_pending("chimera_http_requests_in_flight 1\n"),
+            Ok(0.0)
+        );
+        assert!(outbox_pending("chimera_outbox_pending_rows lots\n").is_err());
     }
 }

@@ -37,6 +37,14 @@ pub struct WorkerAutoscaler {
 }
 
 impl WorkerAutoscaler {
+    /// Whether the head could go to zero now, so the outbox rows of its pods matter: it may
+    /// (`replicas.min` 0), it has replicas, and its queue is empty.
+    pub fn outbox_matters(&self, sample: &QueueSample, replicas: Replicas) -> bool {
+        self.settings.bounds.min == 0
+            && replicas.existing > 0
+            && sample.ready + sample.unacked <= 0.0
+    }
+
     /// An autoscaler that has measured nothing yet.
     pub fn new(settings: WorkerSettings) -> Self {
         Self {
@@ -73,12 +81,14 @@ impl WorkerAutoscaler {
         self.law.decide(signals)
     }
 
-    /// Decides on a queue sample, or holds when the queue could not be read.
+    /// Decides on a queue sample (and the outbox rows of the head's pods, when read), or holds
+    /// when the queue could not be read.
     pub fn decide_sample<E: Display>(
         &mut self,
         now: f64,
         sample: Result<&QueueSample, E>,
         replicas: Replicas,
+        outbox_rows: Option<f64>,
     ) -> Outcome {
         match sample {
             Ok(s) => Outcome {
@@ -88,6 +98,7 @@ impl WorkerAutoscaler {
                     unacked_messages: s.unacked,
                     acked_total: s.acked_total,
                     replicas,
+                    outbox_rows,
                 }),
                 stale: false,
             },
@@ -206,7 +217,7 @@ mod tests {
             existing: 3,
             ready: 3,
         };
-        let out = worker.decide_sample(1.0, Err::<&QueueSample, _>("broker down"), replicas);
+        let out = worker.decide_sample(1.0, Err::<&QueueSample, _>("broker down"), replicas, None);
         assert!(out.stale);
         assert_eq!(out.decision.desired, 3);
         assert!(
@@ -233,7 +244,7 @@ mod tests {
             acked_total: 0.0,
             consumers: 0,
         };
-        let out = worker.decide_sample(1.0, Ok::<_, &str>(&sample), Replicas::default());
+        let out = worker.decide_sample(1.0, Ok::<_, &str>(&sample), Replicas::default(), None);
         assert!(!out.stale);
         assert!(out.decision.desired >= 1, "{:?}", out.decision);
     }

@@ -66,6 +66,10 @@ pub struct WorkerSignals {
     pub acked_total: f64,
     /// The head's replicas.
     pub replicas: Replicas,
+    /// Outbox rows its pods have not sent yet (`chimera_outbox_pending_rows`); `None` when
+    /// they could not be read. Read only when the head could go to zero: it never does while
+    /// rows wait (the relay runs in its pods) or while they are unknown.
+    pub outbox_rows: Option<f64>,
 }
 
 /// The worker law with what it has learned so far (rates, the service rate, recent advice).
@@ -135,7 +139,8 @@ impl WorkerLaw {
         self.learn_service_rate(s, backlog, acked);
         let arrivals = self.arrivals(s.now);
         // Idle time counts from the first measurement, or the last work seen.
-        if backlog > 0.0 || arrivals > 0.0 || self.last_work_at.is_none() {
+        let outbox = s.outbox_rows.unwrap_or(0.0);
+        if backlog > 0.0 || arrivals > 0.0 || outbox > 0.0 || self.last_work_at.is_none() {
             self.last_work_at = Some(s.now);
         }
         let current = s.replicas.existing;
@@ -347,10 +352,24 @@ impl WorkerLaw {
         let current = s.replicas.existing;
         let idle_for = self.last_work_at.map_or(f64::INFINITY, |t| s.now - t);
         if backlog <= 0.0 && arrivals <= 0.0 {
-            return if idle_for >= IDLE_TO_ZERO_S {
-                (0, 0, format!("idle for {idle_for:.0} s"))
-            } else {
-                (current.min(1), current.min(1), "no work now".to_owned())
+            let one = current.min(1);
+            return match s.outbox_rows {
+                // The relay runs in the worker pods: rows waiting for a retry would stay
+                // unsent until a message woke the head again.
+                Some(rows) if rows > 0.0 => (
+                    1,
+                    1,
+                    format!("{rows:.0} outbox rows not sent yet: keeping a replica for the relay"),
+                ),
+                None if current > 0 && idle_for >= IDLE_TO_ZERO_S => (
+                    one,
+                    one,
+                    format!(
+                        "idle for {idle_for:.0} s, but the outbox could not be read: not scaling to zero"
+                    ),
+                ),
+                _ if idle_for >= IDLE_TO_ZERO_S => (0, 0, format!("idle for {idle_for:.0} s")),
+                _ => (one, one, "no work now".to_owned()),
             };
         }
         let Some(mu) = self.service_rate.filter(|mu| *mu > 0.0) else {
@@ -430,6 +449,7 @@ mod tests {
                 existing: replicas,
                 ready: replicas,
             },
+            outbox_rows: Some(0.0),
         }
     }
 
@@ -570,6 +590,7 @@ mod tests {
                 unacked_messages: 0.0,
                 acked_total: 0.0,
                 replicas,
+                outbox_rows: Some(0.0),
             });
             if d.desired != replicas.existing {
                 orders.push((t, d.desired));
@@ -612,5 +633,51 @@ mod tests {
         }
         assert_eq!(d.desired, 2);
         assert!(d.reason.contains("bounded"), "{}", d.reason);
+    }
+
+    /// A law at one idle replica, `secs` seconds after its last message, its outbox as given.
+    fn idle_after(secs: u32, outbox_rows: Option<f64>) -> Decision {
+        let mut law = WorkerLaw::new(settings(0, 10));
+        law.decide(&signals(0.0, 10.0, 0.0, 0.0, 1));
+        let mut d = law.decide(&signals(1.0, 0.0, 0.0, 10.0, 1));
+        for t in 2..=secs {
+            d = law.decide(&WorkerSignals {
+                outbox_rows,
+                ..signals(f64::from(t), 0.0, 0.0, 10.0, 1)
+            });
+        }
+        d
+    }
+
+    #[test]
+    fn an_idle_head_goes_to_zero_only_when_its_outbox_is_empty() {
+        // Idle 30 s, then the scale-in hold (start-up 10 s + drain 30 s).
+        let d = idle_after(120, Some(0.0));
+        assert_eq!(d.desired, 0, "empty outbox: to zero: {}", d.reason);
+        let d = idle_after(120, Some(3.0));
+        assert_eq!(d.desired, 1, "{}", d.reason);
+        assert!(d.reason.contains("3 outbox rows"), "{}", d.reason);
+        let d = idle_after(120, None);
+        assert_eq!(d.desired, 1, "unknown outbox: {}", d.reason);
+        assert!(d.reason.contains("could not be read"), "{}", d.reason);
+    }
+
+    #[test]
+    fn outbox_rows_count_as_work_for_the_idle_timer() {
+        // Rows pending for 50 s, then sent: the 30 s idle time counts from then (and the
+        // 40 s hold after it).
+        let mut law = WorkerLaw::new(settings(0, 10));
+        law.decide(&signals(0.0, 10.0, 0.0, 0.0, 1));
+        let mut seen = Vec::new();
+        for t in 1..=200 {
+            let rows = if t <= 50 { 2.0 } else { 0.0 };
+            let d = law.decide(&WorkerSignals {
+                outbox_rows: Some(rows),
+                ..signals(f64::from(t), 0.0, 0.0, 10.0, 1)
+            });
+            seen.push(d.desired);
+        }
+        assert!(seen[..80].iter().all(|n| *n == 1), "{seen:?}");
+        assert_eq!(seen[199], 0, "{seen:?}");
     }
 }

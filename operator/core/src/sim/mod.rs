@@ -122,6 +122,8 @@ pub fn run(scenario: &Scenario, mut policy: Box<dyn Policy>, name: &str, knob: O
                     unacked_messages: unacked,
                     acked_total: worker.acked(),
                     replicas,
+                    // The simulated head has no outbox.
+                    outbox_rows: Some(0.0),
                 })
             }
             Head::Query => Observation::Query(QuerySignals {
@@ -302,7 +304,10 @@ mod tests {
         s.service.coherency = Some(0.01);
         let r = run(&s, build(PolicyName::Chimera, &s, None), "chimera", None);
         let last = r.timeline.last().unwrap().existing;
-        assert!((4..12).contains(&last), "stopped near the knee, not at 40: {last}");
+        assert!(
+            (4..12).contains(&last),
+            "stopped near the knee, not at 40: {last}"
+        );
         assert!(
             r.decisions
                 .iter()

@@ -326,16 +326,29 @@ impl HeadRunner {
         self.backends.set(self.ready_addrs());
     }
 
-    /// Runs the law on a worker queue sample (None: unavailable) and returns its decision.
-    pub fn decide_worker(&mut self, now: f64, sample: Result<QueueSample, String>) -> Decision {
+    /// Runs the law on a worker queue sample (None: unavailable) and, when the head could go
+    /// to zero, the outbox rows of its ready replicas; returns its decision.
+    pub async fn decide_worker(
+        &mut self,
+        now: f64,
+        sample: Result<QueueSample, String>,
+        http: &reqwest::Client,
+    ) -> Decision {
         let replicas = self.replicas();
+        let addrs = self.ready_addrs();
         let decision = match &mut self.autoscaler {
             Autoscaler::Worker(autoscaler) => {
                 if let Ok(s) = &sample {
                     self.last_queue = Some(*s);
                 }
+                let outbox = match &sample {
+                    Ok(s) if autoscaler.outbox_matters(s, replicas) => {
+                        outbox_of(http, &addrs).await
+                    }
+                    _ => None,
+                };
                 autoscaler
-                    .decide_sample(now, sample.as_ref(), replicas)
+                    .decide_sample(now, sample.as_ref(), replicas, outbox)
                     .decision
             }
             // A runner is built for one head: `chimera up` asks each runner for its own kind.
@@ -433,6 +446,25 @@ impl HeadRunner {
 
 fn backoff(restarts: u32) -> Duration {
     Duration::from_secs(1u64 << restarts.min(5)).min(MAX_BACKOFF)
+}
+
+/// The outbox rows not sent yet over `addrs`; `None` when there are none to read or any
+/// could not be read.
+async fn outbox_of(http: &reqwest::Client, addrs: &[SocketAddr]) -> Option<f64> {
+    if addrs.is_empty() {
+        return None;
+    }
+    let mut rows = 0.0;
+    for addr in addrs {
+        match crate::scaler::sources::outbox_rows(http, &addr.to_string()).await {
+            Ok(n) => rows += n,
+            Err(error) => {
+                tracing::debug!(%error, %addr, "could not read a worker replica's outbox");
+                return None;
+            }
+        }
+    }
+    Some(rows)
 }
 
 /// A port the kernel has just handed out (released at once for the replica to bind).

@@ -251,7 +251,7 @@ async fn run(
                         .sample(endpoint, &queue)
                         .await
                         .map_err(|e| e.to_string());
-                    runner.decide_worker(now, sample)
+                    runner.decide_worker(now, sample, &http).await
                 }
                 Head::Query => runner.decide_query(now, &http).await,
             };

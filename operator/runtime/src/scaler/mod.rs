@@ -414,7 +414,27 @@ impl Scaler {
                         .get_or_create(&labels)
                         .set(s.ready + s.unacked);
                 }
-                autoscaler.decide_sample(now, sample.as_ref(), replicas)
+                // The outbox of its pods, read only when the head could go to zero.
+                let outbox = match &sample {
+                    Ok(s) if autoscaler.outbox_matters(s, replicas) => {
+                        let port = module.spec.worker.as_ref()?.port;
+                        let pods: Vec<String> = targets
+                            .get(&head_key)
+                            .into_iter()
+                            .flatten()
+                            .map(|host| format!("{host}:{port}"))
+                            .collect();
+                        tokio::time::timeout(SOURCE_TIMEOUT, self.latency.outbox_rows(&pods))
+                            .await
+                            .unwrap_or(Err(sources::SourceError::Timeout(SOURCE_TIMEOUT)))
+                            .inspect_err(|error| {
+                                tracing::debug!(%error, "could not read the worker pods' outbox");
+                            })
+                            .ok()
+                    }
+                    _ => None,
+                };
+                autoscaler.decide_sample(now, sample.as_ref(), replicas, outbox)
             }
             Head::Query => {
                 let settings = QuerySettings::for_head(module.spec.query.as_ref()?, startup);
@@ -691,6 +711,10 @@ mod tests {
         ) -> BoxFuture<'a, Result<Vec<(String, Scrape)>, SourceError>> {
             Box::pin(async { Err(SourceError::Timeout(Duration::from_secs(3))) })
         }
+
+        fn outbox_rows<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<f64, SourceError>> {
+            Box::pin(async { Err(SourceError::Timeout(Duration::from_secs(3))) })
+        }
     }
 
     /// Records every write.
@@ -762,7 +786,21 @@ mod tests {
         ChimeraModule,
         Store<Deployment>,
     ) {
-        let module = chimera_core::api::validation::modules_from_yaml(LEDGER)
+        world_of(LEDGER, sample, Arc::new(NoPods))
+    }
+
+    fn world_of(
+        yaml: &str,
+        sample: Result<QueueSample, ()>,
+        pods: Arc<dyn LatencySource>,
+    ) -> (
+        Arc<Recorder>,
+        Arc<Queue>,
+        Scaler,
+        ChimeraModule,
+        Store<Deployment>,
+    ) {
+        let module = chimera_core::api::validation::modules_from_yaml(yaml)
             .0
             .remove(0);
         let (store, mut writer) = reflector::store::<Deployment>();
@@ -786,10 +824,61 @@ mod tests {
         let scaler = Scaler::new(
             recorder.clone(),
             queue.clone(),
-            Arc::new(NoPods),
+            pods,
             ScalerSettings::default(),
         );
         (recorder, queue, scaler, module, store)
+    }
+
+    /// Worker pods whose outbox has rows waiting; records the targets read.
+    #[derive(Default)]
+    struct Outbox(StdMutex<Vec<Vec<String>>>);
+
+    impl LatencySource for Outbox {
+        fn sample<'a>(
+            &'a self,
+            _: &'a [String],
+        ) -> BoxFuture<'a, Result<Vec<(String, Scrape)>, SourceError>> {
+            Box::pin(async { Err(SourceError::Timeout(Duration::from_secs(3))) })
+        }
+
+        fn outbox_rows<'a>(
+            &'a self,
+            targets: &'a [String],
+        ) -> BoxFuture<'a, Result<f64, SourceError>> {
+            self.0.lock().unwrap().push(targets.to_vec());
+            Box::pin(async { Ok(2.0) })
+        }
+    }
+
+    #[tokio::test]
+    async fn the_outbox_of_a_worker_that_could_go_to_zero_is_read_from_its_ready_pods() {
+        let targets = HashMap::from([(
+            "shop/ledger/worker".to_owned(),
+            vec!["10.244.0.7".to_owned()],
+        )]);
+        let may_go_to_zero = LEDGER.replace("min: 1", "min: 0");
+        for (yaml, sample, read) in [
+            (may_go_to_zero.as_str(), backlog(0.0), true),
+            (may_go_to_zero.as_str(), backlog(5.0), false), // work waiting: not to zero anyway
+            (LEDGER, backlog(0.0), false),                  // min 1: never to zero
+        ] {
+            let outbox = Arc::new(Outbox::default());
+            let (_, _, scaler, module, store) = world_of(yaml, Ok(sample), outbox.clone());
+            scaler
+                .scale_module(&module, &store, &targets, tokio::time::Instant::now())
+                .await;
+            let reads = outbox.0.lock().unwrap().clone();
+            if read {
+                assert_eq!(
+                    reads,
+                    [["10.244.0.7:8080".to_owned()]],
+                    "at the worker's port"
+                );
+            } else {
+                assert!(reads.is_empty(), "{yaml}: {reads:?}");
+            }
+        }
     }
 
     /// One decision of the scaler on `module`, now, without pod targets.
@@ -958,6 +1047,10 @@ mod tests {
             &'a self,
             _: &'a [String],
         ) -> BoxFuture<'a, Result<Vec<(String, Scrape)>, SourceError>> {
+            Box::pin(async { Err(SourceError::Timeout(Duration::from_secs(3))) })
+        }
+
+        fn outbox_rows<'a>(&'a self, _: &'a [String]) -> BoxFuture<'a, Result<f64, SourceError>> {
             Box::pin(async { Err(SourceError::Timeout(Duration::from_secs(3))) })
         }
     }

@@ -46,6 +46,9 @@ pub enum SourceError {
         /// The module.
         module: String,
     },
+    /// There is no ready pod to read.
+    #[error("no pod metrics: no ready pod to read")]
+    NoTargets,
     /// No pod of the head could be scraped.
     #[error("no pod metrics: {}", .0.iter().map(|(t, e)| format!("{t}: {e}")).collect::<Vec<_>>().join("; "))]
     Scrapes(Vec<(String, ScrapeError)>),
@@ -78,13 +81,17 @@ pub trait QueueSource: Send + Sync {
     ) -> BoxFuture<'a, Result<QueueSample, SourceError>>;
 }
 
-/// Reads a query head's pods.
+/// Reads a head's pods: a query head's latency, a worker head's outbox.
 pub trait LatencySource: Send + Sync {
     /// The scrape of each of `targets` (`host:port` of the head's ready pods) that answered.
     fn sample<'a>(
         &'a self,
         targets: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<(String, Scrape)>, SourceError>>;
+
+    /// The outbox rows not sent yet, summed over `targets` (a worker head's ready pods); an
+    /// error when any of them could not be read (a row there would be unknown).
+    fn outbox_rows<'a>(&'a self, targets: &'a [String]) -> BoxFuture<'a, Result<f64, SourceError>>;
 }
 
 /// How old a vhost's counters may be before a sample starts reading them again. RabbitMQ itself
@@ -345,6 +352,34 @@ impl LatencySource for PodMetrics {
             Ok(ok)
         })
     }
+
+    fn outbox_rows<'a>(&'a self, targets: &'a [String]) -> BoxFuture<'a, Result<f64, SourceError>> {
+        Box::pin(async move {
+            if targets.is_empty() {
+                return Err(SourceError::NoTargets);
+            }
+            let reads = futures::future::join_all(targets.iter().map(|t| self.outbox_of(t))).await;
+            let mut rows = 0.0;
+            let mut errors = Vec::new();
+            for (target, read) in targets.iter().zip(reads) {
+                match read {
+                    Ok(n) => rows += n,
+                    Err(e) => errors.push((target.clone(), e)),
+                }
+            }
+            if errors.is_empty() {
+                Ok(rows)
+            } else {
+                Err(SourceError::Scrapes(errors))
+            }
+        })
+    }
+}
+
+impl PodMetrics {
+    async fn outbox_of(&self, target: &str) -> Result<f64, ScrapeError> {
+        outbox_rows(&self.http, target).await
+    }
 }
 
 /// The address of every ready, not terminating pod in `pods`, by `namespace/module/head`.
@@ -388,6 +423,18 @@ pub fn ready_targets(
         hosts.sort();
     }
     out
+}
+
+/// The outbox rows not sent yet of one worker replica at `target` (`host:port`).
+pub async fn outbox_rows(http: &reqwest::Client, target: &str) -> Result<f64, ScrapeError> {
+    let text = http
+        .get(format!("http://{target}/metrics"))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)?
+        .text()
+        .await?;
+    Ok(exposition::outbox_pending(&text)?)
 }
 
 /// Reads the `/metrics` of one head replica at `target` (`host:port`).
