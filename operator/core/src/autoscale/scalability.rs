@@ -25,12 +25,14 @@
 
 use std::collections::BTreeMap;
 
-/// Without a curve, points older than this are dropped.
-pub const MAX_AGE_S: f64 = 600.0;
+/// Without a curve, points older than this are dropped: a curve is built from points of one
+/// regime (a cold start's burst and a slow dependency five minutes later are two).
+pub const MAX_AGE_S: f64 = 300.0;
 /// Weight of a new measurement at a count already measured.
 const GAIN: f64 = 0.5;
-/// Replica counts measured before the curve is trusted.
-const MIN_COUNTS: usize = 3;
+/// Replica counts measured before the curve is trusted: one more than its parameters, or any
+/// three points fit exactly and the fit's error says nothing.
+const MIN_COUNTS: usize = 4;
 /// The smallest count must be this far below the largest for a fit to say anything about the
 /// curve's shape (three neighbouring counts are noise).
 const MIN_SPAN: f64 = 2.0;
@@ -50,6 +52,18 @@ pub struct Curve {
 }
 
 impl Curve {
+    /// Whether it is a scalability curve at all: a positive throughput alone, contention in
+    /// [0, 1) and coherency not negative (with room for noise). Points of two regimes (a fast
+    /// and a slow dependency) can fit a quadratic that is none of these.
+    fn plausible(&self) -> bool {
+        let x1 = self.throughput(1.0);
+        if !x1.is_finite() || x1 <= 0.0 {
+            return false;
+        }
+        let (sigma, kappa) = (1.0 - self.a * x1, self.c * x1);
+        (-0.05..1.0).contains(&sigma) && kappa >= -1e-3
+    }
+
     /// Throughput at `n` replicas.
     pub fn throughput(&self, n: f64) -> f64 {
         let d = self.a + self.b * n + self.c * n * n;
@@ -124,12 +138,15 @@ impl Scalability {
             let predicted = curve.throughput(f64::from(*n));
             predicted.is_finite() && ((predicted - x) / x).abs() <= MAX_FIT_ERROR
         });
-        fits.then_some(curve)
+        (fits && curve.plausible()).then_some(curve)
     }
 
-    /// The replica count where the gain ends, if the measured curve shows one below `max`.
+    /// The replica count where the gain ends, if the measured curve shows one below `max`;
+    /// never below the count that served the most (what was measured outranks the curve).
     pub fn limit(&self, max: u32) -> Option<u32> {
-        self.curve()?.limit(max)
+        let limit = self.curve()?.limit(max)?;
+        let best = self.best().map_or(0, |(n, _)| n);
+        (limit.max(best) < max).then_some(limit.max(best))
     }
 
     /// The best throughput measured, and at how many replicas.
@@ -208,19 +225,25 @@ mod tests {
     fn a_shared_database_shows_where_the_gain_ends() {
         // 66 msg/s alone, contention 0.1, coherency 0.01: the peak is near n = 9.5.
         let s = measured(66.0, 0.1, 0.01, &[1, 3, 6, 10]);
-        let limit = s.limit(40).expect("a limit");
         let curve = s.curve().unwrap();
+        let limit = curve.limit(40).expect("a limit");
         let one_more = curve.throughput(f64::from(limit + 1)) - curve.throughput(f64::from(limit));
         assert!(one_more < MARGINAL * 66.0, "{limit}: {one_more}");
         let before = curve.throughput(f64::from(limit)) - curve.throughput(f64::from(limit - 1));
         assert!(before >= MARGINAL * 66.0, "{limit}: {before}");
         assert!((7..=10).contains(&limit), "at the peak: {limit}");
+        // The head stops there, or at the count that served the most if that is more.
+        assert_eq!(s.limit(40), Some(limit.max(10)));
     }
 
     #[test]
     fn too_few_or_too_close_counts_say_nothing() {
         assert!(measured(66.0, 0.1, 0.01, &[2, 8]).curve().is_none());
-        assert!(measured(66.0, 0.1, 0.01, &[4, 5, 6]).curve().is_none());
+        assert!(
+            measured(66.0, 0.1, 0.01, &[1, 3, 6]).curve().is_none(),
+            "3 fit exactly"
+        );
+        assert!(measured(66.0, 0.1, 0.01, &[4, 5, 6, 7]).curve().is_none());
         assert!(Scalability::default().best().is_none());
     }
 
@@ -228,6 +251,7 @@ mod tests {
     fn a_curve_is_kept_while_measurements_agree_and_dropped_when_one_does_not() {
         let mut s = measured(66.0, 0.1, 0.01, &[1, 3, 6, 10]);
         let limit = s.limit(40);
+        assert!(limit.is_some());
         // Held at the limit for an hour, measuring what the curve says.
         for i in 0..60 {
             let n = limit.unwrap();
@@ -246,8 +270,22 @@ mod tests {
         let mut s = Scalability::default();
         s.observe(0.0, 2, 100.0);
         s.observe(1.0, 4, 180.0);
+        s.observe(2.0, 6, 240.0);
         s.observe(MAX_AGE_S + 10.0, 8, 300.0);
         assert_eq!(s.points.len(), 1);
+    }
+
+    #[test]
+    fn two_regimes_are_not_a_curve_and_never_cap_below_the_best_measured() {
+        // A cold start at 13 replicas, 50/s each (650/s); minutes later a dependency 3x
+        // slower: 15/s each at 4 and 8 and 6 replicas. No contention anywhere.
+        let mut s = Scalability::default();
+        s.observe(5.0, 13, 650.0);
+        for (t, n) in [(200.0, 4), (230.0, 6), (260.0, 8)] {
+            s.observe(t, n, 15.0 * f64::from(n));
+        }
+        let limit = s.limit(40);
+        assert!(limit.is_none_or(|l| l >= 13), "{limit:?}");
     }
 
     #[test]

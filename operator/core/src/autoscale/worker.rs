@@ -72,6 +72,37 @@ pub struct WorkerSignals {
     pub outbox_rows: Option<f64>,
 }
 
+/// Since the ack counter last moved.
+#[derive(Clone, Copy, Debug)]
+struct AckMark {
+    /// When it moved, and to what.
+    at: f64,
+    acked: f64,
+    /// Fewest ready replicas and least backlog seen since.
+    fewest_ready: u32,
+    least_backlog: f64,
+    /// Ready replica-seconds since (each tick's ready count over the interval after it: the
+    /// acks a counter shows at a tick were done before it).
+    ready_seconds: f64,
+    /// The last tick, and its ready count.
+    last: f64,
+    last_ready: u32,
+}
+
+impl AckMark {
+    fn new(s: &WorkerSignals, acked: f64, backlog: f64) -> Self {
+        Self {
+            at: s.now,
+            acked,
+            fewest_ready: s.replicas.ready,
+            least_backlog: backlog,
+            ready_seconds: 0.0,
+            last: s.now,
+            last_ready: s.replicas.ready,
+        }
+    }
+}
+
 /// The worker law with what it has learned so far (rates, the service rate, recent advice).
 #[derive(Clone, Debug)]
 pub struct WorkerLaw {
@@ -82,7 +113,7 @@ pub struct WorkerLaw {
     samples: VecDeque<(f64, f64, f64)>,
     /// Since the ack counter last moved: (time, acks, fewest ready replicas, least backlog).
     /// Broker statistics refresh every few seconds, so rates are measured between changes.
-    ack_mark: Option<(f64, f64, u32, f64)>,
+    ack_mark: Option<AckMark>,
     /// Messages per second one replica acks when it has work waiting.
     service_rate: Option<f64>,
     /// Whether that rate was measured with work waiting (otherwise it is a lower bound).
@@ -302,23 +333,30 @@ impl WorkerLaw {
     /// had work waiting the whole time; otherwise it says how fast they were asked to go, a
     /// lower bound.
     fn learn_service_rate(&mut self, s: &WorkerSignals, backlog: f64, acked: f64) {
-        let Some((t0, a0, ready, least)) = self.ack_mark else {
-            self.ack_mark = Some((s.now, acked, s.replicas.ready, backlog));
+        let Some(mut mark) = self.ack_mark else {
+            self.ack_mark = Some(AckMark::new(s, acked, backlog));
             return;
         };
-        let ready = ready.min(s.replicas.ready);
-        let least = least.min(backlog);
-        let done = acked - a0;
+        mark.fewest_ready = mark.fewest_ready.min(s.replicas.ready);
+        mark.least_backlog = mark.least_backlog.min(backlog);
+        mark.ready_seconds += f64::from(mark.last_ready) * (s.now - mark.last).max(0.0);
+        mark.last = s.now;
+        mark.last_ready = s.replicas.ready;
+        let done = acked - mark.acked;
         if done <= 0.0 {
-            self.ack_mark = Some((t0, a0, ready, least));
+            self.ack_mark = Some(mark);
             return;
         }
-        self.ack_mark = Some((s.now, acked, s.replicas.ready, backlog));
-        let dt = s.now - t0;
-        if dt <= 0.0 || ready == 0 {
+        self.ack_mark = Some(AckMark::new(s, acked, backlog));
+        let dt = s.now - mark.at;
+        let (ready, least) = (mark.fewest_ready, mark.least_backlog);
+        if dt <= 0.0 || ready == 0 || mark.ready_seconds <= 0.0 {
             return;
         }
-        let per_replica = done / dt / f64::from(ready);
+        // Per ready replica-second: replicas that came (or went) during the interval served
+        // part of it. Dividing by the fewest read a scale-out's acks as a faster replica
+        // (broker counters refresh every few seconds, so intervals span scale-outs).
+        let per_replica = done / mark.ready_seconds;
         let saturated_now = least >= (2.0 * f64::from(ready)).max(done / dt);
         if saturated_now && ready == s.replicas.ready {
             // The same count the whole interval: a point of throughput against replicas.

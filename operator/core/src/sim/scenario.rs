@@ -127,6 +127,10 @@ struct File {
     /// Worker: messages a replica holds unacknowledged (default: the CRD's default prefetch).
     #[serde(default)]
     prefetch: Option<u32>,
+    /// Worker: seconds between refreshes of the broker's queue statistics (unacked messages,
+    /// the ack counter); default RabbitMQ's `collect_statistics_interval`, 5 s.
+    #[serde(default)]
+    stats_interval_s: Option<u32>,
 }
 
 fn one() -> f64 {
@@ -163,7 +167,13 @@ pub struct Scenario {
     pub trace: Vec<Second>,
     /// Worker prefetch.
     pub prefetch: u32,
+    /// Worker: seconds between refreshes of the broker's unacked count and ack counter (the
+    /// ready count is read current, by passive declare).
+    pub stats_interval_s: u32,
 }
+
+/// RabbitMQ's default `collect_statistics_interval`, in seconds.
+pub const DEFAULT_STATS_INTERVAL_S: u32 = 5;
 
 /// The CRD's default worker prefetch, used when a scenario does not say.
 pub const DEFAULT_PREFETCH: u32 = 100;
@@ -249,6 +259,10 @@ impl Scenario {
             slo: file.slo,
             trace,
             prefetch: file.prefetch.unwrap_or(DEFAULT_PREFETCH).max(1),
+            stats_interval_s: file
+                .stats_interval_s
+                .unwrap_or(DEFAULT_STATS_INTERVAL_S)
+                .max(1),
         })
     }
 }
