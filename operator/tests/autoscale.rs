@@ -362,7 +362,12 @@ async fn slow_query_pods_scale_the_query_head_out_then_in() {
     let vhost = TestVhost::create("query-scale");
     let h =
         Harness::with_autoscaling_operator("query-scale", endpoint(&vhost), metrics_addr()).await;
-    let port = free_port();
+    // The pods' /metrics server, on the node's bridge address (only this machine and its pods
+    // reach it), bound before the module names its port: a port free on loopback may be
+    // taken on another address.
+    let ip = chimera_testenv::node_ip();
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
     h.apply_module(&json!({
         "apiVersion": "chimera.dev/v1alpha1",
         "kind": "ChimeraModule",
@@ -398,9 +403,6 @@ async fn slow_query_pods_scale_the_query_head_out_then_in() {
             async move { text }
         }),
     );
-    // On the node's bridge address: only this machine and its pods reach it.
-    let ip = chimera_testenv::node_ip();
-    let listener = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
     tokio::spawn(async move { chimera_sdk::axum::serve(listener, app).await });
 
     // 250 requests/s: more than one pod serves within the 100 ms target.

@@ -208,10 +208,8 @@ async fn the_outbox_publishes_what_was_committed_in_order_and_nothing_else() {
     connection.close(200, "done".into()).await.ok();
 }
 
-#[tokio::test]
-async fn rows_that_cannot_be_sent_are_retried_then_dead() {
-    let vhost = TestVhost::create("sdk-outbox-dead");
-    let tdb = TestDatabase::sqlite("sdk-dead");
+/// A database with one outbox row for an exchange that does not exist.
+async fn unsendable_row(tdb: &TestDatabase) -> Database {
     let db = Database::connect(&tdb.url, &[]).await.unwrap();
     let mut tx = db.pool().begin().await.unwrap();
     enqueue(
@@ -223,6 +221,14 @@ async fn rows_that_cannot_be_sent_are_retried_then_dead() {
     .await
     .unwrap();
     tx.commit().await.unwrap();
+    db
+}
+
+#[tokio::test]
+async fn rows_that_cannot_be_sent_are_retried_then_dead() {
+    let vhost = TestVhost::create("sdk-outbox-dead");
+    let tdb = TestDatabase::sqlite("sdk-dead");
+    let db = unsendable_row(&tdb).await;
     let settings = RelaySettings {
         max_attempts: 2,
         backoff: Duration::ZERO,
@@ -262,18 +268,8 @@ async fn the_relay_reports_rows_not_sent_yet_as_the_autoscaler_reads_them() {
 
     let vhost = TestVhost::create("sdk-outbox-gauge");
     let tdb = TestDatabase::sqlite("sdk-gauge");
-    let db = Database::connect(&tdb.url, &[]).await.unwrap();
-    let mut tx = db.pool().begin().await.unwrap();
-    // An exchange that does not exist: the row fails and waits an hour for its retry.
-    enqueue(
-        &mut tx,
-        "chimera.missing.events",
-        &Envelope::new("x.happened", serde_json::json!({})),
-        None,
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    // The row fails and waits an hour for its retry.
+    let db = unsendable_row(&tdb).await;
     let connection = connect(&vhost.amqp_url, &unique_name("relay"))
         .await
         .unwrap();

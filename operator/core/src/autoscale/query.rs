@@ -308,7 +308,8 @@ impl QueryLaw {
                 // A capacity measured below saturation is a lower bound: planned at 100 %.
                 let base = self.steady(demand, k, service_time);
                 let sized = base + backlog / QUEUE_DRAIN_S / k;
-                steady = Some(ceil_replicas(base).max(1));
+                // The fraction is kept: the scale-in's room is over the measured need.
+                steady = Some(base);
                 let mut need = ceil_replicas(sized).max(1);
                 let mut why = format!(
                     "{sized:.1} replicas serve {demand:.1} req/s and {backlog:.0} queued at {k:.1} req/s each"
@@ -347,7 +348,7 @@ impl QueryLaw {
         };
         self.recommendations.push(
             s.now,
-            f64::from(steady.unwrap_or(need)),
+            steady.unwrap_or(f64::from(need)),
             self.hold.horizon(),
         );
         let hold = self.hold.seconds();

@@ -87,6 +87,11 @@ impl Recent {
             .reduce(f64::max)
     }
 
+    /// Seconds from the oldest value kept to `now` (0 with none).
+    pub fn span(&self, now: f64) -> f64 {
+        self.samples.front().map_or(0.0, |(t, _)| now - t)
+    }
+
     /// The smallest value no older than `window` seconds before `now`.
     pub fn min_since(&self, now: f64, window: f64) -> Option<f64> {
         self.samples

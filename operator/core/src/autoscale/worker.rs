@@ -189,7 +189,7 @@ impl WorkerLaw {
         // The scale-in hold follows what the arrivals alone need: a queue is drained once, it
         // does not hold replicas afterwards (the current need is a floor of any scale-in).
         self.recommendations
-            .push(s.now, f64::from(steady.min(need)), self.hold.horizon());
+            .push(s.now, steady.min(f64::from(need)), self.hold.horizon());
         let hold = self.hold.seconds();
         let (desired, why) = if need > current {
             self.scale_out(s, need, why)
@@ -386,7 +386,7 @@ impl WorkerLaw {
 
     /// Replicas needed now, replicas the arrivals alone need (without draining the queue), and
     /// why.
-    fn need(&self, s: &WorkerSignals, backlog: f64, arrivals: f64) -> (u32, u32, String) {
+    fn need(&self, s: &WorkerSignals, backlog: f64, arrivals: f64) -> (u32, f64, String) {
         let current = s.replicas.existing;
         let idle_for = self.last_work_at.map_or(f64::INFINITY, |t| s.now - t);
         if backlog <= 0.0 && arrivals <= 0.0 {
@@ -396,18 +396,18 @@ impl WorkerLaw {
                 // unsent until a message woke the head again.
                 Some(rows) if rows > 0.0 => (
                     1,
-                    1,
+                    1.0,
                     format!("{rows:.0} outbox rows not sent yet: keeping a replica for the relay"),
                 ),
                 None if current > 0 && idle_for >= IDLE_TO_ZERO_S => (
                     one,
-                    one,
+                    f64::from(one),
                     format!(
                         "idle for {idle_for:.0} s, but the outbox could not be read: not scaling to zero"
                     ),
                 ),
-                _ if idle_for >= IDLE_TO_ZERO_S => (0, 0, format!("idle for {idle_for:.0} s")),
-                _ => (one, one, "no work now".to_owned()),
+                _ if idle_for >= IDLE_TO_ZERO_S => (0, 0.0, format!("idle for {idle_for:.0} s")),
+                _ => (one, f64::from(one), "no work now".to_owned()),
             };
         }
         let Some(mu) = self.service_rate.filter(|mu| *mu > 0.0) else {
@@ -421,7 +421,7 @@ impl WorkerLaw {
             let need = current.max(1).max(ceil_replicas(coming / prefetch));
             return (
                 need,
-                need,
+                f64::from(need),
                 format!(
                     "{coming:.0} messages waiting by the time new replicas serve ({backlog:.0} now, {arrivals:.1}/s for {startup:.0} s), service rate not measured yet: one replica per {} (prefetch)",
                     self.settings.prefetch
@@ -454,7 +454,8 @@ impl WorkerLaw {
         } else {
             format!("{keep_up:.1} replicas keep up with {arrivals:.1}/s at {mu:.1}/s each")
         };
-        (need, ceil_replicas(keep_up).max(1), why)
+        // The fraction is kept: the scale-in's room is over the measured need.
+        (need, keep_up, why)
     }
 }
 

@@ -417,13 +417,8 @@ impl Scaler {
                 // The outbox of its pods, read only when the head could go to zero.
                 let outbox = match &sample {
                     Ok(s) if autoscaler.outbox_matters(s, replicas) => {
-                        let port = module.spec.worker.as_ref()?.port;
-                        let pods: Vec<String> = targets
-                            .get(&head_key)
-                            .into_iter()
-                            .flatten()
-                            .map(|host| format!("{host}:{port}"))
-                            .collect();
+                        let pods =
+                            pod_targets(targets, &head_key, module.spec.worker.as_ref()?.port);
                         tokio::time::timeout(SOURCE_TIMEOUT, self.latency.outbox_rows(&pods))
                             .await
                             .unwrap_or(Err(sources::SourceError::Timeout(SOURCE_TIMEOUT)))
@@ -444,13 +439,7 @@ impl Scaler {
                 });
                 let mut autoscaler = cell.lock().await;
                 autoscaler.reconfigure(settings);
-                let port = module.spec.query.as_ref()?.port;
-                let pods: Vec<String> = targets
-                    .get(&head_key)
-                    .into_iter()
-                    .flatten()
-                    .map(|host| format!("{host}:{port}"))
-                    .collect();
+                let pods = pod_targets(targets, &head_key, module.spec.query.as_ref()?.port);
                 let scrapes = if pods.is_empty() {
                     Err(sources::SourceError::NoReadyPods {
                         namespace: namespace.clone(),
@@ -652,6 +641,16 @@ impl Scaler {
             Err(_) => tracing::debug!("the autoscaling status was not written while leading"),
         }
     }
+}
+
+/// `host:port` of the ready pods of `head_key` (`namespace/module/head`).
+fn pod_targets(targets: &HashMap<String, Vec<String>>, head_key: &str, port: i32) -> Vec<String> {
+    targets
+        .get(head_key)
+        .into_iter()
+        .flatten()
+        .map(|host| format!("{host}:{port}"))
+        .collect()
 }
 
 fn unix_seconds() -> i64 {

@@ -425,26 +425,24 @@ pub fn ready_targets(
     out
 }
 
-/// The outbox rows not sent yet of one worker replica at `target` (`host:port`).
-pub async fn outbox_rows(http: &reqwest::Client, target: &str) -> Result<f64, ScrapeError> {
-    let text = http
-        .get(format!("http://{target}/metrics"))
+/// The `/metrics` text of one head replica at `target` (`host:port`).
+async fn metrics_text(http: &reqwest::Client, target: &str) -> Result<String, reqwest::Error> {
+    http.get(format!("http://{target}/metrics"))
         .send()
         .await
         .and_then(reqwest::Response::error_for_status)?
         .text()
-        .await?;
-    Ok(exposition::outbox_pending(&text)?)
+        .await
+}
+
+/// The outbox rows not sent yet of one worker replica at `target` (`host:port`).
+pub async fn outbox_rows(http: &reqwest::Client, target: &str) -> Result<f64, ScrapeError> {
+    Ok(exposition::outbox_pending(
+        &metrics_text(http, target).await?,
+    )?)
 }
 
 /// Reads the `/metrics` of one head replica at `target` (`host:port`).
 pub async fn scrape(http: &reqwest::Client, target: &str) -> Result<Scrape, ScrapeError> {
-    let text = http
-        .get(format!("http://{target}/metrics"))
-        .send()
-        .await
-        .and_then(reqwest::Response::error_for_status)?
-        .text()
-        .await?;
-    Ok(exposition::parse(&text)?)
+    Ok(exposition::parse(&metrics_text(http, target).await?)?)
 }
