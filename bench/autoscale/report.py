@@ -97,6 +97,8 @@ def label(r):
 
 
 def main():
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
     if sys.argv[1] == "--summary":
         summary(sys.argv[2])
         return

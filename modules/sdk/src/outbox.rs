@@ -316,6 +316,10 @@ pub async fn pending(db: &Database) -> Result<i64, DbError> {
         .map_err(q("count pending outbox rows"))
 }
 
+/// The gauge's value while the rows are not known (before the first count, or when counting
+/// failed): the autoscaler then does not take the head to zero.
+const UNKNOWN: i64 = -1;
+
 /// How often the relay counts what is pending for its gauge (a count per round would be a
 /// query per handler commit).
 const PENDING_EVERY: Duration = Duration::from_secs(1);
@@ -334,6 +338,7 @@ pub async fn run_relay(
     pending_rows: Gauge,
 ) {
     let mut counted: Option<tokio::time::Instant> = None;
+    pending_rows.set(UNKNOWN); // until the first count
     loop {
         match relay_once(&db, &publisher, settings).await {
             Ok(report) if report.sent as i64 == settings.batch => continue, // more is waiting
@@ -346,7 +351,10 @@ pub async fn run_relay(
                     pending_rows.set(n);
                     counted = Some(tokio::time::Instant::now());
                 }
-                Err(error) => tracing::warn!(%error, "could not count the pending outbox rows"),
+                Err(error) => {
+                    pending_rows.set(UNKNOWN);
+                    tracing::warn!(%error, "could not count the pending outbox rows");
+                }
             }
         }
         tokio::select! {

@@ -28,6 +28,9 @@ pub enum ExpositionError {
     /// A line could not be parsed.
     #[error("bad metrics line {0:?}")]
     BadLine(String),
+    /// The pod does not know its outbox rows (its relay could not count them).
+    #[error("{OUTBOX_PENDING} is negative: the pod does not know its outbox rows")]
+    OutboxUnknown,
 }
 
 fn labels(text: &str) -> BTreeMap<&str, &str> {
@@ -48,7 +51,8 @@ fn value(text: &str) -> Option<f64> {
 }
 
 /// A worker pod's outbox rows not sent yet ([`OUTBOX_PENDING`], summed over its series). A
-/// head that does not expose the gauge has no outbox the control plane knows of: 0.
+/// head that does not expose the gauge has no outbox the control plane knows of: 0. A negative
+/// value (-1) says the pod does not know them: an error, so the head is not taken to zero.
 pub fn outbox_pending(text: &str) -> Result<f64, ExpositionError> {
     let mut rows = 0.0;
     for line in text.lines().map(str::trim) {
@@ -70,7 +74,10 @@ pub fn outbox_pending(text: &str) -> Result<f64, ExpositionError> {
             .and_then(value)
             .filter(|v| v.is_finite())
             .ok_or_else(|| ExpositionError::BadLine(line.to_owned()))?;
-        rows += v.max(0.0);
+        if v < 0.0 {
+            return Err(ExpositionError::OutboxUnknown);
+        }
+        rows += v;
     }
     Ok(rows)
 }
@@ -208,7 +215,7 @@ chimera_http_requests_in_flight 3
     }
 
     #[test]
-    fn the_outbox_gauge_is_read_and_absent_means_none() {
+    fn the_outbox_gauge_is_read_and_absent_reads_as_no_rows() {
         let text = "# HELP chimera_outbox_pending_rows Outbox rows\n# TYPE chimera_outbox_pending_rows gauge\nchimera_outbox_pending_rows 3\nchimera_outbox_pending_rows_other 9\n";
         assert_eq!(outbox_pending(text), Ok(3.0));
         assert_eq!(
@@ -222,5 +229,9 @@ chimera_http_requests_in_flight 3
             Ok(0.0)
         );
         assert!(outbox_pending("chimera_outbox_pending_rows lots\n").is_err());
+        assert_eq!(
+            outbox_pending("chimera_outbox_pending_rows -1\n"),
+            Err(ExpositionError::OutboxUnknown)
+        );
     }
 }

@@ -11,7 +11,7 @@
 //!
 //! It is linear in its parameters once turned over: `n / X(n) = a + b·n + c·n²` with
 //! `a = (1−σ)/X1`, `b = (σ−κ)/X1`, `c = κ/X1`, so a least-squares fit on the saturated
-//! throughputs measured at three or more replica counts gives the curve. The law then stops
+//! throughputs measured at four or more replica counts gives the curve. The law then stops
 //! where the gain ends: where one more replica would add less than a twentieth of what the
 //! first one serves. Up to there a replica still adds messages a busy head may need (the
 //! law sizes with the rate measured at the count it has); beyond it a replica costs a pod and

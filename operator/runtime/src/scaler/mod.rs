@@ -3,8 +3,8 @@
 //! `spec.replicas` (the field manager the reconciler uses to hold replicas within bounds).
 //! Each decision goes to the operator's `/metrics` (with its lag behind its due time and a
 //! heartbeat); the module's status (`status.autoscaling`) is written only when a count, the
-//! staleness or the measured start-up changes, and an Event when the replicas change. Missing
-//! or stale metrics hold the replicas.
+//! staleness, the measured start-up or the throughput limit changes, and an Event when the
+//! replicas change. Missing or stale metrics hold the replicas.
 
 pub mod metrics;
 pub mod schedule;
@@ -602,7 +602,8 @@ impl Scaler {
     }
 
     /// Writes both heads' decisions (one apply owns the whole `status.autoscaling`) when a
-    /// count, the staleness or the pods the start-up time was measured from changed; nothing
+    /// count, the staleness, the pods the start-up time was measured from or the throughput
+    /// limit changed; nothing
     /// otherwise (the heartbeat is the `last_decision_timestamp_seconds` metric). After the
     /// operator restarts, the status it finds counts as written.
     async fn write_status(
