@@ -636,17 +636,25 @@ mod tests {
             acked += 200.0;
             law.decide(&signals(f64::from(t), 300.0, 400.0, acked, 4));
         }
-        // Then a short spike: 300 more messages arrive in two seconds. 4 replicas drain them
-        // within seconds, far under the 24 s the law plans with: no order.
-        let mut backlog: f64 = 0.0;
+        // Then a short spike: 300/s for two seconds (what the arrivals alone would need is
+        // 6.3 replicas), from the same backlog. 4 replicas drain it within seconds, far under
+        // the 24 s the law plans with: no order.
+        let mut backlog: f64 = 700.0;
+        let mut absorbed = false;
         for t in 20..60 {
             let arrived = if t < 22 { 300.0 } else { 150.0 };
             let served = (backlog + arrived).min(200.0);
             backlog += arrived - served;
             acked += served;
-            let d = law.decide(&signals(f64::from(t), 0.0, backlog, acked, 4));
+            let (ready, unacked) = ((backlog - 400.0).max(0.0), backlog.min(400.0));
+            let d = law.decide(&signals(f64::from(t), ready, unacked, acked, 4));
             assert_eq!(d.desired, 4, "t={t}: {}", d.reason);
+            absorbed |= d.reason.contains("holding");
         }
+        assert!(
+            absorbed,
+            "the spike asked for more and the queue absorbed it"
+        );
     }
 
     #[test]

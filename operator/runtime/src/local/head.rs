@@ -454,9 +454,16 @@ async fn outbox_of(http: &reqwest::Client, addrs: &[SocketAddr]) -> Option<f64> 
     if addrs.is_empty() {
         return None;
     }
+    let targets: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    let reads = futures::future::join_all(
+        targets
+            .iter()
+            .map(|target| crate::scaler::sources::outbox_rows(http, target)),
+    )
+    .await;
     let mut rows = 0.0;
-    for addr in addrs {
-        match crate::scaler::sources::outbox_rows(http, &addr.to_string()).await {
+    for (addr, read) in addrs.iter().zip(reads) {
+        match read {
             Ok(n) => rows += n,
             Err(error) => {
                 tracing::debug!(%error, %addr, "could not read a worker replica's outbox");

@@ -777,15 +777,17 @@ mod tests {
         }
     }
 
-    fn world(
-        sample: Result<QueueSample, ()>,
-    ) -> (
+    /// What a scaler test runs against: its writes, its queue, the scaler, the module and the
+    /// Deployment store.
+    type World = (
         Arc<Recorder>,
         Arc<Queue>,
         Scaler,
         ChimeraModule,
         Store<Deployment>,
-    ) {
+    );
+
+    fn world(sample: Result<QueueSample, ()>) -> World {
         world_of(LEDGER, sample, Arc::new(NoPods))
     }
 
@@ -793,13 +795,7 @@ mod tests {
         yaml: &str,
         sample: Result<QueueSample, ()>,
         pods: Arc<dyn LatencySource>,
-    ) -> (
-        Arc<Recorder>,
-        Arc<Queue>,
-        Scaler,
-        ChimeraModule,
-        Store<Deployment>,
-    ) {
+    ) -> World {
         let module = chimera_core::api::validation::modules_from_yaml(yaml)
             .0
             .remove(0);
