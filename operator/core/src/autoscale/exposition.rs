@@ -1,6 +1,6 @@
-//! Reads a query head's `/metrics` (Prometheus text): the request-duration histogram summed over
-//! its routes, methods and statuses (the contract's own endpoints left out: probes and scrapes
-//! are not traffic), and the in-flight gauge.
+//! Reads a head's `/metrics` (Prometheus text): a query head's request-duration histogram summed
+//! over its routes, methods and statuses (the contract's own endpoints left out: probes and
+//! scrapes are not traffic) and its in-flight gauge; a worker head's outbox gauge.
 
 use std::collections::BTreeMap;
 

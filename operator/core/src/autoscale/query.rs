@@ -103,7 +103,6 @@ pub struct QueryLaw {
     saturated_rate: Recent,
     recommendations: Recent,
     hold: Hold,
-    last_desired: Option<u32>,
     /// The held percentile of the last window, when it had enough requests to have one.
     percentile: Option<f64>,
 }
@@ -129,7 +128,6 @@ impl QueryLaw {
             saturated_rate: Recent::default(),
             recommendations: Recent::default(),
             hold,
-            last_desired: None,
             percentile: None,
         }
     }
@@ -376,7 +374,6 @@ impl QueryLaw {
             _ => why,
         };
         self.hold.changed(s.now, current, bounded);
-        self.last_desired = Some(bounded);
         Decision {
             desired: bounded,
             reason,
@@ -400,9 +397,8 @@ impl QueryLaw {
         }
     }
 
-    fn hold(&mut self, s: &QuerySignals, reason: String, signal: String) -> Decision {
+    fn hold(&self, s: &QuerySignals, reason: String, signal: String) -> Decision {
         let desired = self.settings.bounds.clamp(s.replicas.existing);
-        self.last_desired.get_or_insert(desired);
         Decision {
             desired,
             reason,
@@ -472,6 +468,15 @@ mod tests {
                 },
             })
         }
+    }
+
+    /// The law has learned about 2 servers per replica.
+    fn assert_two_servers(f: &Feed, why: &str) {
+        assert!(
+            f.law.servers.is_some_and(|c| (c - 2.0).abs() < 0.5),
+            "{why}: {:?}",
+            f.law.servers
+        );
     }
 
     #[test]
@@ -550,11 +555,7 @@ mod tests {
     fn a_slower_dependency_at_the_same_load_is_seen_within_seconds() {
         // 4 replicas of 2 servers each (100 req/s each at 20 ms), learned at saturation.
         let mut f = Feed::with_two_servers_per_replica();
-        assert!(
-            f.law.servers.is_some_and(|c| (c - 2.0).abs() < 0.5),
-            "{:?}",
-            f.law.servers
-        );
+        assert_two_servers(&f, "learned");
         // The same 200 req/s, now 60 ms each (a slow dependency): 12 busy servers of 8.
         let mut first_out = None;
         let mut d = None;
@@ -627,11 +628,7 @@ mod tests {
         for _ in 0..5 {
             f.second(200.0, 0.02, 4.0, 4);
         }
-        assert!(
-            f.law.servers.is_some_and(|c| (c - 2.0).abs() < 0.5),
-            "{:?}",
-            f.law.servers
-        );
+        assert_two_servers(&f, "learned");
     }
 
     #[test]
@@ -643,11 +640,7 @@ mod tests {
         for _ in 0..5 {
             f.second(133.0, 0.4, 60.0, 4);
         }
-        assert!(
-            f.law.servers.is_some_and(|c| (c - 2.0).abs() < 0.5),
-            "not learned from a slow dependency: {:?}",
-            f.law.servers
-        );
+        assert_two_servers(&f, "not learned from a slow dependency");
         // Scaled out to 12, the queue gone, still 60 ms: 12 busy servers need 6 replicas
         // (with room), not 12 (which is what reading the throughput as capacity would hold).
         let mut replicas = 12;

@@ -1,7 +1,8 @@
 //! Where the autoscaler's signals come from, behind traits so the loop does not care: RabbitMQ
 //! for worker queues (AMQP passive declare for the ready count and consumers, which is current;
-//! the management API for unacked messages and the ack counter), and the query pods' `/metrics`
-//! at the addresses of the head's ready pods (from the operator's pod cache: no API request).
+//! the management API for unacked messages and the ack counter), and the pods' `/metrics` at the
+//! addresses of the head's ready pods (from the operator's pod cache: no API request): a query
+//! head's latency every tick, a worker head's outbox rows when it could go to zero.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
