@@ -1,8 +1,9 @@
-//! `chimera-bench worker|query|control-plane`: the SDK and the operator against baselines
+//! `chimera-bench worker|query|control-plane|replay`: the SDK and the operator against baselines
 //! measured in the same run on the same machine, reported as ratios (see bench/README.md).
 
 mod control_plane;
 mod query;
+mod replay;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +45,9 @@ enum Command {
     /// N modules created at once in the real API server: the operator's convergence, memory,
     /// CPU and API requests, against `kubectl apply --server-side` of the same objects.
     ControlPlane(control_plane::Args),
+    /// One worker scenario replayed against real pods on the dev node, the simulator's
+    /// prediction of the same arrivals beside it.
+    Replay(replay::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,5 +67,6 @@ fn main() -> anyhow::Result<()> {
             concurrency,
         } => runtime.block_on(query::run(seconds, concurrency)),
         Command::ControlPlane(args) => runtime.block_on(control_plane::run(args)),
+        Command::Replay(args) => runtime.block_on(replay::run(args)),
     }
 }

@@ -5,7 +5,7 @@
 //! plane, not the node.
 
 mod fleet;
-mod operator;
+pub mod operator;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -83,18 +83,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .context("connecting to Kubernetes (source the dev environment's env first)")?;
     std::fs::create_dir_all(&args.out)?;
-    let binary = match &args.operator {
-        Some(b) => b.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("the bench binary has no folder")?
-            .join("chimera"),
-    };
-    anyhow::ensure!(
-        binary.exists(),
-        "{} not found: cargo build --release -p chimera-operator",
-        binary.display()
-    );
+    let binary = operator_binary(args.operator.as_deref())?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
@@ -152,8 +141,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The operator binary: `given`, or `chimera` beside this one.
+pub fn operator_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let binary = match given {
+        Some(b) => b.to_path_buf(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("the bench binary has no folder")?
+            .join("chimera"),
+    };
+    anyhow::ensure!(
+        binary.exists(),
+        "{} not found: cargo build -p chimera-operator",
+        binary.display()
+    );
+    Ok(binary)
+}
+
 /// Installs the ChimeraModule CRD the operator under test prints (`chimera crd`).
-async fn install_crd(binary: &Path) -> anyhow::Result<()> {
+pub async fn install_crd(binary: &Path) -> anyhow::Result<()> {
     let crd = tokio::process::Command::new(binary)
         .arg("crd")
         .output()
@@ -369,6 +375,7 @@ async fn operator_run(
         vhost.map(|v| v.management_url.as_str()),
         19190,
         &log,
+        "warn",
     )
     .await;
     let operator = match started {

@@ -36,6 +36,7 @@ impl Operator {
         management_url: Option<&str>,
         port: u16,
         log: &Path,
+        rust_log: &str,
     ) -> anyhow::Result<Self> {
         let log_file = std::fs::File::create(log).with_context(|| format!("{}", log.display()))?;
         let mut command = Command::new(binary);
@@ -47,7 +48,7 @@ impl Operator {
             .arg(format!("127.0.0.1:{port}"))
             .env_remove("CHIMERA_AMQP_URL")
             .env_remove("CHIMERA_RABBITMQ_MANAGEMENT_URL")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)

@@ -319,7 +319,18 @@ impl WorkerLaw {
 
     /// Messages per second that entered the queue over the rate window: what the backlog grew
     /// by plus what was acked (the backlog alone is a gauge, never read as a counter).
+    ///
+    /// The ready count is current but the unacked count and the ack counter are the broker's
+    /// statistics, refreshed every few seconds: between two ticks where the ack counter moved
+    /// (a refresh) the three were read at the same moments, while a window ending between
+    /// refreshes counts the messages delivered since the last one twice or not at all (on a
+    /// real broker, whose refreshes drift against the ticks, that read a steady 400/s as
+    /// anything from 0 to 700/s). So the rate is measured between refreshes while the
+    /// counter moves, at most one refresh late.
     fn arrivals(&self, now: f64) -> f64 {
+        if let Some(rate) = self.arrivals_between_refreshes(now) {
+            return rate;
+        }
         let Some(&(t1, b1, a1)) = self.samples.back() else {
             return 0.0;
         };
@@ -332,6 +343,28 @@ impl WorkerLaw {
             Some(&(t0, b0, a0)) if t1 > t0 => ((b1 - b0) + (a1 - a0)).max(0.0) / (t1 - t0),
             _ => 0.0,
         }
+    }
+
+    /// The arrival rate between the latest refresh of the broker's statistics and the newest
+    /// one at least a rate window before it; `None` unless the ack counter moved twice that far
+    /// apart within the last two windows.
+    fn arrivals_between_refreshes(&self, now: f64) -> Option<f64> {
+        let refreshes: Vec<(f64, f64, f64)> = self
+            .samples
+            .iter()
+            .zip(self.samples.iter().skip(1))
+            .filter(|(before, after)| after.2 > before.2)
+            .map(|(_, after)| *after)
+            .collect();
+        let &(t1, b1, a1) = refreshes.last()?;
+        if now - t1 > 2.0 * RATE_WINDOW_S {
+            return None;
+        }
+        let &(t0, b0, a0) = refreshes
+            .iter()
+            .rev()
+            .find(|(t, _, _)| t1 - t >= RATE_WINDOW_S - 1e-9)?;
+        Some(((b1 - b0) + (a1 - a0)).max(0.0) / (t1 - t0))
     }
 
     /// Updates the service rate each time the ack counter moves, over the time since it last

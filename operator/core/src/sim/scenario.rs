@@ -37,7 +37,7 @@ pub enum ScenarioError {
 pub use chimera_contract::Head;
 
 /// Service characteristics.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq)]
 pub struct Service {
     /// Worker: messages per second one replica handles at service_scale 1.
     pub per_replica_rate: Option<f64>,
@@ -103,7 +103,7 @@ impl Service {
 }
 
 /// The objective.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq)]
 pub struct Slo {
     /// Worker: p99 queue wait, in seconds.
     pub queue_wait_p99_s: Option<f64>,

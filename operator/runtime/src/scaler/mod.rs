@@ -486,6 +486,16 @@ impl Scaler {
             .last_decision
             .get_or_create(&labels)
             .set(unix_seconds());
+        // Every decision, for "why does it not scale?" (the status holds only count changes).
+        tracing::debug!(
+            module = %module.name_any(),
+            head = head.as_str(),
+            current,
+            desired = decision.desired,
+            signal = %decision.signal,
+            reason = %decision.reason,
+            "decided"
+        );
         if decision.desired != current {
             self.apply(module, head, deployment, current, &decision, &labels)
                 .await;
