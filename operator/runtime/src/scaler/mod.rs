@@ -277,20 +277,23 @@ impl Scaler {
         }
     }
 
-    /// The start-up time head `key`'s law plans with.
-    fn startup(&self, key: &str) -> Startup {
+    /// The start-up time head `key`'s law plans with: measured from the pods this scaler saw
+    /// start, else what the status says an earlier one measured (a restarted or new leader
+    /// does not plan with the default until the head next scales out), else the default.
+    fn startup(&self, key: &str, earlier: Option<Startup>) -> Startup {
         let startups = match self.startups.lock() {
             Ok(s) => s,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let default = self.settings.startup_seconds;
-        startups.get(key).map_or(
-            Startup {
-                seconds: default,
-                measured_pods: 0,
-            },
-            |times| times.estimate(default),
-        )
+        let fallback = earlier.unwrap_or(Startup {
+            seconds: self.settings.startup_seconds,
+            measured_pods: 0,
+        });
+        startups
+            .get(key)
+            .map(|times| times.estimate(fallback.seconds))
+            .filter(|s| s.measured_pods > 0)
+            .unwrap_or(fallback)
     }
 
     /// The autoscaler of head `key`, created on first use.
@@ -386,7 +389,7 @@ impl Scaler {
             head: head.as_str().to_owned(),
         };
         let head_key = format!("{}/{}", key(module), head.as_str());
-        let measured = self.startup(&head_key);
+        let measured = self.startup(&head_key, previously_measured(module, head));
         let startup = measured.seconds;
         let Outcome { decision, stale } = match head {
             Head::Worker => {
@@ -676,6 +679,21 @@ fn now_rfc3339() -> String {
     Timestamp::from_second(now.as_second())
         .unwrap_or(now)
         .to_string()
+}
+
+/// The start-up time the module's status says was measured for `head`, if one was.
+fn previously_measured(module: &ChimeraModule, head: Head) -> Option<Startup> {
+    let autoscaling = module.status.as_ref()?.autoscaling.as_ref()?;
+    let decision = match head {
+        Head::Query => autoscaling.query.as_ref(),
+        Head::Worker => autoscaling.worker.as_ref(),
+    }?;
+    let seconds = decision.pod_startup_seconds?;
+    let measured_pods = usize::try_from(decision.pod_startup_measured_pods).ok()?;
+    (measured_pods > 0 && seconds.is_finite() && seconds >= 0.0).then_some(Startup {
+        seconds,
+        measured_pods,
+    })
 }
 
 #[cfg(test)]
@@ -1008,6 +1026,36 @@ mod tests {
         let after = statuses[1].worker.as_ref().unwrap();
         assert_eq!(after.pod_startup_seconds, Some(3.0));
         assert_eq!(after.pod_startup_measured_pods, 2);
+    }
+
+    #[tokio::test]
+    async fn a_restarted_scaler_plans_with_the_start_up_its_predecessor_measured() {
+        let (recorder, _, scaler, mut module, store) = world(Ok(backlog(0.0)));
+        // What an earlier leader wrote: 4 s, measured from 3 pods.
+        module.status = Some(chimera_core::api::ChimeraModuleStatus {
+            autoscaling: Some(AutoscalingStatus {
+                worker: Some(ScalingDecision {
+                    desired_replicas: 1,
+                    current_replicas: 1,
+                    pod_startup_seconds: Some(4.0),
+                    pod_startup_measured_pods: 3,
+                    ..ScalingDecision::default()
+                }),
+                query: None,
+            }),
+            ..Default::default()
+        });
+        tick(&scaler, &module, &store).await;
+        // Its own pods take over once it has seen one start.
+        scaler.measure_startups(&[head_pod("a", 2)]);
+        tick(&scaler, &module, &store).await;
+        let statuses = recorder.statuses.lock().unwrap();
+        // The first decision planned with the 4 s of 3 pods, as the status already said, so
+        // it wrote nothing (with the default it would have written 10 s from 0 pods).
+        assert_eq!(statuses.len(), 1, "{statuses:?}");
+        let own = statuses[0].worker.as_ref().unwrap();
+        assert_eq!(own.pod_startup_seconds, Some(2.0));
+        assert_eq!(own.pod_startup_measured_pods, 1);
     }
 
     #[tokio::test]
