@@ -350,8 +350,14 @@ impl QueryLaw {
             self.hold.horizon(),
         );
         let hold = self.hold.seconds();
+        let starting = s.replicas.ready < s.replicas.existing;
         let desired = if need >= current {
             need
+        } else if starting {
+            // Ordered pods are still starting: cancelling them now wastes the start-up when
+            // the need returns (a latency spike ordered 20, the next tick's 12 removed 8
+            // starting pods, and they were ordered again 45 s later).
+            current
         } else {
             // Scale in, in one step, to what has been enough for the whole hold.
             self.hold
@@ -456,16 +462,28 @@ mod tests {
 
         /// One second of `rate` requests at `latency` seconds, with `replicas`.
         fn second(&mut self, rate: f64, latency: f64, in_flight: f64, replicas: u32) -> Decision {
+            let replicas = Replicas {
+                existing: replicas,
+                ready: replicas,
+            };
+            self.second_of(rate, latency, in_flight, replicas)
+        }
+
+        /// One second with some of the replicas still starting.
+        fn second_of(
+            &mut self,
+            rate: f64,
+            latency: f64,
+            in_flight: f64,
+            replicas: Replicas,
+        ) -> Decision {
             self.t += 1.0;
             self.hist.observe_n(latency, rate);
             self.law.decide(&QuerySignals {
                 now: self.t,
                 latency: self.hist.clone(),
                 in_flight,
-                replicas: Replicas {
-                    existing: replicas,
-                    ready: replicas,
-                },
+                replicas,
             })
         }
     }
@@ -523,6 +541,28 @@ mod tests {
         assert!(d.desired >= 4, "{} {}", d.desired, d.reason);
         let k = f.law.capacity().unwrap();
         assert!((k - 200.0).abs() < 1.0, "{k}");
+    }
+
+    #[test]
+    fn ordered_replicas_are_not_cancelled_while_they_start() {
+        let mut f = Feed::new();
+        for _ in 0..5 {
+            f.second(1000.0, 0.15, 20.0, 10);
+        }
+        for _ in 0..5 {
+            f.second(100.0, 0.02, 2.0, 10);
+        }
+        // The load stays low while 4 of the 10 are still starting: held, past the hold.
+        let starting = Replicas {
+            existing: 10,
+            ready: 6,
+        };
+        for t in 0..90 {
+            let d = f.second_of(100.0, 0.02, 2.0, starting);
+            assert_eq!(d.desired, 10, "t={t}: {}", d.reason);
+        }
+        let d = f.second(100.0, 0.02, 2.0, 10);
+        assert!(d.desired <= 3, "scaled in once they are Ready: {}", d.reason);
     }
 
     #[test]

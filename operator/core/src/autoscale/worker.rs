@@ -213,7 +213,12 @@ impl WorkerLaw {
                 ceil_replicas(s.unacked_messages / f64::from(self.settings.prefetch.max(1)))
             };
             let floor = recent.max(holding).max(need);
-            if floor >= current {
+            if s.replicas.ready < s.replicas.existing {
+                (
+                    current,
+                    format!("{why}; holding {current} while ordered replicas start"),
+                )
+            } else if floor >= current {
                 (
                     current,
                     format!(
@@ -606,6 +611,57 @@ mod tests {
         }
         let d = last.unwrap();
         assert!(d.desired <= 4, "scaled in after the window: {}", d.reason);
+    }
+
+    #[test]
+    fn ordered_replicas_are_not_cancelled_while_they_start() {
+        let mut law = WorkerLaw::new(settings(1, 40));
+        let mut acked = 0.0;
+        for t in 0..5 {
+            acked += 500.0;
+            law.decide(&signals(f64::from(t), 1000.0, 1000.0, acked, 10));
+        }
+        // 3 of the 10 still starting while the load falls to what 3 handle: held while
+        // they start, however long the hold has run; scaled in once they are Ready.
+        let starting = |now: f64, acked: f64| WorkerSignals {
+            replicas: Replicas {
+                existing: 10,
+                ready: 7,
+            },
+            ..signals(now, 0.0, 20.0, acked, 10)
+        };
+        for t in 5..=90 {
+            acked += 100.0;
+            let d = law.decide(&starting(f64::from(t), acked));
+            assert_eq!(d.desired, 10, "t={t}: {}", d.reason);
+        }
+        acked += 100.0;
+        let d = law.decide(&signals(91.0, 0.0, 20.0, acked, 10));
+        assert!(d.desired <= 4, "{}", d.reason);
+    }
+
+    #[test]
+    fn arrivals_are_measured_between_refreshes_of_the_broker_statistics() {
+        // 100/s arrive and 2 replicas ack them at once; the ack counter moves only every
+        // 5 s, at an offset that drifts against the ticks (every 5th, then 6th tick).
+        let mut law = WorkerLaw::new(settings(1, 40));
+        let (mut acked, mut refreshed_at) = (0.0, 0.0);
+        let mut seen = Vec::new();
+        for t in 1..=120 {
+            let t = f64::from(t);
+            let period = if (t as u32 / 11) % 2 == 0 { 5.0 } else { 6.0 };
+            if t - refreshed_at >= period {
+                acked = 100.0 * t;
+                refreshed_at = t;
+            }
+            law.decide(&signals(t, 0.0, 20.0, acked, 2));
+            if t > 20.0 {
+                seen.push(law.arrivals(t));
+            }
+        }
+        for rate in &seen {
+            assert!((80.0..=120.0).contains(rate), "{seen:?}");
+        }
     }
 
     #[test]
