@@ -147,7 +147,11 @@ pub fn predicted_scenario(
         name: format!(
             "{}-predicted{}",
             replayed.name,
-            if contention.is_some() { "-contended" } else { "" }
+            if contention.is_some() {
+                "-contended"
+            } else {
+                ""
+            }
         ),
         head: Head::Worker,
         startup_s: rounded_seconds(measured.startup_s),
@@ -212,7 +216,11 @@ pub fn rate_per_ready_pod(samples: &[Sample], prefetch: f64) -> Vec<(u32, u32, f
     by_ready
         .into_iter()
         .map(|(ready, (seconds, applied))| {
-            (ready, seconds, applied / f64::from(seconds) / f64::from(ready))
+            (
+                ready,
+                seconds,
+                applied / f64::from(seconds) / f64::from(ready),
+            )
         })
         .collect()
 }
@@ -273,11 +281,11 @@ pub fn scenario_files(scenario: &Scenario, trace_file: &str) -> (String, String)
     for (t, s) in scenario.trace.iter().enumerate() {
         csv.push_str(&format!("{t},{:.3},{:.3}\n", s.rate, s.service_scale));
     }
-    (
-        serde_json::to_string_pretty(&json).unwrap_or_default(),
-        csv,
-    )
+    (serde_json::to_string_pretty(&json).unwrap_or_default(), csv)
 }
+
+/// A row of the report's table: its name and how a score fills its cell.
+type Row = (&'static str, fn(&Score) -> String);
 
 fn seconds(s: Option<u32>) -> String {
     s.map_or_else(|| "-".to_owned(), |s| format!("{s} s"))
@@ -302,10 +310,14 @@ pub struct Replay<'a> {
 /// The report: the node and each prediction scored alike, the pods' rate by ready count, and
 /// each run's scale decisions with their reasons.
 pub fn report(replay: &Replay<'_>, predictions: &[(&str, &Run)]) -> String {
-    let slo = replay.replayed.slo.queue_wait_p99_s.unwrap_or(f64::INFINITY);
+    let slo = replay
+        .replayed
+        .slo
+        .queue_wait_p99_s
+        .unwrap_or(f64::INFINITY);
     let mut scores = vec![score_node(replay.samples, slo)];
     scores.extend(predictions.iter().map(|(_, run)| score_sim(run, slo)));
-    let rows: [(&str, fn(&Score) -> String); 7] = [
+    let rows: [Row; 7] = [
         ("seconds over the SLO", |s| s.violation_s.to_string()),
         ("replica-seconds", |s| format!("{:.0}", s.replica_seconds)),
         ("scale actions", |s| s.scale_actions.to_string()),
@@ -325,10 +337,10 @@ pub fn report(replay: &Replay<'_>, predictions: &[(&str, &Run)]) -> String {
         replay.cpu,
         m.per_pod_rate,
         m.startup_s,
-        m.contention
-            .map_or_else(|| "none (no ready count above one ran saturated)".to_owned(), |c| {
-                format!("σ = {c:.3}")
-            }),
+        m.contention.map_or_else(
+            || "none (no ready count above one ran saturated)".to_owned(),
+            |c| { format!("σ = {c:.3}") }
+        ),
         replay.samples.len(),
         replay.samples.last().map_or(0.0, |s| s.published),
         replay.lost,

@@ -116,9 +116,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     node.wait_replicas(replayed.min_replicas.max(1)).await?;
     let rates = compare::planned_rates(&replayed, per_pod_rate);
     let (samples, decisions) = replay(&node, &publisher, &rates).await?;
-    let startup_s = node.measured_startup().await.unwrap_or(f64::from(replayed.startup_s));
+    let startup_s = node
+        .measured_startup()
+        .await
+        .unwrap_or(f64::from(replayed.startup_s));
     operator.stop().await;
-    let lost = node.lost(&vhost, samples.last().map_or(0.0, |s| s.published)).await?;
+    let lost = node
+        .lost(&vhost, samples.last().map_or(0.0, |s| s.published))
+        .await?;
 
     // 3. Predictions and report: the pods as calibrated, and with the contention they showed.
     let rates_by_ready = compare::rate_per_ready_pod(&samples, f64::from(replayed.prefetch));
@@ -220,7 +225,10 @@ impl Node {
     }
 
     async fn apply(&self, module: &Value) -> anyhow::Result<()> {
-        ensure!(module.is_object(), "examples/marketplace/users.yaml is unreadable");
+        ensure!(
+            module.is_object(),
+            "examples/marketplace/users.yaml is unreadable"
+        );
         self.api::<ChimeraModule>()
             .patch(
                 MODULE,
@@ -346,7 +354,9 @@ async fn calibrate(node: &Node, publisher: &load::Publisher) -> anyhow::Result<f
     let mut batch = 2_000_usize;
     let mut sent = 0_usize;
     for _ in 0..4 {
-        publisher.publish_batch(load::CALIBRATION, sent, batch).await?;
+        publisher
+            .publish_batch(load::CALIBRATION, sent, batch)
+            .await?;
         sent += batch;
         let mut points = Vec::new();
         let started = Instant::now();
@@ -405,7 +415,11 @@ async fn replay(
             && desired != Some(d.desired_replicas)
         {
             desired = Some(d.desired_replicas);
-            decisions.push((t, d.desired_replicas, format!("{} ({})", d.reason, d.signal)));
+            decisions.push((
+                t,
+                d.desired_replicas,
+                format!("{} ({})", d.reason, d.signal),
+            ));
         }
         samples.push(sample);
     }

@@ -43,6 +43,10 @@ const SERVICE_TIME_WINDOW_S: f64 = 300.0;
 const SERVERS_CALM_S: f64 = 15.0;
 /// Seconds within which requests piled up beyond the target should be served.
 const QUEUE_DRAIN_S: f64 = 1.0;
+/// Seconds of current service times a rise is fitted over.
+const TREND_S: f64 = 10.0;
+/// A fitted rise counts when it adds at least this share over the trend window.
+const TREND_MIN_RISE: f64 = 0.05;
 
 /// The module's settings for its query head.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -105,6 +109,9 @@ pub struct QueryLaw {
     hold: Hold,
     /// The held percentile of the last window, when it had enough requests to have one.
     percentile: Option<f64>,
+    /// (time, current service time, demand) of the last [`TREND_S`], for a rising
+    /// dependency.
+    service_times: VecDeque<(f64, f64, f64)>,
 }
 
 impl QueryLaw {
@@ -129,6 +136,7 @@ impl QueryLaw {
             recommendations: Recent::default(),
             hold,
             percentile: None,
+            service_times: VecDeque::new(),
         }
     }
 
@@ -280,12 +288,20 @@ impl QueryLaw {
                     .map_or(c, |old| old + CAPACITY_GAIN * (c - old)),
             );
         }
-        // Capacity per replica now: the servers over the current service time once known.
-        let capacity = match (self.servers, service_now) {
+        // A service time rising at constant demand (a dependency slowing down) keeps rising
+        // while ordered pods start: plan with where it will be when they serve (at most
+        // twice today's), not where it was (each step came a start-up late, over the SLO).
+        let service_ahead = service_now.map(|sn| {
+            self.note_service_time(s.now, sn, demand);
+            let rise = self.service_rise().unwrap_or(0.0);
+            sn + (rise * self.settings.startup_seconds.max(0.0)).min(sn)
+        });
+        // Capacity per replica: the servers over the service time planned with, once known.
+        let capacity = match (self.servers, service_ahead) {
             (Some(c), Some(sn)) if sn > 0.0 => Some(c / sn),
             _ => self.capacity,
         };
-        let service_time = service_now.or(service_time);
+        let service_time = service_ahead.or(service_time);
         let over = percentile.map_or(1.0, |p| p / target);
         // What the demand alone needs (without draining queues), for the scale-in hold: a
         // queue is drained once, it does not hold replicas afterwards.
@@ -392,6 +408,32 @@ impl QueryLaw {
     /// servers (Little's law: demand × service time) plus SPARE × their square root, spread over
     /// the servers a replica has (capacity × service time); otherwise a fixed utilisation (100 %
     /// of a capacity measured below saturation, which is a lower bound).
+    fn note_service_time(&mut self, now: f64, service: f64, demand: f64) {
+        self.service_times.push_back((now, service, demand));
+        while self
+            .service_times
+            .front()
+            .is_some_and(|(t, _, _)| now - t > TREND_S)
+        {
+            self.service_times.pop_front();
+        }
+    }
+
+    /// Seconds of service time gained per second over the trend window while the demand
+    /// stayed flat; `None` unless it rose by a clear share. (Under rising demand the mean
+    /// latency rises with queueing alone: that is the demand's to size, not a dependency's.)
+    fn service_rise(&self) -> Option<f64> {
+        if self.service_times.len() < 5 {
+            return None;
+        }
+        let (demand_slope, demand) = fit(self.service_times.iter().map(|(t, _, d)| (*t, *d)))?;
+        if demand_slope.abs() * TREND_S > TREND_MIN_RISE * demand {
+            return None;
+        }
+        let (slope, service) = fit(self.service_times.iter().map(|(t, s, _)| (*t, *s)))?;
+        (slope * TREND_S > TREND_MIN_RISE * service).then_some(slope)
+    }
+
     fn steady(&self, demand: f64, capacity: f64, service_time: Option<f64>) -> f64 {
         match service_time.filter(|s| *s > 0.0) {
             Some(s) => {
@@ -412,6 +454,23 @@ impl QueryLaw {
             throughput_limit: None,
         }
     }
+}
+
+/// Least-squares slope and mean of `(x, y)` points; `None` without two distinct x.
+fn fit(points: impl Iterator<Item = (f64, f64)> + Clone) -> Option<(f64, f64)> {
+    let n = points.clone().count();
+    if n < 2 {
+        return None;
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let count = n as f64;
+    let (mx, my) = points
+        .clone()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x / count, b + y / count));
+    let (cov, var) = points.fold((0.0, 0.0), |(c, v), (x, y)| {
+        (c + (x - mx) * (y - my), v + (x - mx) * (x - mx))
+    });
+    (var > 0.0).then(|| (cov / var, my))
 }
 
 #[cfg(test)]
@@ -544,6 +603,47 @@ mod tests {
     }
 
     #[test]
+    fn a_least_squares_fit_finds_a_line() {
+        let points = (0..5).map(|x| (f64::from(x), 3.0 + 0.5 * f64::from(x)));
+        let (slope, mean) = fit(points).unwrap();
+        assert!((slope - 0.5).abs() < 1e-12 && (mean - 4.0).abs() < 1e-12);
+        assert_eq!(fit([(1.0, 2.0), (1.0, 3.0)].into_iter()), None);
+    }
+
+    #[test]
+    fn a_dependency_slowing_down_is_planned_a_start_up_ahead() {
+        // Flat demand, the service time rising 20 -> 40 ms over 10 s, against a head that
+        // was at 40 ms all along: the rising one plans for where it will be.
+        let mut rising = Feed::with_two_servers_per_replica();
+        let mut flat = Feed::with_two_servers_per_replica();
+        let (mut r, mut f) = (None, None);
+        for i in 1..=10 {
+            let latency = 0.02 + 0.002 * f64::from(i);
+            r = Some(rising.second(200.0, latency, 200.0 * latency, 4));
+        }
+        // (long enough at 40 ms that its step up has left the trend window)
+        for _ in 0..20 {
+            f = Some(flat.second(200.0, 0.04, 8.0, 4));
+        }
+        assert!(rising.law.service_rise().is_some_and(|x| x > 0.001));
+        assert_eq!(flat.law.service_rise(), None);
+        let (r, f) = (r.unwrap(), f.unwrap());
+        assert!(r.desired > f.desired, "{} vs {}", r.reason, f.reason);
+    }
+
+    #[test]
+    fn latency_rising_with_the_demand_is_not_a_slower_dependency() {
+        let mut f = Feed::with_two_servers_per_replica();
+        for i in 1..=10 {
+            // Queueing: the latency grows with the load.
+            let rate = 200.0 + 20.0 * f64::from(i);
+            let latency = 0.02 + 0.002 * f64::from(i);
+            f.second(rate, latency, rate * latency, 4);
+        }
+        assert_eq!(f.law.service_rise(), None);
+    }
+
+    #[test]
     fn ordered_replicas_are_not_cancelled_while_they_start() {
         let mut f = Feed::new();
         for _ in 0..5 {
@@ -562,7 +662,11 @@ mod tests {
             assert_eq!(d.desired, 10, "t={t}: {}", d.reason);
         }
         let d = f.second(100.0, 0.02, 2.0, 10);
-        assert!(d.desired <= 3, "scaled in once they are Ready: {}", d.reason);
+        assert!(
+            d.desired <= 3,
+            "scaled in once they are Ready: {}",
+            d.reason
+        );
     }
 
     #[test]

@@ -649,7 +649,11 @@ mod tests {
         let mut seen = Vec::new();
         for t in 1..=120 {
             let t = f64::from(t);
-            let period = if (t as u32 / 11) % 2 == 0 { 5.0 } else { 6.0 };
+            let period = if (t as u32 / 11).is_multiple_of(2) {
+                5.0
+            } else {
+                6.0
+            };
             if t - refreshed_at >= period {
                 acked = 100.0 * t;
                 refreshed_at = t;
