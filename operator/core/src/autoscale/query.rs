@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 
 use super::histogram::Histogram;
 use super::hysteresis::Hold;
-use super::series::Recent;
+use super::series::{Recent, fit};
 use super::{Bounds, Decision, Replicas, ceil_replicas};
 
 /// Percentiles and rates are measured over this many seconds.
@@ -456,23 +456,6 @@ impl QueryLaw {
     }
 }
 
-/// Least-squares slope and mean of `(x, y)` points; `None` without two distinct x.
-fn fit(points: impl Iterator<Item = (f64, f64)> + Clone) -> Option<(f64, f64)> {
-    let n = points.clone().count();
-    if n < 2 {
-        return None;
-    }
-    #[allow(clippy::cast_precision_loss)]
-    let count = n as f64;
-    let (mx, my) = points
-        .clone()
-        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x / count, b + y / count));
-    let (cov, var) = points.fold((0.0, 0.0), |(c, v), (x, y)| {
-        (c + (x - mx) * (y - my), v + (x - mx) * (x - mx))
-    });
-    (var > 0.0).then(|| (cov / var, my))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -600,14 +583,6 @@ mod tests {
         assert!(d.desired >= 4, "{} {}", d.desired, d.reason);
         let k = f.law.capacity().unwrap();
         assert!((k - 200.0).abs() < 1.0, "{k}");
-    }
-
-    #[test]
-    fn a_least_squares_fit_finds_a_line() {
-        let points = (0..5).map(|x| (f64::from(x), 3.0 + 0.5 * f64::from(x)));
-        let (slope, mean) = fit(points).unwrap();
-        assert!((slope - 0.5).abs() < 1e-12 && (mean - 4.0).abs() < 1e-12);
-        assert_eq!(fit([(1.0, 2.0), (1.0, 3.0)].into_iter()), None);
     }
 
     #[test]

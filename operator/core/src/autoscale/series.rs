@@ -92,6 +92,16 @@ impl Recent {
         self.samples.front().map_or(0.0, |(t, _)| now - t)
     }
 
+    /// Least-squares slope (per second) and mean of the values no older than `window`
+    /// seconds before `now`.
+    pub fn fit_since(&self, now: f64, window: f64) -> Option<(f64, f64)> {
+        fit(self
+            .samples
+            .iter()
+            .copied()
+            .filter(|(t, _)| now - t <= window + 1e-9))
+    }
+
     /// The smallest value no older than `window` seconds before `now`.
     pub fn min_since(&self, now: f64, window: f64) -> Option<f64> {
         self.samples
@@ -102,9 +112,34 @@ impl Recent {
     }
 }
 
+/// Least-squares slope and mean of `(x, y)` points; `None` without two distinct x.
+pub fn fit(points: impl Iterator<Item = (f64, f64)> + Clone) -> Option<(f64, f64)> {
+    let n = points.clone().count();
+    if n < 2 {
+        return None;
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let count = n as f64;
+    let (mx, my) = points
+        .clone()
+        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x / count, b + y / count));
+    let (cov, var) = points.fold((0.0, 0.0), |(c, v), (x, y)| {
+        (c + (x - mx) * (y - my), v + (x - mx) * (x - mx))
+    });
+    (var > 0.0).then(|| (cov / var, my))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_least_squares_fit_finds_a_line() {
+        let points = (0..5).map(|x| (f64::from(x), 3.0 + 0.5 * f64::from(x)));
+        let (slope, mean) = fit(points).unwrap();
+        assert!((slope - 0.5).abs() < 1e-12 && (mean - 4.0).abs() < 1e-12);
+        assert_eq!(fit([(1.0, 2.0), (1.0, 3.0)].into_iter()), None);
+    }
 
     #[test]
     fn rates_over_windows() {
