@@ -92,16 +92,6 @@ impl Recent {
         self.samples.front().map_or(0.0, |(t, _)| now - t)
     }
 
-    /// Least-squares slope (per second) and mean of the values no older than `window`
-    /// seconds before `now`.
-    pub fn fit_since(&self, now: f64, window: f64) -> Option<(f64, f64)> {
-        fit(self
-            .samples
-            .iter()
-            .copied()
-            .filter(|(t, _)| now - t <= window + 1e-9))
-    }
-
     /// The smallest value no older than `window` seconds before `now`.
     pub fn min_since(&self, now: f64, window: f64) -> Option<f64> {
         self.samples
