@@ -315,22 +315,18 @@ async fn mark_pods_ready(h: &Harness, selector: &str, metrics_at: Option<std::ne
     let Ok(list) = pods.list(&ListParams::default().labels(selector)).await else {
         return;
     };
-    let is_ready = |pod: &Pod| {
-        pod.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-    };
     // One live pod carries the address of the test's metrics server (the autoscaler scrapes
     // every ready pod with an address: one server stands for the head's pods).
     let mut addressed = list.items.iter().any(|p| {
         p.metadata.deletion_timestamp.is_none()
-            && is_ready(p)
+            && chimera_testenv::pod_is_ready(p)
             && p.status.as_ref().is_some_and(|s| s.pod_ip.is_some())
     });
     for pod in list.items {
         let give_address = metrics_at.is_some() && !addressed;
-        if (is_ready(&pod) && !give_address) || pod.metadata.deletion_timestamp.is_some() {
+        if (chimera_testenv::pod_is_ready(&pod) && !give_address)
+            || pod.metadata.deletion_timestamp.is_some()
+        {
             continue;
         }
         let name = pod.metadata.name.clone().unwrap_or_default();

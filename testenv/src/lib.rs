@@ -14,7 +14,7 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
 };
@@ -115,6 +115,15 @@ pub fn require_images(images: &[&str]) {
              `scripts/images --debug` (scripts/test does this before the tests)"
         );
     }
+}
+
+/// Whether `pod` is Ready (its Ready condition is True), as the Service and the autoscaler
+/// count it.
+pub fn pod_is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// A client for the test kube-apiserver (from KUBECONFIG), checked to answer.

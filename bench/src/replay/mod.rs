@@ -293,12 +293,7 @@ impl Node {
             .items
             .iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .filter(|p| {
-                p.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-            })
+            .filter(|p| chimera_testenv::pod_is_ready(p))
             .count();
         Ok(u32::try_from(ready).unwrap_or(u32::MAX))
     }

@@ -266,12 +266,7 @@ impl NodeHarness {
             .unwrap_or_default();
         pods.iter()
             .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .filter(|p| {
-                p.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-            })
+            .filter(|p| chimera_testenv::pod_is_ready(p))
             .count()
     }
 

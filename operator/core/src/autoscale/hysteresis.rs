@@ -25,6 +25,8 @@ const RELAX: f64 = 0.75;
 /// measured at n+1 replicas that needs 5.9 and is taken to 6 needs 6.1 there (its latency and
 /// service rate move with its utilisation), and comes back to n+1 at once, an action each way.
 const TOLERANCE: f64 = 0.1;
+/// Start-ups after a scale-out during which its pods not yet Ready count as starting.
+const STARTING_PATIENCE: f64 = 2.0;
 
 use super::ceil_replicas;
 use super::series::Recent;
@@ -36,6 +38,8 @@ pub struct Hold {
     hold: f64,
     /// The last scale-in: when, and whether a scale-out followed within the horizon.
     last_in: Option<(f64, bool)>,
+    /// When the last scale-out was decided.
+    last_out: Option<f64>,
 }
 
 impl Hold {
@@ -46,6 +50,7 @@ impl Hold {
             base,
             hold: base,
             last_in: None,
+            last_out: None,
         }
     }
 
@@ -54,6 +59,15 @@ impl Hold {
         let base = base.max(1.0);
         self.hold = (self.hold / self.base * base).clamp(base, base * MAX_FACTOR);
         self.base = base;
+    }
+
+    /// Whether replicas not Ready yet may still be starting: the last scale-out was less
+    /// than [`STARTING_PATIENCE`] start-ups of `startup` seconds ago. Pods not Ready by then
+    /// are stuck (unschedulable, failing their probe), not starting: they must not hold a
+    /// scale-in, nor a scale-out, forever.
+    pub fn may_be_starting(&self, now: f64, startup: f64) -> bool {
+        self.last_out
+            .is_some_and(|at| now - at < STARTING_PATIENCE * startup.max(1.0))
     }
 
     /// Seconds the smaller count must have been enough for before a scale-in.
@@ -109,6 +123,7 @@ impl Hold {
     /// Records a change of the desired replicas at `now`.
     pub fn changed(&mut self, now: f64, from: u32, to: u32) {
         if to > from {
+            self.last_out = Some(now);
             let horizon = self.horizon();
             if let Some((at, regretted)) = self.last_in.as_mut() {
                 let gap = now - *at;

@@ -29,6 +29,21 @@ pub struct Replicas {
     pub ready: u32,
 }
 
+impl Replicas {
+    /// Replicas ordered and not ready yet.
+    pub fn starting(&self) -> u32 {
+        self.existing.saturating_sub(self.ready)
+    }
+
+    /// Whether a scale-out to `need` waits for the replicas still starting: each order is a
+    /// pod started, so while the last one is on its way only a need well beyond it (a
+    /// quarter more, at least one) orders again.
+    pub fn waits_for_starting(&self, need: u32) -> bool {
+        let band = self.existing + (self.existing / 4).max(1);
+        self.starting() > 0 && need < band
+    }
+}
+
 /// Replica bounds from the module's spec.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bounds {
@@ -95,6 +110,30 @@ fn ceil_replicas(x: f64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scale_out_waits_for_starting_replicas_unless_it_needs_a_quarter_more() {
+        let r = Replicas {
+            existing: 8,
+            ready: 5,
+        };
+        assert_eq!(r.starting(), 3);
+        assert!(r.waits_for_starting(9));
+        assert!(!r.waits_for_starting(10));
+        let one = Replicas {
+            existing: 1,
+            ready: 0,
+        };
+        assert!(!one.waits_for_starting(2), "at least one more orders");
+        let ready = Replicas {
+            existing: 8,
+            ready: 8,
+        };
+        assert!(
+            !ready.waits_for_starting(9),
+            "nothing starting: order at once"
+        );
+    }
 
     #[test]
     fn ceil_replicas_is_safe() {

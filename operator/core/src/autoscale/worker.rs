@@ -213,7 +213,7 @@ impl WorkerLaw {
                 ceil_replicas(s.unacked_messages / f64::from(self.settings.prefetch.max(1)))
             };
             let floor = recent.max(holding).max(need);
-            if s.replicas.ready < s.replicas.existing {
+            if s.replicas.ready < s.replicas.existing && self.hold.may_be_starting(s.now, startup) {
                 (
                     current,
                     format!("{why}; holding {current} while ordered replicas start"),
@@ -308,9 +308,12 @@ impl WorkerLaw {
     /// is already counted as coming (the growth until they serve is in the need).
     fn scale_out(&self, s: &WorkerSignals, need: u32, why: String) -> (u32, String) {
         let current = s.replicas.existing;
-        let starting = current.saturating_sub(s.replicas.ready);
-        let band = current + (current / 4).max(1);
-        if starting > 0 && need < band {
+        let starting = s.replicas.starting();
+        if s.replicas.waits_for_starting(need)
+            && self
+                .hold
+                .may_be_starting(s.now, self.settings.startup_seconds)
+        {
             (
                 current,
                 format!(
@@ -616,28 +619,34 @@ mod tests {
     #[test]
     fn ordered_replicas_are_not_cancelled_while_they_start() {
         let mut law = WorkerLaw::new(settings(1, 40));
-        let mut acked = 0.0;
-        for t in 0..5 {
-            acked += 500.0;
-            law.decide(&signals(f64::from(t), 1000.0, 1000.0, acked, 10));
+        // A cold start: 2000 waiting, the service rate unknown: one replica per prefetch.
+        let out = law.decide(&signals(0.0, 2000.0, 0.0, 0.0, 1));
+        let n = out.desired;
+        assert!(n > 4, "{}", out.reason);
+        // The one ready replica drains it at 150/s while the others start: the need falls
+        // well below n, but the ordered pods are held while they may be starting (two
+        // start-ups of 10 s); pods not Ready by then are stuck and hold nothing.
+        let (mut acked, mut backlog) = (0.0, 2000.0_f64);
+        let mut seen = Vec::new();
+        for t in 1..=120 {
+            acked += 150.0_f64.min(backlog);
+            backlog = (backlog - 150.0).max(0.0);
+            let d = law.decide(&WorkerSignals {
+                replicas: Replicas {
+                    existing: n,
+                    ready: 1,
+                },
+                ..signals(f64::from(t), backlog, 0.0, acked, n)
+            });
+            if t < 20 {
+                assert_eq!(d.desired, n, "t={t}: {}", d.reason);
+            }
+            seen.push(d.desired);
         }
-        // 3 of the 10 still starting while the load falls to what 3 handle: held while
-        // they start, however long the hold has run; scaled in once they are Ready.
-        let starting = |now: f64, acked: f64| WorkerSignals {
-            replicas: Replicas {
-                existing: 10,
-                ready: 7,
-            },
-            ..signals(now, 0.0, 20.0, acked, 10)
-        };
-        for t in 5..=90 {
-            acked += 100.0;
-            let d = law.decide(&starting(f64::from(t), acked));
-            assert_eq!(d.desired, 10, "t={t}: {}", d.reason);
-        }
-        acked += 100.0;
-        let d = law.decide(&signals(91.0, 0.0, 20.0, acked, 10));
-        assert!(d.desired <= 4, "{}", d.reason);
+        assert!(
+            seen.iter().any(|d| *d < n),
+            "stuck pods hold forever: {seen:?}"
+        );
     }
 
     #[test]
