@@ -5,7 +5,7 @@
 //! image runs), watching a namespace of its own; the users module's worker runs as pods on the
 //! node, CPU-limited so that a handful of them carry the load on two cores. Steps:
 //! 1. calibrate: one pod (replicas max 1) drains a backlog; its rate is the pods' service rate;
-//! 2. replay: a fresh operator (its laws start cold, as the simulator's do) with the
+//! 2. replay: a fresh operator (its laws' rates start cold, as the simulator's do) with the
 //!    scenario's bounds, while the scenario's arrivals, scaled to that rate, are published;
 //!    every second the published and applied counts and the pods are sampled;
 //! 3. predict: the simulator runs the arrivals as published, with the pods' measured service
@@ -98,7 +98,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // 1. Calibration: one pod, a backlog.
     let operator = start_operator("calibration", "warn").await?;
-    node.apply(&module(&args.worker_cpu, replayed.min_replicas.max(1), 1))
+    node.apply(&module(&args.worker_cpu, replayed.min_replicas.max(1), 1)?)
         .await?;
     node.wait_ready(Duration::from_secs(180)).await?;
     let per_pod_rate = calibrate(&node, &publisher).await?;
@@ -110,7 +110,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         &args.worker_cpu,
         replayed.min_replicas,
         replayed.max_replicas,
-    ))
+    )?)
     .await?;
     let operator = start_operator("replay", "warn,chimera_runtime::scaler=debug").await?;
     node.wait_replicas(replayed.min_replicas.max(1)).await?;
@@ -194,19 +194,19 @@ async fn secrets(
 }
 
 /// The users module of examples/, its worker head bounded and CPU-limited.
-fn module(cpu: &str, min: u32, max: u32) -> Value {
+fn module(cpu: &str, min: u32, max: u32) -> anyhow::Result<Value> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/marketplace/users.yaml");
-    let mut module: Value = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|text| serde_yaml::from_str(&text).ok())
-        .unwrap_or(Value::Null);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut module: Value =
+        serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     module["spec"]["query"]["replicas"] = json!({"min": 1, "max": 1});
     module["spec"]["worker"]["replicas"] = json!({"min": min, "max": max});
     module["spec"]["worker"]["resources"] = json!({
         "requests": {"cpu": "50m", "memory": "32Mi"},
         "limits": {"cpu": cpu, "memory": "256Mi"}
     });
-    module
+    Ok(module)
 }
 
 /// The node as the replay reads it.
