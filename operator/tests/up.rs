@@ -622,3 +622,83 @@ async fn a_commands_trace_reaches_every_subscribers_handling_over_otlp() {
     std::fs::remove_dir_all(&state).ok();
     std::fs::remove_dir_all(&modules).ok();
 }
+
+/// A terminal's Ctrl-C signals the foreground process group: under `chimera up` that must stop
+/// each head with SIGTERM only (the contract's one stop signal), not also hand it the SIGINT,
+/// which killed a head that handles only SIGTERM before it drained. The head here is a shell
+/// script (any executable is a program) that writes down the signals it gets and what the
+/// contract told it.
+#[tokio::test]
+async fn a_ctrl_c_stops_the_heads_with_sigterm_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+
+    let vhost = TestVhost::create("up-ctrl-c");
+    let state = std::env::temp_dir().join(unique_name("chimera-up-ctrl-c"));
+    let (modules, bin) = (state.with_extension("modules"), state.with_extension("bin"));
+    std::fs::create_dir_all(&modules).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    let signals = state.with_extension("signals");
+    let program = bin.join("sigterm-only");
+    std::fs::write(
+        &program,
+        "#!/bin/sh\n\
+         trap 'echo INT >> \"$SIGNALS\"' INT\n\
+         trap 'echo TERM >> \"$SIGNALS\"; exit 0' TERM\n\
+         echo \"started drain=$CHIMERA_DRAIN_SECONDS\" >> \"$SIGNALS\"\n\
+         while true; do sleep 0.1; done\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        modules.join("signals.yaml"),
+        format!(
+            "apiVersion: chimera.dev/v1alpha1\nkind: ChimeraModule\nmetadata: {{name: signals}}\n\
+             spec:\n  image: sigterm-only:1\n  env: [{{name: SIGNALS, value: {}}}]\n\
+             \x20 query: {{replicas: {{min: 1, max: 1}}, terminationGracePeriodSeconds: 7}}\n",
+            signals.display()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut command = up_command(&state, &modules, &vhost, port, free_ports(1));
+    // As a shell starts a foreground job: its own process group, which Ctrl-C signals.
+    command.arg("--bin-dir").arg(&bin).process_group(0);
+    let mut up = Up {
+        child: command.spawn().unwrap(),
+        state: state.clone(),
+    };
+    let read = || std::fs::read_to_string(&signals).unwrap_or_default();
+    eventually("the head starts", Duration::from_secs(60), || async {
+        read().contains("started").then_some(())
+    })
+    .await;
+    assert!(read().contains("started drain=7"), "{}", read());
+    // Ctrl-C: SIGINT to the whole foreground group.
+    let group = format!("-{}", up.child.id());
+    Command::new("kill")
+        .args(["-INT", "--", &group])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while up.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "chimera up did not stop on Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let got = read();
+    assert!(
+        got.contains("TERM"),
+        "the head was not stopped with SIGTERM: {got}"
+    );
+    assert!(
+        !got.contains("INT"),
+        "the head got the terminal's SIGINT: {got}"
+    );
+    for dir in [&state, &modules, &bin] {
+        std::fs::remove_dir_all(dir).ok();
+    }
+    std::fs::remove_file(&signals).ok();
+}

@@ -37,6 +37,8 @@ pub const MAX_ATTEMPTS: &str = "CHIMERA_MAX_ATTEMPTS";
 pub const PREFETCH: &str = "CHIMERA_PREFETCH";
 /// Comma-separated command names the worker accepts.
 pub const COMMANDS: &str = "CHIMERA_COMMANDS";
+/// Seconds from the head's SIGTERM until it is killed: what its drain may take.
+pub const DRAIN_SECONDS: &str = "CHIMERA_DRAIN_SECONDS";
 /// `json` for JSON log lines (set by the user in `spec.env`, not by the control plane).
 pub const LOG_FORMAT: &str = "CHIMERA_LOG_FORMAT";
 
@@ -125,6 +127,12 @@ pub const VARIABLES: &[Variable] = &[
         false,
         false,
         "comma-separated event names the domain may publish",
+    ),
+    var(
+        DRAIN_SECONDS,
+        false,
+        false,
+        "seconds from SIGTERM until the head is killed: finish the drain within them",
     ),
     var(
         LOG_FORMAT,

@@ -53,6 +53,9 @@ pub struct HeadConfig {
     pub commands_exchange: String,
     /// `CHIMERA_PUBLISHES`: the event names this domain may publish.
     pub publishes: Vec<String>,
+    /// `CHIMERA_DRAIN_SECONDS`: how long the head has from SIGTERM until it is killed (none:
+    /// unbounded, the caller's kill bounds it).
+    pub drain: Option<std::time::Duration>,
     /// Worker settings (only for the worker head).
     pub worker: Option<WorkerConfig>,
 }
@@ -143,6 +146,14 @@ impl HeadConfig {
             ));
         }
         let domain = required(var::DOMAIN)?;
+        let drain = get(var::DRAIN_SECONDS)
+            .map(|raw| {
+                raw.trim()
+                    .parse::<u64>()
+                    .map(std::time::Duration::from_secs)
+                    .map_err(|_| invalid(var::DRAIN_SECONDS, raw, "expected whole seconds"))
+            })
+            .transpose()?;
         let worker = match head {
             Head::Query => None,
             Head::Worker => {
@@ -205,6 +216,7 @@ impl HeadConfig {
             head,
             http_addr,
             amqp_url,
+            drain,
             worker,
         })
     }
@@ -234,6 +246,7 @@ mod tests {
             ("CHIMERA_PREFETCH", "200"),
             ("CHIMERA_COMMANDS", "order.place, order.cancel"),
             ("CHIMERA_PUBLISHES", "order.placed"),
+            ("CHIMERA_DRAIN_SECONDS", "60"),
         ])
     }
 
@@ -293,6 +306,7 @@ mod tests {
         let c = HeadConfig::from_vars(&worker_env()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.head, Head::Worker);
         assert_eq!(c.events_exchange, "chimera.orders.events");
+        assert_eq!(c.drain, Some(std::time::Duration::from_secs(60)));
         let w = c.worker.unwrap_or_else(|| panic!("worker config"));
         assert_eq!(w.retry_delays_seconds, [1, 10, 60]);
         assert_eq!(w.max_attempts, 4);
@@ -336,6 +350,8 @@ mod tests {
             ("CHIMERA_PREFETCH", "70000"),
             ("CHIMERA_RETRY_DELAYS_SECONDS", "1,x"),
             ("CHIMERA_MAX_ATTEMPTS", "0"),
+            ("CHIMERA_DRAIN_SECONDS", "-1"),
+            ("CHIMERA_DRAIN_SECONDS", "soon"),
         ] {
             let mut env = worker_env();
             env.insert(name.to_owned(), bad.to_owned());

@@ -57,6 +57,11 @@ pub enum HeadError {
     /// The command line names no head, or another one than CHIMERA_HEAD.
     #[error("{0}")]
     Usage(String),
+    /// The drain did not finish within the head's budget (`CHIMERA_DRAIN_SECONDS`): it stopped
+    /// before its kill, so that its logs and spans still go out; what was in flight is
+    /// redelivered (messages) or was cut (requests).
+    #[error("the drain did not finish within {0:?} of the stop (CHIMERA_DRAIN_SECONDS)")]
+    DrainOverrun(Duration),
 }
 
 /// Entry point of a module binary: `<binary> query|worker`, `--help`, `--version`.
@@ -175,10 +180,49 @@ pub async fn run_with(
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}.db", config.domain));
     let db = Database::connect(&url, module.migrations).await?;
-    match config.head {
-        Head::Query => run_query(&config, &module, db, stop).await,
-        Head::Worker => run_worker(&config, &module, db, stop).await,
+    let (stop, deadline) = drain_deadline(stop, config.drain.map(drain_budget));
+    let head = async {
+        match config.head {
+            Head::Query => run_query(&config, &module, db, stop).await,
+            Head::Worker => run_worker(&config, &module, db, stop).await,
+        }
+    };
+    tokio::select! {
+        outcome = head => outcome,
+        budget = deadline => {
+            tracing::warn!(?budget, "the drain overran its budget: stopping before the kill");
+            Err(HeadError::DrainOverrun(budget))
+        }
     }
+}
+
+/// What of the `drain` seconds a head spends draining: the rest (a tenth, at least a second,
+/// at most half) is for closing the connection and sending the last logs and spans.
+pub fn drain_budget(drain: Duration) -> Duration {
+    let margin = (drain / 10).max(Duration::from_secs(1)).min(drain / 2);
+    drain - margin
+}
+
+/// Forwards `stop` to the stop the head waits on, and completes `budget` after it (never
+/// without a budget).
+fn drain_deadline(
+    stop: Arc<Notify>,
+    budget: Option<Duration>,
+) -> (Arc<Notify>, impl Future<Output = Duration>) {
+    let head_stop = Arc::new(Notify::new());
+    let forward = head_stop.clone();
+    let deadline = async move {
+        stop.notified().await;
+        forward.notify_one();
+        match budget {
+            Some(budget) => {
+                tokio::time::sleep(budget).await;
+                budget
+            }
+            None => std::future::pending().await,
+        }
+    };
+    (head_stop, deadline)
 }
 
 fn readiness(db: &Database) -> ServerOptions {
@@ -287,4 +331,123 @@ async fn run_worker(
     http_stop.notify_one();
     let _ = http.await;
     outcome.map_err(HeadError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usage::Program;
+    use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn the_drain_keeps_a_margin_to_close_and_flush() {
+        let s = Duration::from_secs;
+        assert_eq!(drain_budget(s(60)), s(54));
+        assert_eq!(drain_budget(s(25)), Duration::from_millis(22_500));
+        assert_eq!(drain_budget(s(5)), s(4));
+        assert_eq!(drain_budget(s(1)), Duration::from_millis(500));
+        assert_eq!(drain_budget(s(0)), s(0));
+    }
+
+    fn slow_routes(_: Database) -> Router {
+        Router::new().route(
+            "/slow",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                "late"
+            }),
+        )
+    }
+
+    fn module() -> Module {
+        Module {
+            program: Program {
+                name: "drain",
+                version: "0",
+                about: "a head that drains",
+            },
+            migrations: &[],
+            query: slow_routes,
+            worker: |w| w,
+        }
+    }
+
+    /// A query head on a SQLite file and a free port, stopped by `stop`.
+    fn query_head(
+        drain: Option<&str>,
+    ) -> (
+        std::net::SocketAddr,
+        impl Future<Output = Result<(), HeadError>>,
+        Arc<Notify>,
+    ) {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap_or_else(|e| panic!("a free port: {e}"));
+        let file = std::env::temp_dir().join(format!("chimera-drain-{}.db", uuid::Uuid::new_v4()));
+        let mut vars: std::collections::HashMap<String, String> = [
+            ("CHIMERA_HEAD", "query".to_owned()),
+            ("CHIMERA_DOMAIN", "drain".to_owned()),
+            ("CHIMERA_HTTP_ADDR", addr.to_string()),
+            (
+                "CHIMERA_AMQP_URL",
+                "amqp://unused:unused@127.0.0.1:1/%2f".to_owned(),
+            ),
+            (
+                "CHIMERA_DATABASE_URL",
+                format!("sqlite://{}", file.display()),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        if let Some(d) = drain {
+            vars.insert("CHIMERA_DRAIN_SECONDS".into(), d.to_owned());
+        }
+        let stop = Arc::new(Notify::new());
+        (addr, run_with(module(), None, vars, stop.clone()), stop)
+    }
+
+    /// Sends a request to `/slow` once the head listens, and keeps the connection open.
+    async fn request_in_flight(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+        for _ in 0..200 {
+            if let Ok(mut c) = tokio::net::TcpStream::connect(addr).await {
+                c.write_all(b"GET /slow HTTP/1.1\r\nhost: head\r\n\r\n")
+                    .await
+                    .unwrap_or_else(|e| panic!("request: {e}"));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the head never listened on {addr}");
+    }
+
+    #[tokio::test]
+    async fn a_head_that_cannot_drain_in_time_stops_before_its_kill() {
+        let (addr, head, stop) = query_head(Some("2"));
+        let head = tokio::spawn(head);
+        let _connection = request_in_flight(addr).await;
+        stop.notify_one();
+        let outcome = head.await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            matches!(outcome, Err(HeadError::DrainOverrun(b)) if b == Duration::from_secs(1)),
+            "{outcome:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_head_with_nothing_in_flight_stops_cleanly_within_its_budget() {
+        let (addr, head, stop) = query_head(Some("2"));
+        let head = tokio::spawn(head);
+        // Up and answering first.
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.notify_one();
+        let outcome = head.await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(outcome.is_ok(), "{outcome:?}");
+    }
 }

@@ -165,13 +165,20 @@ fn outbox_row(r: &impl Columns) -> Result<OutboxRow, sqlx::Error> {
     })
 }
 
+/// How long a relay on SQLite owns the rows it claimed: rows it claimed and never marked (its
+/// process died mid-round) are due again after this, for any relay. Well above a round's
+/// publish (confirms within seconds), so no live relay's rows are taken from it.
+const CLAIM_LEASE: Duration = Duration::from_secs(60);
+
 /// Publishes the due pending rows once.
 ///
-/// On MySQL the rows are read `FOR UPDATE SKIP LOCKED` in the transaction that marks them, so
-/// relays of several replicas share the work. On SQLite (one writer) the rows are read without
-/// the write lock and only the marking takes it, so workers are not held up while the broker
-/// confirms; two relays on one file could then publish a row twice, which consumers' inboxes
-/// absorb (delivery is at-least-once anyway).
+/// Several replicas' relays share one database and each row is published by one of them
+/// (without a fault, an event is published once). On MySQL the rows are read
+/// `FOR UPDATE SKIP LOCKED` in the transaction that marks them. On SQLite (one writer) the
+/// write lock is not held while the broker confirms, so workers are not held up: the due rows
+/// are read without it, then claimed in a short write transaction that moves their due time a
+/// lease ahead (only rows still due are claimed: another relay's claim wins), then published,
+/// then marked.
 pub async fn relay_once(
     db: &Database,
     publisher: &Publisher,
@@ -204,6 +211,11 @@ pub async fn relay_once(
             .collect::<Result<_, _>>()
     }
     .map_err(q("decode outbox rows"))?;
+    let rows = if held.is_none() && !rows.is_empty() {
+        claim(db, rows, now).await?
+    } else {
+        rows
+    };
     let mut report = RelayReport::default();
     if rows.is_empty() {
         return Ok(report);
@@ -236,7 +248,7 @@ pub async fn relay_once(
         Ok(()) if ids.is_empty() => {} // every row was undecodable (marked dead above)
         Ok(()) => {
             let sql = format!(
-                "UPDATE chimera_outbox SET status = 'sent', attempts = attempts + 1 WHERE id IN ({})",
+                "UPDATE chimera_outbox SET status = 'sent', attempts = attempts + 1 WHERE status = 'pending' AND id IN ({})",
                 placeholders(ids.len())
             );
             let mut update = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -281,6 +293,37 @@ pub async fn relay_once(
         .await
         .map_err(q("commit the relay transaction"))?;
     Ok(report)
+}
+
+/// The rows of `rows` this relay now owns: those still due (no other relay claimed them since
+/// they were read), their due time moved [`CLAIM_LEASE`] ahead, in one short write transaction.
+async fn claim(db: &Database, rows: Vec<OutboxRow>, now: i64) -> Result<Vec<OutboxRow>, DbError> {
+    let lease_until = now + i64::try_from(CLAIM_LEASE.as_micros()).unwrap_or(i64::MAX / 2);
+    let sql = format!(
+        "UPDATE chimera_outbox SET next_attempt_at = ? WHERE status = 'pending' AND next_attempt_at <= ? AND id IN ({}) RETURNING id",
+        placeholders(rows.len())
+    );
+    let mut update = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(lease_until)
+        .bind(now);
+    for row in &rows {
+        update = update.bind(row.id.as_str());
+    }
+    let mut tx = db.begin().await?;
+    let claimed: std::collections::HashSet<String> = update
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(q("claim outbox rows"))?
+        .iter()
+        .map(|r| r.try_get::<String, _>("id"))
+        .collect::<Result<_, _>>()
+        .map_err(q("decode claimed outbox rows"))?;
+    tx.commit().await.map_err(q("commit the outbox claim"))?;
+    // The rows keep the order they were read in (commit order).
+    Ok(rows
+        .into_iter()
+        .filter(|r| claimed.contains(&r.id))
+        .collect())
 }
 
 async fn mark_dead(tx: &mut Transaction<'_, Any>, id: &str, error: &str) -> Result<(), DbError> {

@@ -85,43 +85,46 @@ async fn migrations_run_once_and_the_inbox_refuses_a_second_delivery() {
     }
 }
 
+/// The `chimera.bank.events` exchange and an `audit` queue bound to every event.
+async fn declare_audit(vhost: &TestVhost) {
+    let c = lapin::Connection::connect(&vhost.amqp_url, Default::default())
+        .await
+        .unwrap();
+    let ch = c.create_channel().await.unwrap();
+    ch.exchange_declare(
+        "chimera.bank.events".into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "audit".into(),
+        QueueDeclareOptions::durable(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "audit".into(),
+        "chimera.bank.events".into(),
+        "#".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    c.close(200, "declared".into()).await.ok();
+}
+
 #[tokio::test]
 async fn the_outbox_publishes_what_was_committed_in_order_and_nothing_else() {
     let vhost = TestVhost::create("sdk-outbox");
-    {
-        let c = lapin::Connection::connect(&vhost.amqp_url, Default::default())
-            .await
-            .unwrap();
-        let ch = c.create_channel().await.unwrap();
-        ch.exchange_declare(
-            "chimera.bank.events".into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        ch.queue_declare(
-            "audit".into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        ch.queue_bind(
-            "audit".into(),
-            "chimera.bank.events".into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-        c.close(200, "declared".into()).await.ok();
-    }
+    declare_audit(&vhost).await;
     let connection = connect(&vhost.amqp_url, &unique_name("relay"))
         .await
         .unwrap();
@@ -204,6 +207,102 @@ async fn the_outbox_publishes_what_was_committed_in_order_and_nothing_else() {
             "{backend}: every committed event, in commit order"
         );
         c.close(200, "done".into()).await.ok();
+    }
+    connection.close(200, "done".into()).await.ok();
+}
+
+/// Ids of the events waiting in `audit`, consumed until it stays empty for a second.
+async fn drain_audit(vhost: &TestVhost) -> Vec<uuid::Uuid> {
+    let c = lapin::Connection::connect(&vhost.amqp_url, Default::default())
+        .await
+        .unwrap();
+    let ch = c.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            "audit".into(),
+            "drain".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(1), consumer.next()).await
+    {
+        ids.push(Envelope::decode(&d.data).unwrap().id);
+        d.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    c.close(200, "drained".into()).await.ok();
+    ids
+}
+
+/// Without a fault, an event is published once, also when the worker runs several replicas
+/// whose relays share the database (one file under `chimera up`: it published 50 of 176
+/// events twice when each relay read the same pending rows).
+#[tokio::test]
+async fn relays_of_several_replicas_publish_each_row_once() {
+    let vhost = TestVhost::create("sdk-outbox-replicas");
+    declare_audit(&vhost).await;
+    let connection = connect(&vhost.amqp_url, &unique_name("relays"))
+        .await
+        .unwrap();
+    let (pa, pb) = (
+        Publisher::open(&connection).await.unwrap(),
+        Publisher::open(&connection).await.unwrap(),
+    );
+    for (backend, tdb) in databases().await {
+        // Three handles on one database, as three processes have.
+        let a = Database::connect(&tdb.url, MODULE).await.unwrap();
+        let b = Database::connect(&tdb.url, MODULE).await.unwrap();
+        let writer = Database::connect(&tdb.url, MODULE).await.unwrap();
+        let mut sent = Vec::new();
+        let mut tx = a.begin().await.unwrap();
+        for i in 0..300 {
+            let e = Envelope::new("account.opened", serde_json::json!({"n": i}));
+            enqueue(&mut tx, "chimera.bank.events", &e, None)
+                .await
+                .unwrap();
+            sent.push(e.id);
+        }
+        tx.commit().await.unwrap();
+        // Another process's transaction holds the write lock a moment while both relays read
+        // the due rows: both see all of them, and both reach the broker before either can
+        // mark a row sent.
+        let held = writer.begin().await.unwrap();
+        let release = async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            held.commit().await.unwrap();
+        };
+        let relay = |db: Database, publisher: &Publisher| {
+            let publisher = publisher.clone();
+            async move {
+                let mut sent = 0;
+                for _ in 0..3 {
+                    sent += relay_once(&db, &publisher, RelaySettings::default())
+                        .await
+                        .unwrap_or_else(|e| panic!("{backend}: {e}"))
+                        .sent;
+                }
+                sent
+            }
+        };
+        let (by_a, by_b, ()) = tokio::join!(relay(a.clone(), &pa), relay(b.clone(), &pb), release);
+        assert_eq!(
+            by_a + by_b,
+            300,
+            "{backend}: rows marked sent ({by_a} + {by_b})"
+        );
+        assert_eq!(count(a.pool(), "sent").await.unwrap(), 300, "{backend}");
+        let mut received = drain_audit(&vhost).await;
+        let published = received.len();
+        received.sort();
+        received.dedup();
+        sent.sort();
+        assert_eq!(
+            (published, received),
+            (300, sent),
+            "{backend}: every row published once"
+        );
     }
     connection.close(200, "done".into()).await.ok();
 }

@@ -13,7 +13,7 @@ use chimera_runtime::topology::declare::apply;
 use chimera_sdk::broker::{Outgoing, Publisher, connect};
 use chimera_sdk::config::WorkerConfig;
 use chimera_sdk::db::{Database, Migration};
-use chimera_sdk::envelope::{Envelope, REASON};
+use chimera_sdk::envelope::{Envelope, ORIGINAL_ROUTING_KEY, REASON, TRACEPARENT, TraceParent};
 use chimera_sdk::http::HttpMetrics;
 use chimera_sdk::outbox::{RelaySettings, run_relay};
 use chimera_sdk::sqlx;
@@ -108,17 +108,21 @@ async fn get(
     None
 }
 
-fn reason(m: &lapin::message::BasicGetMessage) -> String {
+fn header(m: &lapin::message::BasicGetMessage, key: &str) -> String {
     match m
         .delivery
         .properties
         .headers()
         .as_ref()
-        .and_then(|h| h.inner().get(REASON).cloned())
+        .and_then(|h| h.inner().get(key).cloned())
     {
         Some(AMQPValue::LongString(s)) => s.to_string(),
         other => format!("{other:?}"),
     }
+}
+
+fn reason(m: &lapin::message::BasicGetMessage) -> String {
+    header(m, REASON)
 }
 
 #[tokio::test]
@@ -206,8 +210,12 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
             })
         };
 
+        // Every command of the test is sent in one trace: its dead letters stay in it.
+        let trace = TraceParent::new_root();
         let send = |kind: &str, data: serde_json::Value| {
-            Outgoing::new("chimera.bank.commands", Envelope::new(kind, data))
+            let mut m = Outgoing::new("chimera.bank.commands", Envelope::new(kind, data));
+            m.trace = Some(trace);
+            m
         };
         let open_cmd = send(
             "account.open",
@@ -271,7 +279,24 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
                         reasons.len()
                     )
                 });
-            reasons.push(reason(&m));
+            let why = reason(&m);
+            // Decoded messages keep the trace they were sent in, retried ones too; bytes that
+            // were no envelope are kept as they came (sent without a trace here).
+            if !why.contains("not a Chimera envelope") {
+                let kept = TraceParent::parse(&header(&m, TRACEPARENT));
+                assert_eq!(
+                    kept.map(|t| t.trace_id),
+                    Some(trace.trace_id),
+                    "{backend}: the dead letter for {why:?} left the trace"
+                );
+                let kind = m.delivery.properties.kind().as_ref().map(|k| k.to_string());
+                assert_eq!(
+                    Some(header(&m, ORIGINAL_ROUTING_KEY)),
+                    kind,
+                    "{backend}: {why:?} was published with its type as routing key (retries too)"
+                );
+            }
+            reasons.push(why);
             m.delivery.ack(BasicAckOptions::default()).await.unwrap();
         }
         reasons.sort();

@@ -45,6 +45,15 @@ impl ApiError {
         }
     }
 
+    /// 405: the route exists, not with this method (axum adds the `Allow` header).
+    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            code: "method_not_allowed",
+            message: message.into(),
+        }
+    }
+
     /// 500: the head's own fault (details go to the log, not to the client).
     pub fn internal(message: impl Into<String>) -> Self {
         Self {

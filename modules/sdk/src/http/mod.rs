@@ -136,6 +136,12 @@ pub fn router(routes: Router, options: ServerOptions) -> Router {
         .fallback(|uri: axum::http::Uri| async move {
             ApiError::not_found(format!("no route for {}", uri.path()))
         })
+        // (After the merge: it applies to the method routers registered so far.)
+        .method_not_allowed_fallback(
+            |method: axum::http::Method, uri: axum::http::Uri| async move {
+                ApiError::method_not_allowed(format!("{method} is not allowed on {}", uri.path()))
+            },
+        )
         .layer(middleware::from_fn_with_state(
             options.request_timeout,
             timeout_guard,
@@ -195,20 +201,36 @@ mod tests {
     }
 
     async fn call(app: &Router, uri: &str) -> (StatusCode, String) {
+        let (status, _, body) = send(app, "GET", uri).await;
+        (status, body)
+    }
+
+    async fn send(
+        app: &Router,
+        method: &str,
+        uri: &str,
+    ) -> (StatusCode, axum::http::HeaderMap, String) {
         let response = app
             .clone()
             .oneshot(
-                HttpRequest::get(uri)
+                HttpRequest::builder()
+                    .method(method)
+                    .uri(uri)
                     .body(Body::empty())
                     .unwrap_or_default(),
             )
             .await
             .unwrap_or_else(|e| match e {});
         let status = response.status();
+        let headers = response.headers().clone();
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
             .await
             .unwrap_or_default();
-        (status, String::from_utf8_lossy(&bytes).into_owned())
+        (
+            status,
+            headers,
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
     }
 
     #[tokio::test]
@@ -255,6 +277,33 @@ mod tests {
             call(&a, "/orders?limit=5").await,
             (StatusCode::OK, "limit Some(5)".to_owned())
         );
+    }
+
+    #[tokio::test]
+    async fn a_wrong_method_is_a_json_405_that_says_what_is_allowed() {
+        let a = app(ServerOptions::new());
+        for (method, path) in [
+            ("POST", "/orders"),
+            ("DELETE", "/healthz"),
+            ("PUT", "/metrics"),
+        ] {
+            let (status, headers, body) = send(&a, method, path).await;
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            assert_eq!(
+                json["error"], "method_not_allowed",
+                "{method} {path}: {body}"
+            );
+            assert!(
+                json["message"].as_str().is_some_and(|m| m.contains(method)),
+                "{body}"
+            );
+            let allow = headers
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            assert!(allow.contains("GET"), "{method} {path}: Allow {allow:?}");
+        }
     }
 
     #[tokio::test]

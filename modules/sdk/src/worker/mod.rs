@@ -167,7 +167,12 @@ impl Worker {
                         .dead_letter(
                             publisher,
                             &u.delivery,
-                            u.envelope.as_ref(),
+                            u.envelope.as_ref().map(|e| {
+                                let trace = header_str(&u.delivery, TRACEPARENT)
+                                    .as_deref()
+                                    .and_then(TraceParent::parse);
+                                (e, trace)
+                            }),
                             u.attempt,
                             &u.reason,
                         )

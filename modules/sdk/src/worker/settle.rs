@@ -7,7 +7,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 
 use super::{HandleResult, HandlerError, Outcome, Prepared, Worker, header_str};
 use crate::broker::{BrokerError, Outgoing, Publisher};
-use crate::envelope::{Envelope, ORIGINAL_ROUTING_KEY, REASON};
+use crate::envelope::{Envelope, ORIGINAL_ROUTING_KEY, REASON, TraceParent};
 
 impl Worker {
     /// Settles the outcome of a handled message: retry, dead-letter, or nothing more to do.
@@ -24,7 +24,7 @@ impl Worker {
                 self.dead_letter(
                     publisher,
                     &p.delivery,
-                    Some(p.envelope.as_ref()),
+                    Some((p.envelope.as_ref(), Some(p.trace))),
                     p.attempt,
                     &reason,
                 )
@@ -40,6 +40,12 @@ impl Worker {
                     retry.attempt = u32::try_from(p.attempt + 1).unwrap_or(u32::MAX);
                     retry.trace = Some(p.trace);
                     retry.headers.push((REASON.to_owned(), reason));
+                    // The retry queue sends it back under the worker queue's name: the
+                    // routing key it came with is kept here, for the dlq after the last try.
+                    retry.headers.push((
+                        ORIGINAL_ROUTING_KEY.to_owned(),
+                        original_routing_key(&p.delivery),
+                    ));
                     publisher.publish(&retry, true).await?;
                     Ok(Outcome::Retried(n))
                 } else {
@@ -47,7 +53,7 @@ impl Worker {
                     self.dead_letter(
                         publisher,
                         &p.delivery,
-                        Some(p.envelope.as_ref()),
+                        Some((p.envelope.as_ref(), Some(p.trace))),
                         p.attempt,
                         &reason,
                     )
@@ -57,20 +63,22 @@ impl Worker {
         }
     }
 
+    /// Publishes the message to the dead-letter queue with `reason`: a decoded one re-encoded
+    /// with its trace (the one its handling ran in), undecodable bytes as they came.
     pub(super) async fn dead_letter(
         &self,
         publisher: &Publisher,
         delivery: &Delivery,
-        envelope: Option<&Envelope>,
+        envelope: Option<(&Envelope, Option<TraceParent>)>,
         attempt: i64,
         reason: &str,
     ) -> Result<Outcome, BrokerError> {
         tracing::warn!(reason, "dead-lettering a message");
-        let original = header_str(delivery, ORIGINAL_ROUTING_KEY)
-            .unwrap_or_else(|| delivery.routing_key.to_string());
+        let original = original_routing_key(delivery);
         match envelope {
-            Some(envelope) => {
+            Some((envelope, trace)) => {
                 let mut parked = Outgoing::new(&self.config.failures_exchange, envelope.clone());
+                parked.trace = trace;
                 parked.routing_key = self.config.dead_letter_queue.clone();
                 parked.attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
                 parked.headers.push((REASON.to_owned(), reason.to_owned()));
@@ -94,6 +102,11 @@ impl Worker {
         }
         Ok(Outcome::DeadLettered(reason.to_owned()))
     }
+}
+
+/// The routing key the message was first published with: kept in a header through retries.
+fn original_routing_key(delivery: &Delivery) -> String {
+    header_str(delivery, ORIGINAL_ROUTING_KEY).unwrap_or_else(|| delivery.routing_key.to_string())
 }
 
 /// Acks a settled message; nacks (requeue) one whose settlement failed, so it comes back.

@@ -13,7 +13,7 @@ use chimera_contract::env as var;
 use std::path::Path;
 
 use crate::api::{ChimeraModule, SecretKeyRef};
-use crate::workloads::{ContractValue, Head, contract_values};
+use crate::workloads::{ContractValue, Head, contract_values, termination_grace_seconds};
 
 /// Annotation naming the local program of a module (overrides the image's name).
 pub const LOCAL_BINARY_ANNOTATION: &str = "chimera.dev/local-binary";
@@ -115,6 +115,8 @@ pub fn replica_env(
     for (variable, value) in contract_values(module, head, i32::from(port), &default_broker) {
         let value = match (variable.as_str(), value) {
             (var::HTTP_ADDR, _) => format!("127.0.0.1:{port}"),
+            // No preStop sleep here: the head is stopped at once, and killed after its grace.
+            (var::DRAIN_SECONDS, _) => termination_grace_seconds(module, head).to_string(),
             (_, ContractValue::Plain(v)) => v,
             (_, ContractValue::Field("metadata.namespace")) => LOCAL_NAMESPACE.to_owned(),
             (_, ContractValue::Field(_)) => format!("{name}-{}-{n}", head.as_str()),
@@ -219,6 +221,9 @@ mod tests {
         );
         let query = replica_env(&module(""), Head::Query, 1, 1, &local(), &|_| None).unwrap();
         assert_eq!(get(&query, "CHIMERA_WORKER_QUEUE"), None);
+        // Stopped at once (no preStop sleep), killed after the whole grace period.
+        assert_eq!(get(&query, "CHIMERA_DRAIN_SECONDS"), Some("30"));
+        assert_eq!(get(&env, "CHIMERA_DRAIN_SECONDS"), Some("60"));
     }
 
     #[test]

@@ -120,6 +120,10 @@ pub fn contract_values(
         names::commands_exchange(domain),
     ));
     env.push(plain(var::PUBLISHES, spec.events.publishes.join(",")));
+    env.push(plain(
+        var::DRAIN_SECONDS,
+        super::drain_seconds(module, head).to_string(),
+    ));
     if let (Head::Worker, Some(worker)) = (head, &spec.worker) {
         let delays = &worker.retry.delays_seconds;
         env.extend([

@@ -46,6 +46,33 @@ fn query_pre_stop_sleep(grace_seconds: i64) -> Option<i64> {
     (seconds > 0).then_some(seconds)
 }
 
+/// Seconds a stopping pod of `head` gets before SIGKILL (its `terminationGracePeriodSeconds`).
+pub fn termination_grace_seconds(module: &crate::api::ChimeraModule, head: Head) -> i64 {
+    match head {
+        Head::Query => module
+            .spec
+            .query
+            .as_ref()
+            .and_then(|q| q.termination_grace_period_seconds)
+            .unwrap_or(30),
+        Head::Worker => module
+            .spec
+            .worker
+            .as_ref()
+            .map_or(60, |w| w.termination_grace_period_seconds),
+    }
+}
+
+/// Seconds from a head's SIGTERM until its pod is killed: the grace period less the query
+/// head's preStop sleep, which runs first (the contract's `CHIMERA_DRAIN_SECONDS`).
+pub fn drain_seconds(module: &crate::api::ChimeraModule, head: Head) -> i64 {
+    let grace = termination_grace_seconds(module, head);
+    match head {
+        Head::Query => grace - query_pre_stop_sleep(grace).unwrap_or(0),
+        Head::Worker => grace,
+    }
+}
+
 pub(crate) fn query_deployment(
     owner: &Owner<'_>,
     query: &QueryHeadSpec,
@@ -304,6 +331,31 @@ mod tests {
         assert_eq!(query_pre_stop_sleep(6), Some(3));
         assert_eq!(query_pre_stop_sleep(1), None);
         assert_eq!(query_pre_stop_sleep(0), None);
+    }
+
+    #[test]
+    fn a_head_is_told_the_seconds_it_has_between_its_sigterm_and_its_kill() {
+        let mut m = module("orders");
+        let drain = |m: &crate::api::ChimeraModule, head| {
+            built(m, head)
+                .spec
+                .and_then(|s| s.template.spec)
+                .and_then(|p| p.containers.into_iter().next())
+                .and_then(|c| c.env)
+                .and_then(|env| env.into_iter().find(|e| e.name == "CHIMERA_DRAIN_SECONDS"))
+                .and_then(|e| e.value)
+        };
+        // The query head's preStop sleep comes out of its grace period.
+        assert_eq!(drain(&m, Head::Query).as_deref(), Some("25"));
+        assert_eq!(drain(&m, Head::Worker).as_deref(), Some("60"));
+        if let Some(q) = m.spec.query.as_mut() {
+            q.termination_grace_period_seconds = Some(4);
+        }
+        if let Some(w) = m.spec.worker.as_mut() {
+            w.termination_grace_period_seconds = 90;
+        }
+        assert_eq!(drain(&m, Head::Query).as_deref(), Some("2"));
+        assert_eq!(drain(&m, Head::Worker).as_deref(), Some("90"));
     }
 
     #[test]

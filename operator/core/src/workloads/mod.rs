@@ -12,7 +12,9 @@ mod pdb;
 mod service;
 
 pub use contract::{ContractEnv, ContractValue, contract_env, contract_values};
-pub use deployment::{HTTP_PORT_NAME, deployment, initial_replicas};
+pub use deployment::{
+    HTTP_PORT_NAME, deployment, drain_seconds, initial_replicas, termination_grace_seconds,
+};
 pub use labels::{
     HEAD_LABEL, Head, MANAGED_BY, MODULE_LABEL, declared_heads, head_labels, module_selector,
     selector_labels,

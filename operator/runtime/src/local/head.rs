@@ -19,7 +19,7 @@ use chimera_core::autoscale::signals::QueueSample;
 use chimera_core::autoscale::worker::WorkerSettings;
 use chimera_core::autoscale::{Bounds, Decision, Replicas};
 use chimera_core::local::plan::{LocalContext, head_args, replica_env};
-use chimera_core::workloads::Head;
+use chimera_core::workloads::{Head, termination_grace_seconds};
 
 /// Longest wait before restarting a replica that keeps dying.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -127,19 +127,7 @@ impl HeadRunner {
                 )
             }
         };
-        let grace = match head {
-            Head::Worker => module
-                .spec
-                .worker
-                .as_ref()
-                .map_or(60, |w| w.termination_grace_period_seconds),
-            Head::Query => module
-                .spec
-                .query
-                .as_ref()
-                .and_then(|q| q.termination_grace_period_seconds)
-                .unwrap_or(30),
-        };
+        let grace = termination_grace_seconds(&module, head);
         Some(Self {
             module,
             head,

@@ -62,6 +62,10 @@ impl Replica {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // A process group of its own: a terminal's Ctrl-C signals `chimera up`'s group,
+            // and `chimera up` stops each head with SIGTERM, which is all the contract
+            // promises (a head handling only SIGTERM would die on the SIGINT undrained).
+            .process_group(0)
             .kill_on_drop(true);
         let mut child = command.spawn()?;
         let pid = child.id().unwrap_or_default();

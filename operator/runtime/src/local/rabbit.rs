@@ -97,6 +97,9 @@ impl PrivateBroker {
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
+            // Out of the terminal's process group: a Ctrl-C must not stop the broker before
+            // the heads have drained into it.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start rabbitmq-server: {e}"))?;
