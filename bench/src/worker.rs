@@ -150,7 +150,8 @@ async fn pipeline(
         retry_delays_seconds: vec![1, 10, 60],
         max_attempts: 4,
         prefetch: PREFETCH,
-        commands: vec![],
+        commands: vec!["user.register".into()],
+        subscriptions: Some(vec![]),
     };
     // Progress is read from the worker's own counters and the (small) set of pending outbox
     // rows: counting whole tables while the pipeline runs would slow it down.

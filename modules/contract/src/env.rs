@@ -37,6 +37,9 @@ pub const MAX_ATTEMPTS: &str = "CHIMERA_MAX_ATTEMPTS";
 pub const PREFETCH: &str = "CHIMERA_PREFETCH";
 /// Comma-separated command names the worker accepts.
 pub const COMMANDS: &str = "CHIMERA_COMMANDS";
+/// The events the worker's queue is bound to: comma-separated `<domain>:<pattern>` (the
+/// publishing domain, an event name or topic pattern), e.g. `gigs:gig.*,users:user.registered`.
+pub const SUBSCRIPTIONS: &str = "CHIMERA_SUBSCRIPTIONS";
 /// Seconds from the head's SIGTERM until it is killed: what its drain may take.
 pub const DRAIN_SECONDS: &str = "CHIMERA_DRAIN_SECONDS";
 /// `json` for JSON log lines (set by the user in `spec.env`, not by the control plane).
@@ -177,7 +180,38 @@ pub const VARIABLES: &[Variable] = &[
         false,
         "comma-separated command names the worker accepts",
     ),
+    var(
+        SUBSCRIPTIONS,
+        true,
+        false,
+        "comma-separated <domain>:<pattern> of the events the worker queue receives",
+    ),
 ];
+
+/// The value of [`SUBSCRIPTIONS`] for `(domain, pattern)` pairs.
+pub fn subscriptions_value<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    pairs
+        .into_iter()
+        .map(|(domain, pattern)| format!("{domain}:{pattern}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The `(domain, pattern)` pairs of a [`SUBSCRIPTIONS`] value, or the entry that is not
+/// `<domain>:<pattern>`.
+pub fn parse_subscriptions(value: &str) -> Result<Vec<(String, String)>, String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|entry| match entry.split_once(':') {
+            Some((domain, pattern)) if !domain.is_empty() && !pattern.is_empty() => {
+                Ok((domain.to_owned(), pattern.to_owned()))
+            }
+            _ => Err(entry.to_owned()),
+        })
+        .collect()
+}
 
 /// The table's entry for `name`.
 pub fn variable(name: &str) -> Option<&'static Variable> {
@@ -200,5 +234,29 @@ mod tests {
             assert_eq!(variable(v.name), Some(v));
         }
         assert_eq!(variable("PATH"), None);
+    }
+
+    #[test]
+    fn subscriptions_go_through_their_variable_unchanged() {
+        let pairs = [
+            ("gigs", "gig.*"),
+            ("users", "user.registered"),
+            ("audit", "#"),
+        ];
+        let value = subscriptions_value(pairs);
+        assert_eq!(value, "gigs:gig.*,users:user.registered,audit:#");
+        let back = parse_subscriptions(&value).unwrap_or_default();
+        assert_eq!(
+            back.iter()
+                .map(|(d, p)| (d.as_str(), p.as_str()))
+                .collect::<Vec<_>>(),
+            pairs
+        );
+        assert_eq!(parse_subscriptions(" "), Ok(vec![]));
+        assert_eq!(
+            parse_subscriptions("gigs:gig.*,user.registered"),
+            Err("user.registered".to_owned())
+        );
+        assert_eq!(parse_subscriptions(":x"), Err(":x".to_owned()));
     }
 }

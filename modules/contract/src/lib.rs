@@ -6,7 +6,8 @@
 //! - [`head`]: the two heads of a module;
 //! - [`env`]: the environment variables a head receives;
 //! - [`metrics`]: the endpoints every head serves and the metrics the autoscaler reads;
-//! - [`envelope`]: the message envelope and the headers heads read and write.
+//! - [`envelope`]: the message envelope and the headers heads read and write;
+//! - [`pattern`]: AMQP topic matching, for subscriptions.
 #![forbid(unsafe_code)]
 
 pub mod env;
@@ -14,5 +15,6 @@ pub mod envelope;
 pub mod head;
 pub mod metrics;
 pub mod names;
+pub mod pattern;
 
 pub use head::Head;

@@ -78,9 +78,24 @@ pub struct WorkerConfig {
     pub prefetch: u16,
     /// `CHIMERA_COMMANDS`.
     pub commands: Vec<String>,
+    /// `CHIMERA_SUBSCRIPTIONS`: `(domain, pattern)` of the events its queue is bound to; `None`
+    /// when the control plane did not say (an older one).
+    pub subscriptions: Option<Vec<(String, String)>>,
 }
 
 impl WorkerConfig {
+    /// Whether `kind` is an event the worker's queue is bound to, not one of its commands: a
+    /// message it may get without a handler for it (a wildcard subscription brings the
+    /// publisher's newer events too), which it acknowledges instead of dead-lettering.
+    pub fn subscribed_event(&self, kind: &str) -> bool {
+        !self.commands.iter().any(|c| c == kind)
+            && self.subscriptions.as_ref().is_some_and(|subscriptions| {
+                subscriptions
+                    .iter()
+                    .any(|(_, pattern)| chimera_contract::pattern::topic_matches(pattern, kind))
+            })
+    }
+
     /// The retry rule: after a failed attempt number `attempt` (from 1), the retry it goes to
     /// (`Some(n)`: retry queue n, delay `retry_delays_seconds[n-1]`), or `None` when that was
     /// the last attempt and the message is dead-lettered.
@@ -184,6 +199,18 @@ impl HeadConfig {
                     .ok()
                     .filter(|p| *p >= 1)
                     .ok_or_else(|| invalid(var::PREFETCH, &prefetch_raw, "expected 1-65535"))?;
+                let subscriptions = get(var::SUBSCRIPTIONS)
+                    .or_else(|| vars.get(var::SUBSCRIPTIONS))
+                    .map(|raw| {
+                        var::parse_subscriptions(raw).map_err(|entry| {
+                            invalid(
+                                var::SUBSCRIPTIONS,
+                                raw,
+                                &format!("{entry:?} is not <domain>:<pattern>"),
+                            )
+                        })
+                    })
+                    .transpose()?;
                 let queue = required(var::WORKER_QUEUE)?;
                 Some(WorkerConfig {
                     failures_exchange: get(var::FAILURES_EXCHANGE)
@@ -195,6 +222,7 @@ impl HeadConfig {
                     max_attempts,
                     prefetch,
                     commands: list(get(var::COMMANDS)),
+                    subscriptions,
                 })
             }
         };
@@ -247,6 +275,7 @@ mod tests {
             ("CHIMERA_COMMANDS", "order.place, order.cancel"),
             ("CHIMERA_PUBLISHES", "order.placed"),
             ("CHIMERA_DRAIN_SECONDS", "60"),
+            ("CHIMERA_SUBSCRIPTIONS", "gigs:gig.*,users:user.registered"),
         ])
     }
 
@@ -312,6 +341,17 @@ mod tests {
         assert_eq!(w.max_attempts, 4);
         assert_eq!(w.prefetch, 200);
         assert_eq!(w.commands, ["order.place", "order.cancel"]);
+        // Events its queue is bound to may come without a handler; commands and anything
+        // else may not.
+        assert!(w.subscribed_event("gig.published") && w.subscribed_event("gig.archived"));
+        assert!(w.subscribed_event("user.registered"));
+        assert!(!w.subscribed_event("user.deleted") && !w.subscribed_event("order.place"));
+        let mut older = w.clone();
+        older.subscriptions = None;
+        assert!(
+            !older.subscribed_event("gig.published"),
+            "unknown: not assumed"
+        );
         assert_eq!(w.retry_queue(2), "chimera.orders.worker.retry.2");
         assert_eq!(w.failures_exchange, "orders.failed");
         // Unset, the failures exchange follows from the queue (the contract's naming rule).
@@ -352,6 +392,7 @@ mod tests {
             ("CHIMERA_MAX_ATTEMPTS", "0"),
             ("CHIMERA_DRAIN_SECONDS", "-1"),
             ("CHIMERA_DRAIN_SECONDS", "soon"),
+            ("CHIMERA_SUBSCRIPTIONS", "gigs:gig.*,user.registered"),
         ] {
             let mut env = worker_env();
             env.insert(name.to_owned(), bad.to_owned());

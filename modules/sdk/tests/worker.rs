@@ -85,7 +85,15 @@ fn worker_config() -> WorkerConfig {
         retry_delays_seconds: vec![1],
         max_attempts: 2,
         prefetch: 20,
-        commands: vec![],
+        commands: [
+            "account.open",
+            "account.flaky",
+            "account.close",
+            "account.tag",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+        subscriptions: Some(vec![("ledger".into(), "ledger.*".into())]),
     }
 }
 
@@ -257,6 +265,14 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
             .unwrap()
             .await
             .unwrap();
+        // An event of a subscription the bank has no handler for (the ledger's newer event,
+        // straight into the queue as its binding would route it): acknowledged, not parked.
+        let mut ledger = Outgoing::new(
+            "",
+            Envelope::new("ledger.closed", serde_json::json!({"day": 1})),
+        );
+        ledger.routing_key = "chimera.bank.worker".into();
+        publisher.publish(&ledger, true).await.unwrap();
         // After all that, the worker still works.
         publisher
             .publish(
@@ -299,10 +315,16 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
             reasons.push(why);
             m.delivery.ack(BasicAckOptions::default()).await.unwrap();
         }
+        assert!(
+            get(&channel, "chimera.bank.worker.dlq", Duration::from_secs(1))
+                .await
+                .is_none(),
+            "{backend}: a sixth dead letter (the ignored event?)"
+        );
         reasons.sort();
         let expect = [
             "failed 2 time(s); last error: the ledger is down",
-            "no handler for message type \"account.close\"",
+            "no handler for command \"account.close\"",
             "not a Chimera envelope",
             "owner must not be empty",
             "the payload of event account.tagged cannot be serialized",
@@ -358,6 +380,7 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
             r#"chimera_worker_messages_total{kind="account.open",outcome="duplicate"} 1"#,
             r#"chimera_worker_messages_total{kind="account.flaky",outcome="retried"} 1"#,
             r#"chimera_worker_messages_total{kind="account.close",outcome="dead_lettered"} 1"#,
+            r#"chimera_worker_messages_total{kind="ledger.closed",outcome="ignored"} 1"#,
         ] {
             assert!(text.contains(line), "{backend}: no {line} in\n{text}");
         }

@@ -49,6 +49,9 @@ pub enum Outcome {
     DeadLettered(String),
     /// Returned to the queue (its settlement or its batch failed): it will be redelivered.
     Requeued,
+    /// An event the queue is bound to that the worker has no handler for (a wildcard
+    /// subscription's newer event): acknowledged, nothing done.
+    Ignored,
 }
 
 /// The worker: handlers by message type, and where messages go.
@@ -137,6 +140,7 @@ impl Worker {
                     Outcome::Retried(_) => "retried",
                     Outcome::DeadLettered(_) => "dead_lettered",
                     Outcome::Requeued => "requeued",
+                    Outcome::Ignored => "ignored",
                 };
                 metrics
                     .worker_messages
@@ -162,6 +166,11 @@ impl Worker {
         for delivery in deliveries {
             match self.prepare(delivery) {
                 Ok(p) => prepared.push(p),
+                Err(u) if u.ignored => {
+                    tracing::debug!(kind = %kind_of(&u.delivery), "no handler for a subscribed event: ignored");
+                    let outcome = settle(&u.delivery, Ok(Outcome::Ignored)).await;
+                    outcomes.push((kind_of(&u.delivery), outcome));
+                }
                 Err(u) => {
                     let outcome = self
                         .dead_letter(
@@ -245,16 +254,23 @@ impl Worker {
                     envelope: None,
                     attempt,
                     reason: e.to_string(),
+                    ignored: false,
                 }));
             }
         };
         let Some(handler) = self.handlers.get(&envelope.kind).cloned() else {
-            let reason = format!("no handler for message type {:?}", envelope.kind);
+            let ignored = self.config.subscribed_event(&envelope.kind);
+            let reason = if self.config.commands.contains(&envelope.kind) {
+                format!("no handler for command {:?}", envelope.kind)
+            } else {
+                format!("no handler for message type {:?}", envelope.kind)
+            };
             return Err(Box::new(Unhandleable {
                 delivery,
                 envelope: Some(envelope),
                 attempt,
                 reason,
+                ignored,
             }));
         };
         Ok(Prepared {
@@ -427,6 +443,8 @@ struct Unhandleable {
     envelope: Option<Envelope>,
     attempt: i64,
     reason: String,
+    /// A subscribed event without a handler: acknowledged, not dead-lettered.
+    ignored: bool,
 }
 
 /// A delivery ready for its handler.

@@ -8,7 +8,8 @@
 
 pub mod diff;
 pub mod neighbours;
-pub mod pattern;
+/// Topic matching lives with the contract: heads match their subscriptions with it too.
+pub use chimera_contract::pattern;
 pub mod plan;
 pub mod render;
 pub mod report;

@@ -141,6 +141,14 @@ pub fn contract_values(
             plain(var::MAX_ATTEMPTS, (delays.len() + 1).to_string()),
             plain(var::PREFETCH, worker.prefetch.to_string()),
             plain(var::COMMANDS, spec.commands.join(",")),
+            plain(
+                var::SUBSCRIPTIONS,
+                var::subscriptions_value(spec.events.subscribes.iter().flat_map(|s| {
+                    s.events
+                        .iter()
+                        .map(move |pattern| (s.from.as_str(), pattern.as_str()))
+                })),
+            ),
         ]);
     }
     env
@@ -181,6 +189,7 @@ mod tests {
         assert_eq!(value(&env, "CHIMERA_MAX_ATTEMPTS"), Some("4"));
         assert_eq!(value(&env, "CHIMERA_PREFETCH"), Some("100"));
         assert_eq!(value(&env, "CHIMERA_COMMANDS"), Some("order.place"));
+        assert_eq!(value(&env, "CHIMERA_SUBSCRIPTIONS"), Some("users:user.*"));
         assert_eq!(value(&env, "CHIMERA_HTTP_ADDR"), Some("0.0.0.0:8080"));
     }
 

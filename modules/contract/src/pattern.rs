@@ -1,8 +1,9 @@
 //! AMQP topic matching: does a subscription pattern match an event name?
 //!
 //! Words are separated by `.`; `*` matches exactly one word, `#` zero or more words. This is
-//! what a topic exchange does with a binding key, so the planner can tell a subscriber that
-//! nobody publishes what it listens for.
+//! what a topic exchange does with a binding key: the planner tells a subscriber that nobody
+//! publishes what it listens for, and a worker tells an event it subscribed to (and may
+//! ignore) from a message it cannot handle.
 
 /// Whether the topic `pattern` matches the routing key `name`.
 pub fn topic_matches(pattern: &str, name: &str) -> bool {
