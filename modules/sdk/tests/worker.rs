@@ -514,3 +514,99 @@ async fn a_batch_commits_what_succeeded_and_undoes_only_what_failed() {
         connection.close(200, "done".into()).await.ok();
     }
 }
+
+/// The broker cancels a worker's consumer when its queue is deleted (as `chimera topology
+/// migrate` does while it re-declares a queue): the worker keeps running and consumes again
+/// once the queue is back, instead of exiting with its work undone.
+#[tokio::test]
+async fn a_consumer_the_broker_cancels_consumes_again_when_its_queue_is_back() {
+    let tdb = TestDatabase::sqlite("reconsume");
+    let vhost = TestVhost::create("reconsume");
+    let endpoint = BrokerEndpoint::new(&vhost.amqp_url, Some(vhost.management_url())).unwrap();
+    let topology = plan(&modules_from_yaml(BANK).0);
+    apply(&endpoint, &topology).await.unwrap();
+    let db = Database::connect(&tdb.url, MIGRATIONS).await.unwrap();
+    let connection = connect(&vhost.amqp_url, &unique_name("reconsume"))
+        .await
+        .unwrap();
+    let publisher = Publisher::open(&connection).await.unwrap();
+    let worker = Arc::new(
+        Worker::new(worker_config(), "bank", "chimera.bank.events").on("account.open", open),
+    );
+    let stop = Arc::new(Notify::new());
+    let running = {
+        let (worker, db, publisher, stop) =
+            (worker.clone(), db.clone(), publisher.clone(), stop.clone());
+        let url = vhost.amqp_url.clone();
+        tokio::spawn(async move {
+            let connection = connect(&url, &unique_name("reconsume-consumer"))
+                .await
+                .unwrap();
+            worker
+                .run(
+                    db,
+                    &connection,
+                    publisher,
+                    Arc::new(Notify::new()),
+                    stop,
+                    "bank-worker",
+                )
+                .await
+        })
+    };
+    let opened = |id: &'static str| {
+        let db = db.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM accounts WHERE id = ?")
+                    .bind(id)
+                    .fetch_one(db.pool())
+                    .await
+                    .unwrap()
+                    .try_get("n")
+                    .unwrap();
+                if n == 1 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("account {id} was never opened");
+        }
+    };
+    let open_account = |id: &str| {
+        Outgoing::new(
+            "chimera.bank.commands",
+            Envelope::new(
+                "account.open",
+                serde_json::json!({"id": id, "owner": "Ada"}),
+            ),
+        )
+    };
+    publisher.publish(&open_account("a1"), true).await.unwrap();
+    opened("a1").await;
+
+    // The queue goes away: the broker cancels the consumer.
+    let admin = connection.create_channel().await.unwrap();
+    admin
+        .queue_delete("chimera.bank.worker".into(), Default::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !running.is_finished(),
+        "the worker exited when its consumer was cancelled"
+    );
+    // The queue is back (declared again with its bindings), and so is the consumer.
+    apply(&endpoint, &topology).await.unwrap();
+    publisher.publish(&open_account("a2"), true).await.unwrap();
+    opened("a2").await;
+
+    stop.notify_one();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("the worker stops when asked")
+        .unwrap();
+    assert!(outcome.is_ok(), "{outcome:?}");
+    connection.close(200, "done".into()).await.ok();
+}

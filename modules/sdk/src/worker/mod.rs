@@ -383,6 +383,10 @@ impl Worker {
 
     /// Consumes the worker queue until `stop` is notified, then stops consuming, finishes the
     /// messages in flight and returns.
+    ///
+    /// A queue missing at start is an error (the head exits and is restarted). A consumer the
+    /// broker cancels later (its queue deleted, or moved by `chimera topology migrate`) is
+    /// consumed again once the queue is back, with a backoff, until `stop`.
     pub async fn run(
         self: Arc<Self>,
         db: Database,
@@ -392,22 +396,84 @@ impl Worker {
         stop: Arc<Notify>,
         consumer_tag: &str,
     ) -> Result<(), WorkerError> {
-        let (channel, consumer) = consume(
+        let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+        let watcher = tokio::spawn(async move {
+            stop.notified().await;
+            let _ = stopping_tx.send(true);
+        });
+        let stopped = || *stopping.borrow();
+        let wait_for_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let mut consumed = consume(
             connection,
             &self.config.queue,
             self.config.prefetch,
             consumer_tag,
         )
-        .await?;
-        let tag = consumer_tag.to_owned();
-        let cancel_channel = channel.clone();
-        let stopper = tokio::spawn(async move {
-            stop.notified().await;
-            // The consumer stream ends after the cancel; deliveries already received finish.
-            let _ = cancel_channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await;
-        });
+        .await;
+        let (mut backoff, mut consumed_before) = (RECONSUME_FIRST, false);
+        loop {
+            match consumed {
+                Ok((channel, consumer)) => {
+                    (backoff, consumed_before) = (RECONSUME_FIRST, true);
+                    let tag = consumer_tag.to_owned();
+                    let cancel_channel = channel.clone();
+                    let stop = wait_for_stop(stopping.clone());
+                    let stopper = tokio::spawn(async move {
+                        stop.await;
+                        // The consumer stream ends after the cancel; deliveries already
+                        // received finish.
+                        let _ = cancel_channel
+                            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                            .await;
+                    });
+                    self.consume_until_cancelled(&db, &publisher, &relay, &channel, consumer)
+                        .await;
+                    stopper.abort();
+                    if stopped() {
+                        break;
+                    }
+                    tracing::warn!(
+                        queue = %self.config.queue,
+                        "the broker cancelled the consumer (its queue deleted or moved): consuming again when it is back"
+                    );
+                }
+                Err(error) if !consumed_before => {
+                    watcher.abort();
+                    return Err(error.into());
+                }
+                Err(error) => {
+                    tracing::warn!(%error, queue = %self.config.queue, ?backoff, "cannot consume yet");
+                    backoff = (backoff * 2).min(RECONSUME_MAX);
+                }
+            }
+            tokio::select! {
+                () = wait_for_stop(stopping.clone()) => break,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            consumed = consume(
+                connection,
+                &self.config.queue,
+                self.config.prefetch,
+                consumer_tag,
+            )
+            .await;
+        }
+        watcher.abort();
+        Ok(())
+    }
+
+    /// Dispatches what the consumer delivers, batch by batch, until its stream ends (cancelled
+    /// by `stop` or by the broker).
+    async fn consume_until_cancelled(
+        &self,
+        db: &Database,
+        publisher: &Publisher,
+        relay: &Notify,
+        channel: &lapin::Channel,
+        consumer: lapin::Consumer,
+    ) {
         // What the broker has delivered so far forms the next batch (up to the prefetch).
         let mut batches = consumer.ready_chunks(usize::from(self.config.prefetch));
         while let Some(items) = batches.next().await {
@@ -423,14 +489,16 @@ impl Worker {
                 }
             }
             if !deliveries.is_empty() {
-                self.dispatch_batch(&db, &publisher, &relay, deliveries)
-                    .await;
+                self.dispatch_batch(db, publisher, relay, deliveries).await;
             }
         }
-        stopper.abort();
-        Ok(())
     }
 }
+
+/// First wait before consuming again after the broker cancelled the consumer; doubles up to
+/// [`RECONSUME_MAX`] while the queue stays away.
+const RECONSUME_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const RECONSUME_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 enum HandleResult {
     Committed,
