@@ -285,16 +285,23 @@ async fn run_worker(
         Duration::from_secs(1),
         metrics.outbox_pending.clone(),
     ));
+    // Set once the head is asked to stop: it drains, and says so on /readyz.
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let http = {
-        // Ready when the database answers and the broker connection is up.
+        // Ready when the database answers and the broker connection is up, until the stop.
         let (db_check, status) = (db.clone(), connection.status().clone());
+        let stopping = stopping.clone();
         let options = ServerOptions {
             metrics,
             ..ServerOptions::new()
         }
         .readiness(move || {
             let (db, status) = (db_check.clone(), status.clone());
+            let stopping = stopping.load(std::sync::atomic::Ordering::Relaxed);
             async move {
+                if stopping {
+                    return Err("stopping: finishing the messages in flight".to_owned());
+                }
                 if !status.connected() {
                     return Err("the broker connection is down (recovering)".to_owned());
                 }
@@ -311,6 +318,7 @@ async fn run_worker(
         let worker_stop = worker_stop.clone();
         tokio::spawn(async move {
             stop.notified().await;
+            stopping.store(true, std::sync::atomic::Ordering::Relaxed);
             worker_stop.notify_one();
         });
     }

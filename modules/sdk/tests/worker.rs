@@ -223,6 +223,7 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
         let send = |kind: &str, data: serde_json::Value| {
             let mut m = Outgoing::new("chimera.bank.commands", Envelope::new(kind, data));
             m.trace = Some(trace);
+            m.headers.push(("x-tenant".into(), "blue".into()));
             m
         };
         let open_cmd = send(
@@ -304,6 +305,11 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
                     kept.map(|t| t.trace_id),
                     Some(trace.trace_id),
                     "{backend}: the dead letter for {why:?} left the trace"
+                );
+                assert_eq!(
+                    header(&m, "x-tenant"),
+                    "blue",
+                    "{backend}: the dead letter for {why:?} lost the sender's header"
                 );
                 let kind = m.delivery.properties.kind().as_ref().map(|k| k.to_string());
                 assert_eq!(

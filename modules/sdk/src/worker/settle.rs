@@ -7,7 +7,9 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 
 use super::{HandleResult, HandlerError, Outcome, Prepared, Worker, header_str};
 use crate::broker::{BrokerError, Outgoing, Publisher};
-use crate::envelope::{Envelope, ORIGINAL_ROUTING_KEY, REASON, TraceParent};
+use lapin::types::AMQPValue;
+
+use crate::envelope::{ATTEMPT, Envelope, ORIGINAL_ROUTING_KEY, REASON, TRACEPARENT, TraceParent};
 
 impl Worker {
     /// Settles the outcome of a handled message: retry, dead-letter, or nothing more to do.
@@ -39,6 +41,7 @@ impl Worker {
                     retry.routing_key = self.config.retry_queue(n);
                     retry.attempt = u32::try_from(p.attempt + 1).unwrap_or(u32::MAX);
                     retry.trace = Some(p.trace);
+                    retry.headers = carried_headers(&p.delivery);
                     retry.headers.push((REASON.to_owned(), reason));
                     // The retry queue sends it back under the worker queue's name: the
                     // routing key it came with is kept here, for the dlq after the last try.
@@ -79,6 +82,7 @@ impl Worker {
             Some((envelope, trace)) => {
                 let mut parked = Outgoing::new(&self.config.failures_exchange, envelope.clone());
                 parked.trace = trace;
+                parked.headers = carried_headers(delivery);
                 parked.routing_key = self.config.dead_letter_queue.clone();
                 parked.attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
                 parked.headers.push((REASON.to_owned(), reason.to_owned()));
@@ -102,6 +106,30 @@ impl Worker {
         }
         Ok(Outcome::DeadLettered(reason.to_owned()))
     }
+}
+
+/// The sender's own text headers (a correlation id, a tenant), carried to the retry and the
+/// dead letter; the contract's headers are set afresh, and the broker's (`x-death`) dropped.
+fn carried_headers(delivery: &Delivery) -> Vec<(String, String)> {
+    let Some(headers) = delivery.properties.headers().as_ref() else {
+        return Vec::new();
+    };
+    headers
+        .inner()
+        .iter()
+        .filter(|(k, _)| {
+            let k = k.as_str();
+            ![TRACEPARENT, ATTEMPT, REASON, ORIGINAL_ROUTING_KEY].contains(&k)
+                && !k.starts_with("x-death")
+                && !k.starts_with("x-first-death")
+                && !k.starts_with("x-last-death")
+        })
+        .filter_map(|(k, v)| match v {
+            AMQPValue::LongString(s) => Some((k.to_string(), s.to_string())),
+            AMQPValue::ShortString(s) => Some((k.to_string(), s.to_string())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The routing key the message was first published with: kept in a header through retries.
