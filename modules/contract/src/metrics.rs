@@ -2,7 +2,8 @@
 
 /// Liveness: 200 while the process runs.
 pub const HEALTHZ: &str = "/healthz";
-/// Readiness: 200 when the head can do its work, 503 while starting or stopping.
+/// Readiness: 200 when the head can do its work; 503 when it cannot (a worker also while it
+/// drains). Before it listens (migrations), connections are refused.
 pub const READYZ: &str = "/readyz";
 /// Prometheus text format.
 pub const METRICS: &str = "/metrics";
