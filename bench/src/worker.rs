@@ -152,6 +152,7 @@ async fn pipeline(
         prefetch: PREFETCH,
         commands: vec!["user.register".into()],
         subscriptions: Some(vec![]),
+        schemas: Default::default(),
     };
     // Progress is read from the worker's own counters and the (small) set of pending outbox
     // rows: counting whole tables while the pipeline runs would slow it down.

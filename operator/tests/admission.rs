@@ -179,6 +179,15 @@ const CASES: &[Case] = &[
         expect: &["spec.commands", "consumed by the worker head"],
     },
     Case {
+        what: "a schema for a message the module does not have",
+        break_it: |m| {
+            let s = spec(m);
+            s["events"] = json!({"publishes": ["order.placed"]});
+            s["schemas"] = json!({"refund.issued": {"type": "object"}});
+        },
+        expect: &["spec.schemas", "each schema is for a command"],
+    },
+    Case {
         what: "reserved CHIMERA_ env",
         break_it: |m| m["spec"]["env"] = json!([{"name": "CHIMERA_PREFETCH", "value": "1"}]),
         expect: &["spec.env", "reserved for the head contract"],

@@ -88,6 +88,40 @@ fn validate_lists_every_problem_with_its_field_and_fails() {
     assert!(out.contains("3 problem(s) found"), "{out}");
 }
 
+/// Two modules in two files: users stops guaranteeing a field of its event that orders relies
+/// on. Each file is valid alone; together they are a breaking change naming both and the field.
+#[test]
+fn validate_reports_a_subscriber_relying_on_a_field_its_publisher_dropped() {
+    let dir = std::env::temp_dir().join(format!("{}-compat", chimera_testenv_free_name()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let users = |required: &str| {
+        format!(
+            "apiVersion: chimera.dev/v1alpha1\nkind: ChimeraModule\nmetadata: {{name: users}}\n\
+             spec:\n  image: x\n  events: {{publishes: [user.registered]}}\n  query: {{}}\n\
+             \x20 schemas:\n    user.registered: {{type: object, required: [{required}], properties: {{user_id: {{type: string}}, email: {{type: string}}}}}}\n"
+        )
+    };
+    std::fs::write(
+        dir.join("orders.yaml"),
+        "apiVersion: chimera.dev/v1alpha1\nkind: ChimeraModule\nmetadata: {name: orders}\n\
+         spec:\n  image: x\n  events: {subscribes: [{from: users, events: [user.registered]}]}\n  worker: {}\n\
+         \x20 schemas:\n    user.registered: {type: object, required: [user_id, email]}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("users.yaml"), users("user_id, email")).unwrap();
+    let (code, out) = chimera(&["validate", "-f", dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "compatible:\n{out}");
+    std::fs::write(dir.join("users.yaml"), users("email")).unwrap();
+    let (code, out) = chimera(&["validate", "-f", dir.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("breaking change: orders relies on field `user_id` of user.registered from users, but users no longer guarantees it"),
+        "{out}"
+    );
+    assert!(out.contains("1 problem(s) found"), "{out}");
+}
+
 #[test]
 fn validate_fails_on_a_missing_file_and_on_no_module() {
     let (code, out) = chimera(&["validate", "-f", "/nonexistent/chimera.yaml"]);

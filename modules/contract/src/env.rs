@@ -40,6 +40,9 @@ pub const COMMANDS: &str = "CHIMERA_COMMANDS";
 /// The events the worker's queue is bound to: comma-separated `<domain>:<pattern>` (the
 /// publishing domain, an event name or topic pattern), e.g. `gigs:gig.*,users:user.registered`.
 pub const SUBSCRIPTIONS: &str = "CHIMERA_SUBSCRIPTIONS";
+/// JSON Schemas of the payloads the worker receives: a JSON object from message type to schema
+/// (its commands' and its subscribed events', from `spec.schemas`).
+pub const SCHEMAS: &str = "CHIMERA_SCHEMAS";
 /// Seconds from the head's SIGTERM until it is killed: what its drain may take.
 pub const DRAIN_SECONDS: &str = "CHIMERA_DRAIN_SECONDS";
 /// `json` for JSON log lines (set by the user in `spec.env`, not by the control plane).
@@ -185,6 +188,12 @@ pub const VARIABLES: &[Variable] = &[
         true,
         false,
         "comma-separated <domain>:<pattern> of the events the worker queue receives",
+    ),
+    var(
+        SCHEMAS,
+        true,
+        false,
+        "JSON object: message type -> JSON Schema of its data; a payload that fails is dead-lettered",
     ),
 ];
 

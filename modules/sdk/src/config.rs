@@ -81,6 +81,9 @@ pub struct WorkerConfig {
     /// `CHIMERA_SUBSCRIPTIONS`: `(domain, pattern)` of the events its queue is bound to; `None`
     /// when the control plane did not say (an older one).
     pub subscriptions: Option<Vec<(String, String)>>,
+    /// `CHIMERA_SCHEMAS`: the JSON Schema of the payload of each message type it receives that
+    /// has one (each compiles: checked when read).
+    pub schemas: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl WorkerConfig {
@@ -211,6 +214,33 @@ impl HeadConfig {
                         })
                     })
                     .transpose()?;
+                let schemas = match get(var::SCHEMAS) {
+                    None => std::collections::BTreeMap::new(),
+                    Some(raw) => {
+                        let schemas: std::collections::BTreeMap<String, serde_json::Value> =
+                            serde_json::from_str(raw).map_err(|e| {
+                                invalid(
+                                    var::SCHEMAS,
+                                    "<schemas>",
+                                    &format!(
+                                        "expected a JSON object of message type to schema: {e}"
+                                    ),
+                                )
+                            })?;
+                        for (kind, schema) in &schemas {
+                            jsonschema::validator_for(schema).map_err(|e| {
+                                invalid(
+                                    var::SCHEMAS,
+                                    "<schemas>",
+                                    &format!(
+                                        "the schema of {kind} is not a valid JSON Schema: {e}"
+                                    ),
+                                )
+                            })?;
+                        }
+                        schemas
+                    }
+                };
                 let queue = required(var::WORKER_QUEUE)?;
                 Some(WorkerConfig {
                     failures_exchange: get(var::FAILURES_EXCHANGE)
@@ -223,6 +253,7 @@ impl HeadConfig {
                     prefetch,
                     commands: list(get(var::COMMANDS)),
                     subscriptions,
+                    schemas,
                 })
             }
         };
@@ -276,6 +307,10 @@ mod tests {
             ("CHIMERA_PUBLISHES", "order.placed"),
             ("CHIMERA_DRAIN_SECONDS", "60"),
             ("CHIMERA_SUBSCRIPTIONS", "gigs:gig.*,users:user.registered"),
+            (
+                "CHIMERA_SCHEMAS",
+                r#"{"order.place": {"type": "object", "required": ["gig_id"]}}"#,
+            ),
         ])
     }
 
@@ -346,6 +381,10 @@ mod tests {
         assert!(w.subscribed_event("gig.published") && w.subscribed_event("gig.archived"));
         assert!(w.subscribed_event("user.registered"));
         assert!(!w.subscribed_event("user.deleted") && !w.subscribed_event("order.place"));
+        assert_eq!(
+            w.schemas.keys().collect::<Vec<_>>(),
+            [&"order.place".to_owned()]
+        );
         let mut older = w.clone();
         older.subscriptions = None;
         assert!(
@@ -393,6 +432,8 @@ mod tests {
             ("CHIMERA_DRAIN_SECONDS", "-1"),
             ("CHIMERA_DRAIN_SECONDS", "soon"),
             ("CHIMERA_SUBSCRIPTIONS", "gigs:gig.*,user.registered"),
+            ("CHIMERA_SCHEMAS", "[1, 2]"),
+            ("CHIMERA_SCHEMAS", r#"{"order.place": {"type": 7}}"#),
         ] {
             let mut env = worker_env();
             env.insert(name.to_owned(), bad.to_owned());

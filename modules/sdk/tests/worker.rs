@@ -94,6 +94,12 @@ fn worker_config() -> WorkerConfig {
         .map(str::to_owned)
         .to_vec(),
         subscriptions: Some(vec![("ledger".into(), "ledger.*".into())]),
+        schemas: [(
+            "account.open".to_owned(),
+            serde_json::json!({"type": "object", "required": ["id", "owner"],
+                "properties": {"id": {"type": "string"}, "owner": {"type": "string"}}}),
+        )]
+        .into(),
     }
 }
 
@@ -274,6 +280,14 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
         );
         ledger.routing_key = "chimera.bank.worker".into();
         publisher.publish(&ledger, true).await.unwrap();
+        // A payload its schema refuses (the id is a number): parked with the schema's words.
+        publisher
+            .publish(
+                &send("account.open", serde_json::json!({"id": 5, "owner": "Ada"})),
+                true,
+            )
+            .await
+            .unwrap();
         // After all that, the worker still works.
         publisher
             .publish(
@@ -287,7 +301,7 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
             .unwrap();
 
         let mut reasons = Vec::new();
-        while reasons.len() < 5 {
+        while reasons.len() < 6 {
             let m = get(&channel, "chimera.bank.worker.dlq", Duration::from_secs(15))
                 .await
                 .unwrap_or_else(|| {
@@ -325,7 +339,7 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
             get(&channel, "chimera.bank.worker.dlq", Duration::from_secs(1))
                 .await
                 .is_none(),
-            "{backend}: a sixth dead letter (the ignored event?)"
+            "{backend}: a seventh dead letter (the ignored event?)"
         );
         reasons.sort();
         let expect = [
@@ -333,6 +347,7 @@ async fn the_worker_handles_once_retries_and_dead_letters_on_both_databases() {
             "no handler for command \"account.close\"",
             "not a Chimera envelope",
             "owner must not be empty",
+            "the payload does not match the schema of account.open: 5 is not of type \"string\" (at /id)",
             "the payload of event account.tagged cannot be serialized",
         ];
         for e in expect {

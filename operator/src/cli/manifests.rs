@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use chimera_core::api::crd::chimera_module_crd_yaml;
 use chimera_core::api::manifests::{read, yaml_files};
-use chimera_core::api::validation::{DocumentReport, validate_yaml};
+use chimera_core::api::schemas::incompatibilities;
+use chimera_core::api::validation::{DocumentReport, modules_from_yaml, validate_yaml};
 
 /// `chimera validate`
 #[derive(Debug, clap::Args)]
@@ -26,6 +27,7 @@ pub fn crd() -> anyhow::Result<ExitCode> {
 pub fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
     let mut problems = 0usize;
     let mut modules = 0usize;
+    let mut valid = Vec::new();
     for file in yaml_files(&args.paths)? {
         let (source, _) = read(&file)?;
         for report in validate_yaml(&source) {
@@ -33,6 +35,13 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
             problems += report.errors.len();
             print_report(&file, &report);
         }
+        valid.extend(modules_from_yaml(&source).0);
+    }
+    // Across the modules given: a subscriber relying on what its publisher no longer
+    // guarantees (docs/api.md, payload schemas).
+    for broken in incompatibilities(&valid) {
+        println!("breaking change: {broken}");
+        problems += 1;
     }
     if problems > 0 {
         println!("{problems} problem(s) found");

@@ -57,6 +57,8 @@ pub enum Outcome {
 /// The worker: handlers by message type, and where messages go.
 pub struct Worker {
     handlers: HashMap<String, Arc<dyn Handler>>,
+    /// The payload schemas by message type (`CHIMERA_SCHEMAS`).
+    validators: HashMap<String, Arc<jsonschema::Validator>>,
     metrics: Option<HttpMetrics>,
     consumer_name: String,
     config: WorkerConfig,
@@ -96,8 +98,22 @@ impl Worker {
         consumer_name: impl Into<String>,
         events_exchange: impl Into<String>,
     ) -> Self {
+        let mut validators = HashMap::new();
+        for (kind, schema) in &config.schemas {
+            match jsonschema::validator_for(schema) {
+                Ok(v) => {
+                    validators.insert(kind.clone(), Arc::new(v));
+                }
+                // The configuration read from the environment refuses such a schema; one
+                // built in code that does not compile validates nothing, and says so.
+                Err(error) => {
+                    tracing::error!(%kind, %error, "the payload schema does not compile: not validating")
+                }
+            }
+        }
         Self {
             handlers: HashMap::new(),
+            validators,
             metrics: None,
             consumer_name: consumer_name.into(),
             config,
@@ -273,6 +289,15 @@ impl Worker {
                 ignored,
             }));
         };
+        if let Some(reason) = self.schema_violation(&envelope) {
+            return Err(Box::new(Unhandleable {
+                delivery,
+                envelope: Some(envelope),
+                attempt,
+                reason,
+                ignored: false,
+            }));
+        }
         Ok(Prepared {
             delivery,
             attempt,
@@ -492,6 +517,33 @@ impl Worker {
                 self.dispatch_batch(db, publisher, relay, deliveries).await;
             }
         }
+    }
+}
+
+impl Worker {
+    /// Why the payload of `envelope` does not match its type's schema (the first few errors,
+    /// each with where in `data`), if it has one and does not.
+    fn schema_violation(&self, envelope: &Envelope) -> Option<String> {
+        let validator = self.validators.get(&envelope.kind)?;
+        let errors: Vec<String> = validator
+            .iter_errors(&envelope.data)
+            .take(3)
+            .map(|e| {
+                let at = e.instance_path().to_string();
+                if at.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{e} (at {at})")
+                }
+            })
+            .collect();
+        (!errors.is_empty()).then(|| {
+            format!(
+                "the payload does not match the schema of {}: {}",
+                envelope.kind,
+                errors.join("; ")
+            )
+        })
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod crd;
 pub mod manifests;
 pub mod names;
+pub mod schemas;
 pub mod spec;
 pub mod status;
 pub mod validation;

@@ -68,7 +68,12 @@ use super::status::ChimeraModuleStatus;
         "has(self.worker) || !has(self.events) || !has(self.events.subscribes) || size(self.events.subscribes) == 0"
     )
         .message("spec.events.subscribes are consumed by the worker head: set spec.worker")
-        .field_path(".events.subscribes")
+        .field_path(".events.subscribes"),
+    validation = Rule::new(
+        "!has(self.schemas) || self.schemas.all(t, (has(self.commands) && t in self.commands) || (has(self.events) && ((has(self.events.publishes) && t in self.events.publishes) || (has(self.events.subscribes) && size(self.events.subscribes) > 0))))"
+    )
+        .message("spec.schemas: each schema is for a command in spec.commands, an event in spec.events.publishes, or an event of spec.events.subscribes")
+        .field_path(".schemas")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ChimeraModuleSpec {
@@ -113,7 +118,7 @@ pub struct ChimeraModuleSpec {
     /// Command names the worker head accepts (lowercase dotted, e.g. `order.place`); each is a
     /// routing key on `chimera.<domain>.commands`.
     #[serde(default)]
-    #[schemars(inner(regex(pattern = EVENT_NAME_PATTERN), length(max = 255)))]
+    #[schemars(length(max = 100), inner(regex(pattern = EVENT_NAME_PATTERN), length(max = 255)))]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub commands: Vec<String>,
 
@@ -127,6 +132,15 @@ pub struct ChimeraModuleSpec {
     /// Events this domain publishes and the events of other domains it subscribes to.
     #[serde(default)]
     pub events: EventsSpec,
+
+    /// JSON Schemas (draft 2020-12) of message payloads, the envelope's `data`, by message
+    /// type: of each command the worker accepts and each event the module publishes (what it
+    /// guarantees), and of events it subscribes to (what it relies on in them). Workers
+    /// dead-letter a payload that does not match; `chimera validate` reports a subscriber
+    /// relying on a field its publisher no longer guarantees.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schemars(schema_with = "super::schemas::crd_schema")]
+    pub schemas: std::collections::BTreeMap<String, serde_json::Value>,
 
     /// The query head: REST reads over the domain's read model. Omit for a worker-only module.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -204,7 +218,7 @@ pub struct EventsSpec {
     /// Event names this domain publishes on `chimera.<domain>.events` (lowercase dotted, e.g.
     /// `order.placed`; no wildcards).
     #[serde(default)]
-    #[schemars(inner(regex(pattern = EVENT_NAME_PATTERN), length(max = 255)))]
+    #[schemars(length(max = 100), inner(regex(pattern = EVENT_NAME_PATTERN), length(max = 255)))]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub publishes: Vec<String>,
 

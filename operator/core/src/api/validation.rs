@@ -190,6 +190,15 @@ pub fn validate_object(object: &Value) -> Vec<FieldError> {
                 ));
             }
         }
+        // Beyond what the API server can check: the payload schemas are JSON Schemas, each
+        // for a message of the module (see `api::schemas`).
+        if errors.is_empty()
+            && let Ok(module) = serde_json::from_value::<super::ChimeraModule>(object.clone())
+        {
+            for (path, message) in super::schemas::check(&module) {
+                errors.push(field_error(&path, message));
+            }
+        }
     }
     errors
 }

@@ -150,6 +150,13 @@ pub fn contract_values(
                 })),
             ),
         ]);
+        let schemas = crate::api::schemas::consumed(module);
+        if !schemas.is_empty() {
+            env.push(plain(
+                var::SCHEMAS,
+                serde_json::to_string(&schemas).unwrap_or_default(),
+            ));
+        }
     }
     env
 }
@@ -171,6 +178,39 @@ mod tests {
             name: "chimera-broker".into(),
             key: "url".into(),
         }
+    }
+
+    #[test]
+    fn the_worker_gets_the_schemas_of_what_it_receives() {
+        let mut m = module("orders");
+        assert_eq!(
+            value(
+                &contract_env(&m, Head::Worker, 8080, &broker()),
+                "CHIMERA_SCHEMAS"
+            ),
+            None,
+            "no schemas, no variable"
+        );
+        for kind in ["order.place", "order.placed", "user.registered"] {
+            m.spec.schemas.insert(
+                kind.to_owned(),
+                serde_json::json!({"type": "object", "description": kind}),
+            );
+        }
+        let env = contract_env(&m, Head::Worker, 8080, &broker());
+        let schemas: serde_json::Value =
+            serde_json::from_str(value(&env, "CHIMERA_SCHEMAS").unwrap_or("null"))
+                .unwrap_or_default();
+        // Its command and the event it subscribes to; not the event it publishes.
+        assert_eq!(
+            schemas
+                .as_object()
+                .map(|o| o.keys().cloned().collect::<Vec<_>>()),
+            Some(vec!["order.place".to_owned(), "user.registered".to_owned()])
+        );
+        assert_eq!(schemas["order.place"]["description"], "order.place");
+        let query = contract_env(&m, Head::Query, 8080, &broker());
+        assert_eq!(value(&query, "CHIMERA_SCHEMAS"), None);
     }
 
     #[test]
