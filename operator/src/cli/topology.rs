@@ -21,7 +21,7 @@ pub enum TopologyCommand {
         /// Files or directories of ChimeraModule YAML.
         #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
         paths: Vec<PathBuf>,
-        /// Output format: text, json, mermaid or dot.
+        /// Output format: text, json, mermaid, dot or asyncapi (an AsyncAPI 3.0 document).
         #[arg(long, default_value = "text")]
         format: Format,
     },
@@ -85,7 +85,7 @@ pub async fn run(command: TopologyCommand) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             };
             let plan = plan(&modules);
-            super::print_out(&render(&plan, format))?;
+            super::print_out(&render(&modules, &plan, format))?;
             Ok(exit(!plan.has_errors()))
         }
         TopologyCommand::Diff {

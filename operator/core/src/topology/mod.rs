@@ -6,6 +6,7 @@
 //! declaration did; `verdict` turns it into the `TopologyReady` condition. The declarer, the
 //! management client and the migration (I/O) live in the runtime crate.
 
+pub mod asyncapi;
 pub mod diff;
 pub mod neighbours;
 /// Topic matching lives with the contract: heads match their subscriptions with it too.

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use super::diff::TopologyDiff;
 use super::plan::{ArgValue, TopologyPlan};
+use crate::api::ChimeraModule;
 
 /// Output formats of `chimera topology plan`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,19 +19,28 @@ pub enum Format {
     Mermaid,
     /// A Graphviz DOT graph of the same.
     Dot,
+    /// An AsyncAPI 3.0 document (YAML) of the channels, operations and messages.
+    AsyncApi,
 }
 
 impl Format {
     /// Every format, in the order the CLI lists them.
-    pub const ALL: [Format; 4] = [Format::Text, Format::Json, Format::Mermaid, Format::Dot];
+    pub const ALL: [Format; 5] = [
+        Format::Text,
+        Format::Json,
+        Format::Mermaid,
+        Format::Dot,
+        Format::AsyncApi,
+    ];
 
-    /// `text`, `json`, `mermaid` or `dot`.
+    /// `text`, `json`, `mermaid`, `dot` or `asyncapi`.
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Text => "text",
             Format::Json => "json",
             Format::Mermaid => "mermaid",
             Format::Dot => "dot",
+            Format::AsyncApi => "asyncapi",
         }
     }
 }
@@ -42,13 +52,17 @@ impl std::str::FromStr for Format {
         Self::ALL
             .into_iter()
             .find(|f| f.as_str() == text)
-            .ok_or_else(|| format!("unknown format {text:?}: expected text, json, mermaid or dot"))
+            .ok_or_else(|| {
+                format!("unknown format {text:?}: expected text, json, mermaid, dot or asyncapi")
+            })
     }
 }
 
-/// Renders `plan` in `format`.
-pub fn render(plan: &TopologyPlan, format: Format) -> String {
+/// Renders `plan`, the topology of `modules`, in `format`.
+pub fn render(modules: &[ChimeraModule], plan: &TopologyPlan, format: Format) -> String {
     match format {
+        Format::AsyncApi => serde_yaml::to_string(&super::asyncapi::asyncapi(modules))
+            .unwrap_or_else(|e| format!("error: {e}\n")),
         Format::Text => text(plan),
         Format::Json => {
             serde_json::to_string_pretty(plan).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
@@ -256,7 +270,7 @@ mod tests {
 
     #[test]
     fn mermaid_draws_domains_and_event_edges() {
-        let m = render(&sample(), Format::Mermaid);
+        let m = render(&[], &sample(), Format::Mermaid);
         assert!(m.starts_with("flowchart LR\n"));
         assert!(
             m.contains("d_users([\"users<br/><small>user.register</small>\"])"),
@@ -271,7 +285,7 @@ mod tests {
 
     #[test]
     fn dot_is_a_digraph_with_labelled_edges() {
-        let d = render(&sample(), Format::Dot);
+        let d = render(&[], &sample(), Format::Dot);
         assert!(d.starts_with("digraph chimera {"));
         assert!(
             d.contains("d_users -> d_gig_store [label=\"user.*\\nuser.registered\"];"),
@@ -283,7 +297,7 @@ mod tests {
     #[test]
     fn json_lists_queues_with_arguments_and_bindings() {
         let j: serde_json::Value =
-            serde_json::from_str(&render(&sample(), Format::Json)).unwrap_or_default();
+            serde_json::from_str(&render(&[], &sample(), Format::Json)).unwrap_or_default();
         let queue = j["queues"]
             .as_array()
             .and_then(|q| q.iter().find(|q| q["name"] == "chimera.users.worker"))
@@ -300,7 +314,7 @@ mod tests {
 
     #[test]
     fn text_has_every_section() {
-        let t = render(&sample(), Format::Text);
+        let t = render(&[], &sample(), Format::Text);
         for section in [
             "exchanges (6):",
             "queues (10):",
