@@ -661,9 +661,20 @@ async fn a_ctrl_c_stops_the_heads_with_sigterm_alone() {
     )
     .unwrap();
     let port = free_port();
-    let mut command = up_command(&state, &modules, &vhost, port, free_ports(1));
-    // As a shell starts a foreground job: its own process group, which Ctrl-C signals.
-    command.arg("--bin-dir").arg(&bin).process_group(0);
+    let mut up_cmd = up_command(&state, &modules, &vhost, port, free_ports(1));
+    up_cmd.arg("--bin-dir").arg(&bin);
+    // Started as a non-interactive shell starts a background job: with SIGINT ignored (which
+    // `chimera up` must undo, and early: a Ctrl-C during its start-up was lost), in a process
+    // group of its own, which the Ctrl-C below signals.
+    let mut command = Command::new("sh");
+    command
+        .args(["-c", "trap '' INT; exec \"$@\"", "sh"])
+        .arg(up_cmd.get_program())
+        .args(up_cmd.get_args())
+        .envs(up_cmd.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .process_group(0);
     let mut up = Up {
         child: command.spawn().unwrap(),
         state: state.clone(),

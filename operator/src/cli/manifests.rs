@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use chimera_core::api::crd::chimera_module_crd_yaml;
 use chimera_core::api::manifests::{read, yaml_files};
-use chimera_core::api::schemas::incompatibilities;
+use chimera_core::api::schemas::{incompatibilities, strays};
 use chimera_core::api::validation::{DocumentReport, modules_from_yaml, validate_yaml};
 
 /// `chimera validate`
@@ -35,7 +35,16 @@ pub fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
             problems += report.errors.len();
             print_report(&file, &report);
         }
-        valid.extend(modules_from_yaml(&source).0);
+        for module in modules_from_yaml(&source).0 {
+            let name = module.metadata.name.clone().unwrap_or_default();
+            for warning in strays(&module) {
+                println!(
+                    "{}: ChimeraModule/{name}: warning: {warning}",
+                    file.display()
+                );
+            }
+            valid.push(module);
+        }
     }
     // Across the modules given: a subscriber relying on what its publisher no longer
     // guarantees (docs/api.md, payload schemas).

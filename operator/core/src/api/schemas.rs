@@ -72,22 +72,38 @@ pub fn consumed(module: &ChimeraModule) -> BTreeMap<&str, &Value> {
         .collect()
 }
 
-/// The problems of one module's schemas, as `(field path, message)`.
+/// The problems of one module's schemas, as `(field path, message)`: a schema that is not a
+/// valid JSON Schema.
 pub fn check(module: &ChimeraModule) -> Vec<(String, String)> {
-    let mut problems = Vec::new();
-    for (kind, schema) in &module.spec.schemas {
-        let path = format!("spec.schemas.{kind}");
-        if role(module, kind).is_none() {
-            problems.push((
-                path.clone(),
-                format!("{kind} is not a command in spec.commands, an event in spec.events.publishes, or an event spec.events.subscribes matches"),
-            ));
-        }
-        if let Err(e) = jsonschema::validator_for(schema) {
-            problems.push((path, format!("not a valid JSON Schema: {e}")));
-        }
-    }
-    problems
+    module
+        .spec
+        .schemas
+        .iter()
+        .filter_map(|(kind, schema)| {
+            jsonschema::validator_for(schema).err().map(|e| {
+                (
+                    format!("spec.schemas.{kind}"),
+                    format!("not a valid JSON Schema: {e}"),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Schemas of messages the module does not have (a typo, or a subscription removed and its
+/// schema left behind): nothing uses them, which `chimera validate` warns about.
+pub fn strays(module: &ChimeraModule) -> Vec<String> {
+    module
+        .spec
+        .schemas
+        .keys()
+        .filter(|kind| role(module, kind).is_none())
+        .map(|kind| {
+            format!(
+                "spec.schemas.{kind}: {kind} is not a command in spec.commands, an event in spec.events.publishes, or an event spec.events.subscribes matches: nothing uses this schema"
+            )
+        })
+        .collect()
 }
 
 /// A subscriber relying on something its publisher does not guarantee.
@@ -378,11 +394,15 @@ mod tests {
                     && p.contains("not a valid JSON Schema")),
             "{problems:?}"
         );
+        // A schema nothing uses is valid, and warned about.
         let stray = ORDERS.replace("user.registered: {", "gig.published: {");
-        let (_, problems) = modules_from_yaml(&stray);
+        let m = modules(&[&stray]);
+        let warnings = strays(&m[0]);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(
-            problems.iter().any(|p| p.contains("gig.published")),
-            "{problems:?}"
+            warnings[0].contains("spec.schemas.gig.published"),
+            "{warnings:?}"
         );
+        assert!(strays(&modules(&[ORDERS])[0]).is_empty());
     }
 }

@@ -108,6 +108,10 @@ struct Running {
 /// Runs until Ctrl-C / SIGTERM.
 pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let origin = Instant::now();
+    // Listening before anything starts: a Ctrl-C while the broker or the heads start is kept
+    // for the loop (not lost when the process started with SIGINT ignored, nor the default
+    // action killing `chimera up` with its heads left running).
+    let mut shutdown = Shutdown::listen().context("listening for SIGINT and SIGTERM")?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let state_dir = args.state_dir.canonicalize()?;
@@ -135,7 +139,16 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             endpoint
         }
     };
-    let result = serve(&args, &state_dir, &endpoint, modules, &mut mtimes, origin).await;
+    let result = serve(
+        &args,
+        &state_dir,
+        &endpoint,
+        modules,
+        &mut mtimes,
+        origin,
+        &mut shutdown,
+    )
+    .await;
     // The private broker stops whatever happened, so no node is left holding its ports.
     if let Some(broker) = private {
         broker.stop().await;
@@ -152,6 +165,7 @@ async fn serve(
     modules: Vec<ChimeraModule>,
     mtimes: &mut BTreeMap<PathBuf, SystemTime>,
     origin: Instant,
+    shutdown: &mut Shutdown,
 ) -> anyhow::Result<()> {
     let local = LocalContext {
         amqp_url: endpoint.amqp_url.clone(),
@@ -198,6 +212,7 @@ async fn serve(
         &snapshot,
         origin,
         &up_file,
+        shutdown,
     )
     .await;
     println!("chimera up: stopping");
@@ -221,6 +236,7 @@ async fn run(
     snapshot: &Arc<RwLock<Snapshot>>,
     origin: Instant,
     up_file: &UpFile,
+    shutdown: &mut Shutdown,
 ) -> anyhow::Result<()> {
     declare_topology(endpoint, &modules).await?;
     for module in &modules {
@@ -234,11 +250,9 @@ async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_watch = Instant::now();
     let mut written_pids = Vec::new();
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = &mut stop => return Ok(()),
+            () = shutdown.requested() => return Ok(()),
             _ = tick.tick() => {}
         }
         let now = origin.elapsed().as_secs_f64();
@@ -476,25 +490,39 @@ async fn reload_changed(
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// A stop request: SIGINT (a terminal's Ctrl-C) or SIGTERM. The handlers are installed when it
+/// is made, so a signal that arrives before it is awaited is kept, not lost.
+struct Shutdown {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn listen() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    /// Completes when a stop was requested (now or since it was made).
+    async fn requested(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
