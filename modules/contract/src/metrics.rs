@@ -25,6 +25,21 @@ pub const IN_FLIGHT: &str = "chimera_http_requests_in_flight";
 /// behind would stay unsent until a message woke the head again.
 pub const OUTBOX_PENDING: &str = "chimera_outbox_pending_rows";
 
+/// The counter of messages a worker settled, labelled `kind` (the message type) and `outcome`
+/// (one of [`OUTCOMES`]).
+pub const WORKER_MESSAGES: &str = "chimera_worker_messages_total";
+/// The histogram of the time a worker takes to settle one batch of deliveries, in seconds.
+pub const WORKER_BATCH_DURATION: &str = "chimera_worker_batch_duration_seconds";
+/// The outcomes of [`WORKER_MESSAGES`] (docs/contract.md, section 8).
+pub const OUTCOMES: [&str; 6] = [
+    "handled",
+    "duplicate",
+    "retried",
+    "dead_lettered",
+    "requeued",
+    "ignored",
+];
+
 /// The bucket bounds of [`REQUEST_DURATION`], in seconds: fine around the latencies a query
 /// head is held to (tens to hundreds of milliseconds) so that percentiles interpolate well.
 /// Every head uses these bounds, so the autoscaler can merge the histograms of all pods.

@@ -18,6 +18,7 @@
 pub mod access;
 pub mod api;
 pub mod autoscale;
+pub mod conformance;
 pub mod leader;
 pub mod local;
 pub mod sim;

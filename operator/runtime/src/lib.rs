@@ -16,6 +16,7 @@ pub mod access;
 pub mod caches;
 pub mod client;
 pub mod cluster;
+pub mod conformance;
 pub mod controller;
 pub mod leader;
 pub mod local;

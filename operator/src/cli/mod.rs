@@ -4,8 +4,9 @@
 //!
 //! Commands: `up`, `status`, `load` (the local runtime, [`local`]), `operator` ([`operator`]),
 //! `crd` and `validate` ([`manifests`]), `topology plan|diff|migrate|apply` ([`topology`]),
-//! `publish` ([`publish`]) and `sim` ([`sim`]).
+//! `publish` ([`publish`]), `sim` ([`sim`]) and `conformance` ([`conformance`]).
 
+pub mod conformance;
 pub mod local;
 pub mod manifests;
 pub mod operator;
@@ -60,6 +61,9 @@ pub enum Command {
     /// Run an autoscaling scenario in the reference model and score a policy (see
     /// docs/autoscaling.md and bench/autoscale/).
     Sim(sim::SimArgs),
+    /// Run a module's heads on a broker and database of their own and check each clause of the
+    /// head contract (docs/contract.md); exit 1 on any failure.
+    Conformance(chimera_runtime::conformance::ConformanceArgs),
     /// Run the operator against the cluster of the current kubeconfig.
     Operator(operator::OperatorArgs),
 }
@@ -75,6 +79,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Load(args) => local::load(&args).await,
         Command::Status(args) => local::status(&args).await,
         Command::Sim(args) => sim::run(&args),
+        Command::Conformance(args) => conformance::run(&args).await,
         Command::Operator(args) => {
             init_tracing(cli.log_format);
             operator::run(args).await

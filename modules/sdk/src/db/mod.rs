@@ -49,6 +49,15 @@ pub enum DbError {
     },
 }
 
+impl DbError {
+    /// Whether the database refused a duplicate key: another consumer recorded the same inbox
+    /// row at the same time (the batch returns to the queue, and its redelivery is a
+    /// duplicate), unlike a database that failed.
+    pub fn is_unique_violation(&self) -> bool {
+        matches!(self, Self::Query { cause: sqlx::Error::Database(e), .. } if e.is_unique_violation())
+    }
+}
+
 /// Which database is behind the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {

@@ -216,8 +216,20 @@ impl Worker {
                 }
                 results
             }
+            Err(error) if !error.is_unique_violation() => {
+                // The database failed (down, locked, a commit refused): a failure that may
+                // pass, so each message takes the retry ladder like a handler's `retry`
+                // (nothing of the batch committed). Requeueing instead would loop on a
+                // database that stays down, without attempts, reason or end.
+                tracing::warn!(%error, messages = prepared.len(), "batch transaction failed; its messages are retried");
+                let reason = format!("the database failed: {error}");
+                prepared
+                    .iter()
+                    .map(|_| Err(HandlerError::retry(reason.clone())))
+                    .collect()
+            }
             Err(error) => {
-                tracing::warn!(%error, messages = prepared.len(), "batch transaction failed; messages return to the queue");
+                tracing::warn!(%error, messages = prepared.len(), "another consumer handled a message of the batch at the same time; the batch returns to the queue");
                 for p in &prepared {
                     outcomes.push((
                         p.envelope.kind.clone(),

@@ -6,7 +6,7 @@
 //! Secrets: the operator may not list them), the broker at the topology's resync, from one
 //! read of the vhost's permissions shared by every module.
 
-mod broker;
+pub(crate) mod broker;
 mod secret;
 
 use std::collections::HashMap;

@@ -65,7 +65,7 @@ pub struct UpArgs {
 }
 
 /// Finds `program` in the given directories, the workspace's target directories, or PATH.
-fn find_program(program: &str, bin_dirs: &[PathBuf]) -> Option<PathBuf> {
+pub(crate) fn find_program(program: &str, bin_dirs: &[PathBuf]) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = bin_dirs.to_vec();
     if let Ok(target) = std::env::var("CARGO_TARGET_DIR") {
         dirs.push(PathBuf::from(&target).join("release"));

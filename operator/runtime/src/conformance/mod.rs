@@ -1,0 +1,228 @@
+//! `chimera conformance -f MODULE.yaml`: runs a module's heads on a vhost and a SQLite database
+//! of their own, under a broker user that may not declare anything (the one the operator would
+//! give the module), and checks each clause of docs/contract.md by acting on them from outside:
+//! messages sent, copies of what they publish caught, endpoints read, the database locked, the
+//! worker stopped under load. The verdicts are `chimera_core::conformance`'s.
+//!
+//! The broker is `--amqp-url`/`--management-url` (or `CHIMERA_AMQP_URL` and
+//! `CHIMERA_RABBITMQ_MANAGEMENT_URL`) with an admin user, on which a vhost is made for the run
+//! and removed after it; without them a private RabbitMQ node is started, as `chimera up` does.
+
+mod clauses;
+pub mod harness;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use reqwest::Method;
+use serde_json::json;
+
+use crate::access::broker as broker_access;
+use crate::local::rabbit::PrivateBroker;
+use crate::topology::declare;
+use crate::topology::management::ManagementClient;
+use chimera_core::access::{grants, plan as access_plan, user};
+use chimera_core::api::ChimeraModule;
+use chimera_core::conformance::Report;
+use chimera_core::local::plan::{LocalContext, program_name};
+use chimera_core::topology::plan as topology_plan;
+use chimera_core::topology::state::{BrokerEndpoint, percent_encode};
+use harness::Harness;
+
+/// `chimera conformance` options.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ConformanceArgs {
+    /// The module's ChimeraModule YAML (one module).
+    #[arg(short = 'f', long = "filename")]
+    pub file: PathBuf,
+    /// The module's program (default: found as `chimera up` finds it: --bin-dir, the
+    /// workspace's target directories, PATH).
+    #[arg(long)]
+    pub program: Option<PathBuf>,
+    /// Where to look for the program first.
+    #[arg(long)]
+    pub bin_dir: Vec<PathBuf>,
+    /// An admin AMQP URL of a broker to run on (a vhost is made for the run).
+    #[arg(long, env = "CHIMERA_AMQP_URL")]
+    pub amqp_url: Option<String>,
+    /// Its management API URL (with credentials).
+    #[arg(long, env = "CHIMERA_RABBITMQ_MANAGEMENT_URL")]
+    pub management_url: Option<String>,
+    /// AMQP port of the private broker (when no broker is given).
+    #[arg(long, default_value_t = 5692)]
+    pub amqp_port: u16,
+    /// Management port of the private broker.
+    #[arg(long, default_value_t = 15692)]
+    pub management_port: u16,
+    /// Where the database, the heads' logs and a private broker live (default: a new
+    /// temporary directory, removed after a passing run).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs every clause; the report (and where the logs are).
+pub async fn run(args: &ConformanceArgs) -> anyhow::Result<(Report, PathBuf)> {
+    let module = load_module(&args.file)?;
+    let program = match &args.program {
+        Some(p) => p
+            .canonicalize()
+            .with_context(|| format!("--program {}", p.display()))?,
+        None => {
+            let name = program_name(&module);
+            crate::local::find_program(&name, &args.bin_dir).with_context(|| {
+                format!(
+                    "no program {name:?} (from the image {:?}): pass --program or --bin-dir",
+                    module.spec.image
+                )
+            })?
+        }
+    };
+    let dir = match &args.state_dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("chimera-conformance-{}", random_hex(6)?)),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+
+    let mut private = None;
+    let (amqp, management) = match (&args.amqp_url, &args.management_url) {
+        (Some(a), Some(m)) if !a.is_empty() && !m.is_empty() => (a.clone(), m.clone()),
+        _ => {
+            let broker = PrivateBroker::start(&dir, args.amqp_port, args.management_port)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let urls = (broker.amqp_url.clone(), broker.management_url.clone());
+            private = Some(broker);
+            urls
+        }
+    };
+    let result = on_broker(module, program, &dir, &amqp, &management).await;
+    if let Some(broker) = private {
+        broker.stop().await;
+    }
+    let report = result?;
+    if report.passed() && args.state_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok((report, dir))
+}
+
+fn load_module(file: &Path) -> anyhow::Result<ChimeraModule> {
+    let loaded = chimera_core::api::manifests::load(&[file.to_path_buf()])?;
+    if !loaded.problems.is_empty() {
+        anyhow::bail!("invalid module:\n  {}", loaded.problems.join("\n  "));
+    }
+    let mut modules = loaded.modules;
+    anyhow::ensure!(
+        modules.len() == 1,
+        "{} holds {} ChimeraModules; conformance checks one",
+        file.display(),
+        modules.len()
+    );
+    let mut module = modules.remove(0);
+    // Short retries: the ladder is walked in seconds (the delays' values are not a clause).
+    if let Some(worker) = module.spec.worker.as_mut() {
+        worker.retry.delays_seconds = vec![1, 1];
+    }
+    Ok(module)
+}
+
+/// A vhost and a module user for the run, the module's topology, then the clauses; the vhost
+/// is removed afterwards whatever happened.
+async fn on_broker(
+    module: ChimeraModule,
+    program: PathBuf,
+    dir: &Path,
+    amqp: &str,
+    management: &str,
+) -> anyhow::Result<Report> {
+    let vhost = format!("chimera-conformance-{}", random_hex(4)?);
+    let server = amqp.rsplit_once('/').map_or(amqp, |(s, _)| s);
+    let admin_url = format!("{server}/{}", percent_encode(&vhost));
+    let admin = BrokerEndpoint::new(&admin_url, Some(management))?;
+    let client = ManagementClient::new(&admin)?;
+    let (_, admin_user, _) = split_user(management);
+    client
+        .request(
+            Method::PUT,
+            &format!("/api/vhosts/{}", percent_encode(&vhost)),
+            Some(&json!({})),
+        )
+        .await?
+        .error_for_status()
+        .context("creating the run's vhost")?;
+    let outcome = async {
+        client
+            .request(
+                Method::PUT,
+                &format!(
+                    "/api/permissions/{}/{}",
+                    percent_encode(&vhost),
+                    percent_encode(&admin_user)
+                ),
+                Some(&json!({"configure": ".*", "write": ".*", "read": ".*"})),
+            )
+            .await?
+            .error_for_status()
+            .context("granting the admin the run's vhost")?;
+        let plan = topology_plan::plan(std::slice::from_ref(&module));
+        declare::apply(&admin, &plan).await?;
+        // The user the operator would give the module: it may not configure anything.
+        let name = format!("chimera-conformance-{}", random_hex(4)?);
+        let password = random_hex(16)?;
+        let want = grants(&module);
+        let steps = access_plan::steps(&want, None, true);
+        broker_access::apply(&client, &name, &password, &want, &steps).await?;
+        let head_url = user::with_credentials(&admin_url, &name, &password)?;
+        let local = LocalContext {
+            amqp_url: head_url,
+            state_dir: dir.display().to_string(),
+        };
+        let before = client.state().await?;
+        let mut harness =
+            Harness::new(module, program, dir.to_path_buf(), &admin_url, local).await?;
+        let report = clauses::run(&mut harness, &client, before, &password).await;
+        harness.stop_all().await;
+        let _ = harness.connection.close(200, "done".into()).await;
+        let _ = broker_access::delete_user(&client, &name).await;
+        anyhow::Ok(report)
+    }
+    .await;
+    let _ = client
+        .request(
+            Method::DELETE,
+            &format!("/api/vhosts/{}", percent_encode(&vhost)),
+            None,
+        )
+        .await;
+    outcome
+}
+
+/// `http://user:pass@host` -> (base, user, pass); guest when it names none.
+fn split_user(url: &str) -> (String, String, String) {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("http", url));
+    match rest.rsplit_once('@') {
+        Some((creds, host)) => {
+            let (u, p) = creds.split_once(':').unwrap_or((creds, ""));
+            (
+                format!("{scheme}://{host}"),
+                chimera_core::topology::state::percent_decode(u),
+                chimera_core::topology::state::percent_decode(p),
+            )
+        }
+        None => (url.to_owned(), "guest".into(), "guest".into()),
+    }
+}
+
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// How long a head gets to become ready.
+pub(crate) const READY_WITHIN: Duration = Duration::from_secs(60);
