@@ -58,7 +58,7 @@ fn crd_into_a_reader_that_leaves_early_exits_quietly() {
 fn validate_accepts_the_examples() {
     let (code, out) = chimera(&["validate", "-f", &repo("examples/marketplace")]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("3 ChimeraModule(s) valid"), "{out}");
+    assert!(out.contains("4 ChimeraModule(s) valid"), "{out}");
 }
 
 #[test]

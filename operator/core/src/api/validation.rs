@@ -113,9 +113,16 @@ thread_local! {
 pub fn modules_from_yaml(source: &str) -> (Vec<super::ChimeraModule>, Vec<String>) {
     let mut modules = Vec::new();
     let mut problems = Vec::new();
-    let documents: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(source)
-        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
-        .collect();
+    // Up to the first document that does not parse: the stream cannot be resumed after a
+    // syntax error (its iterator yields the same error forever), and validate_yaml has
+    // reported it.
+    let mut documents: Vec<serde_yaml::Value> = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(source) {
+        match serde::Deserialize::deserialize(document) {
+            Ok(value) => documents.push(value),
+            Err(_) => break,
+        }
+    }
     for report in validate_yaml(source) {
         let what = report
             .object
@@ -608,6 +615,19 @@ mod tests {
             reports[0].errors[0].message.starts_with("not valid YAML"),
             "{reports:?}"
         );
+    }
+
+    #[test]
+    fn a_syntax_error_after_a_valid_module_is_reported_and_ends_the_read() {
+        // A plain scalar with ": " inside; the reader used to spin on the repeated error.
+        let source = format!(
+            "{}---\nkind: ChimeraModule\nspec:\n  description: a buyer gone: gone\n",
+            serde_yaml::to_string(&valid_module()).unwrap()
+        );
+        let (modules, problems) = modules_from_yaml(&source);
+        assert_eq!(modules.len(), 1);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("not valid YAML"), "{problems:?}");
     }
 
     mod properties {

@@ -970,7 +970,13 @@ async fn retry_ladder(h: &mut Harness, probe: &Probe, notes: &mut Notes) {
     notes.check(Clause::RetryLadder, retried, || {
         "a second message was not retried while the database was locked".into()
     });
-    let rows = wait_inbox(h, &domain, std::slice::from_ref(&second_id), Duration::from_secs(30)).await;
+    let rows = wait_inbox(
+        h,
+        &domain,
+        std::slice::from_ref(&second_id),
+        Duration::from_secs(30),
+    )
+    .await;
     notes.check(Clause::RetryLadder, rows.contains(&second_id), || {
         "a message retried while the database was locked was not handled once the lock went".into()
     });
