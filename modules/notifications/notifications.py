@@ -279,18 +279,26 @@ def list_notifications(db_path):
     return handler
 
 
+def database_answers(db_path):
+    """None when the database answers a read (on a connection of its own: the worker's belongs
+    to the consuming thread), else why not: what /readyz says."""
+    try:
+        check = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1.0)
+        try:
+            check.execute("SELECT 1").fetchone()
+        finally:
+            check.close()
+        return None
+    except sqlite3.Error as error:
+        return f"the database does not answer: {error}"
+
+
 def run_query(db_path):
     metrics = Metrics()
     stop = threading.Event()
 
     def ready():
-        try:
-            db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1.0)
-            db.execute("SELECT 1").fetchone()
-            db.close()
-            return None
-        except sqlite3.Error as error:
-            return f"the database does not answer: {error}"
+        return database_answers(db_path)
 
     server = http_server(http_addr(), metrics, ready,
                          {"/notifications": list_notifications(db_path)})
@@ -538,14 +546,7 @@ def main(argv):
                 return "stopping: finishing the messages in flight"
             if not worker.connected:
                 return "the broker connection is not up"
-            try:
-                # Its own connection: the worker's belongs to the consuming thread.
-                check = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1.0)
-                check.execute("SELECT 1").fetchone()
-                check.close()
-                return None
-            except sqlite3.Error as error:
-                return f"the database does not answer: {error}"
+            return database_answers(db_path)
         server = http_server(http_addr(), worker.metrics, ready, {})
         worker.run()
         server.shutdown()

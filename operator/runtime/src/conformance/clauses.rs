@@ -643,11 +643,7 @@ async fn dead_letters(h: &mut Harness, notes: &mut Notes) {
                 }
             };
             let id = envelope.id.to_string();
-            let found = h
-                .wait_failure(SETTLE_WITHIN, |c| c.envelope_id().as_deref() == Some(&id))
-                .await
-                .ok()
-                .flatten();
+            let found = h.caught(SETTLE_WITHIN, &id, None).await;
             match found {
                 None => notes.problem(
                     Clause::DeadLetters,
@@ -706,12 +702,8 @@ async fn dead_letters(h: &mut Harness, notes: &mut Notes) {
             .await;
         let id = envelope.id.to_string();
         let parked = h
-            .wait_failure(Duration::from_millis(500), |c| {
-                c.envelope_id().as_deref() == Some(&id)
-            })
+            .caught(Duration::from_millis(500), &id, None)
             .await
-            .ok()
-            .flatten()
             .is_some();
         notes.check(Clause::DeadLetters, ignored && !parked, || {
             format!(
@@ -750,11 +742,7 @@ async fn schemas(h: &mut Harness, notes: &mut Notes) {
         }
     }
     for (kind, id) in ids {
-        let found = h
-            .wait_failure(SETTLE_WITHIN, |c| c.envelope_id().as_deref() == Some(&id))
-            .await
-            .ok()
-            .flatten();
+        let found = h.caught(SETTLE_WITHIN, &id, None).await;
         match found {
             Some(c) if has_reason(&c) => {}
             Some(_) => notes.problem(
@@ -892,13 +880,7 @@ async fn retry_ladder(h: &mut Harness, probe: &Probe, notes: &mut Notes) {
     let within = Duration::from_secs(40);
     for n in 1..max_attempts {
         let queue = names::retry_queue(&domain, n);
-        let found = h
-            .wait_failure(within, |c| {
-                c.envelope_id().as_deref() == Some(&id) && c.routing_key == queue
-            })
-            .await
-            .ok()
-            .flatten();
+        let found = h.caught(within, &id, Some(&queue)).await;
         let Some(c) = found else {
             notes.problem(Clause::RetryLadder, format!("with the database locked, attempt {n} of {} was not retried through {queue} within {} s", probe.kind, within.as_secs()));
             let _ = sqlx::query("ROLLBACK").execute(&mut lock).await;
@@ -935,13 +917,7 @@ async fn retry_ladder(h: &mut Harness, probe: &Probe, notes: &mut Notes) {
         );
     }
     let dlq = names::dead_letter_queue(&domain);
-    let parked = h
-        .wait_failure(within, |c| {
-            c.envelope_id().as_deref() == Some(&id) && c.routing_key == dlq
-        })
-        .await
-        .ok()
-        .flatten();
+    let parked = h.caught(within, &id, Some(&dlq)).await;
     match parked {
         Some(c) => notes.check(Clause::RetryLadder, has_reason(&c), || {
             "the dead letter after the last attempt has no reason".into()
@@ -957,14 +933,7 @@ async fn retry_ladder(h: &mut Harness, probe: &Probe, notes: &mut Notes) {
         notes.problem(Clause::RetryLadder, format!("sending: {e:#}"));
     }
     let queue = names::retry_queue(&domain, 1);
-    let retried = h
-        .wait_failure(within, |c| {
-            c.envelope_id().as_deref() == Some(&second_id) && c.routing_key == queue
-        })
-        .await
-        .ok()
-        .flatten()
-        .is_some();
+    let retried = h.caught(within, &second_id, Some(&queue)).await.is_some();
     let _ = sqlx::query("ROLLBACK").execute(&mut lock).await;
     drop(lock);
     notes.check(Clause::RetryLadder, retried, || {

@@ -453,6 +453,22 @@ impl Harness {
         }
     }
 
+    /// Waits until the failures tap holds the message `id` (published with `routing_key`, if
+    /// given): a retry or a dead letter of it.
+    pub async fn caught(
+        &mut self,
+        within: Duration,
+        id: &str,
+        routing_key: Option<&str>,
+    ) -> Option<Caught> {
+        self.wait_failure(within, |c| {
+            c.envelope_id().as_deref() == Some(id) && routing_key.is_none_or(|k| c.routing_key == k)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
     /// Stops every head (SIGTERM, then SIGKILL after 10 s).
     pub async fn stop_all(&mut self) {
         let heads = std::mem::take(&mut self.heads);
