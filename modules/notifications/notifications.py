@@ -5,7 +5,8 @@ Written from docs/contract.md alone (no SDK): one program, two heads.
 - `worker` consumes CHIMERA_WORKER_QUEUE: users' events (to know a buyer's name and email) and
   orders' events (each becomes a notification for the buyer), with the inbox, retries, the
   dead-letter queue, payload schemas and SIGTERM drain of the contract;
-- `query` serves `GET /notifications?user_id=...&limit=&after=` from the same SQLite database.
+- `query` serves `GET /notifications?user_id=...&limit=&after=` from the same database (SQLite
+  under `chimera up`, MySQL/MariaDB on Kubernetes: store.py).
 
 Both heads serve /healthz, /readyz and /metrics on CHIMERA_HTTP_ADDR and answer errors in JSON.
 """
@@ -13,7 +14,6 @@ Both heads serve /healthz, /readyz and /metrics on CHIMERA_HTTP_ADDR and answer 
 import json
 import os
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -21,21 +21,11 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from store import ConfigError, Database
+
 # The contract's histogram buckets (docs/contract.md, section 5).
 BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.125, 0.15, 0.2,
            0.25, 0.3, 0.4, 0.5, 1.0, 2.5, 5.0]
-
-MIGRATIONS = [
-    "CREATE TABLE IF NOT EXISTS chimera_inbox (consumer VARCHAR(190) NOT NULL, "
-    "message_id VARCHAR(64) NOT NULL, message_type VARCHAR(255) NOT NULL, "
-    "processed_at BIGINT NOT NULL, PRIMARY KEY (consumer, message_id))",
-    "CREATE TABLE IF NOT EXISTS buyers (user_id TEXT PRIMARY KEY, name TEXT NOT NULL, "
-    "email TEXT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS notifications (notification_id TEXT PRIMARY KEY, "
-    "user_id TEXT NOT NULL, order_id TEXT NOT NULL, kind TEXT NOT NULL, text TEXT NOT NULL, "
-    "created_at TEXT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS notifications_by_user ON notifications (user_id, notification_id)",
-]
 
 ORDER_TEXT = {
     "order.placed": "Your order {order_id} was placed.",
@@ -54,10 +44,6 @@ def log(level, message, **fields):
         extra = " ".join(f"{k}={v}" for k, v in fields.items())
         line = f"{level.upper()} {message} {extra}".rstrip()
     print(line, file=sys.stderr, flush=True)
-
-
-class ConfigError(Exception):
-    pass
 
 
 def env(name, default=None):
@@ -87,33 +73,6 @@ def http_addr():
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"CHIMERA_HTTP_ADDR must be HOST:PORT, got {value!r}")
     return host, int(port)
-
-
-def sqlite_path(url):
-    """`sqlite://PATH` (relative or absolute as sqlite:///abs) to a file path."""
-    if not url.startswith("sqlite://"):
-        raise ConfigError("CHIMERA_DATABASE_URL: this module runs on SQLite (sqlite://PATH)")
-    return url[len("sqlite://"):].split("?", 1)[0]
-
-
-def open_db(path):
-    db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA busy_timeout=5000")
-    return db
-
-
-def migrate(db):
-    """Both heads migrate at start; the statements are idempotent, a lost race is retried."""
-    for attempt in range(10):
-        try:
-            for statement in MIGRATIONS:
-                db.execute(statement)
-            return
-        except sqlite3.OperationalError as error:
-            log("warn", "migration raced another head; retrying", error=str(error))
-            time.sleep(0.2 * (attempt + 1))
-    raise RuntimeError("migrations did not complete")
 
 
 class Metrics:
@@ -252,7 +211,7 @@ def http_server(addr, metrics, ready, routes):
     return server
 
 
-def list_notifications(db_path):
+def list_notifications(database):
     def handler(query):
         user = (query.get("user_id") or [""])[0]
         if not user:
@@ -264,7 +223,7 @@ def list_notifications(db_path):
         if not 1 <= limit <= 500:
             return 400, {"error": "bad_request", "message": "bad query parameter: limit must be 1-500"}
         after = (query.get("after") or [""])[0]
-        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5.0)
+        db = database.connect(read_only=True)
         try:
             rows = db.execute(
                 "SELECT notification_id, order_id, kind, text, created_at FROM notifications "
@@ -279,29 +238,15 @@ def list_notifications(db_path):
     return handler
 
 
-def database_answers(db_path):
-    """None when the database answers a read (on a connection of its own: the worker's belongs
-    to the consuming thread), else why not: what /readyz says."""
-    try:
-        check = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=1.0)
-        try:
-            check.execute("SELECT 1").fetchone()
-        finally:
-            check.close()
-        return None
-    except sqlite3.Error as error:
-        return f"the database does not answer: {error}"
-
-
-def run_query(db_path):
+def run_query(database):
     metrics = Metrics()
     stop = threading.Event()
 
     def ready():
-        return database_answers(db_path)
+        return database.answers()
 
     server = http_server(http_addr(), metrics, ready,
-                         {"/notifications": list_notifications(db_path)})
+                         {"/notifications": list_notifications(database)})
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     log("info", "serving HTTP", addr=env("CHIMERA_HTTP_ADDR"))
@@ -327,9 +272,10 @@ def topic_matches(pattern, name):
 class Worker:
     """Consumes the worker queue and settles each message per docs/contract.md, section 8."""
 
-    def __init__(self, db):
+    def __init__(self, database):
         import jsonschema
-        self.db = db
+        self.database = database
+        self.db = None  # the consuming thread's connection, opened by run()
         self.domain = env("CHIMERA_DOMAIN")
         self.queue = env("CHIMERA_WORKER_QUEUE")
         self.dlq = env("CHIMERA_DEAD_LETTER_QUEUE")
@@ -380,8 +326,7 @@ class Worker:
     # --- handlers: they write through `tx` only (the inbox row commits with them) ---
 
     def user_known(self, tx, kind, data):
-        tx.execute("INSERT INTO buyers (user_id, name, email) VALUES (?, ?, ?) ON CONFLICT(user_id) "
-                   "DO UPDATE SET name = excluded.name, email = excluded.email",
+        tx.execute(self.database.upsert_buyer(),
                    (data["user_id"], data.get("name", ""), data.get("email", "")))
 
     def user_deleted(self, tx, kind, data):
@@ -395,9 +340,10 @@ class Worker:
             text = f"{buyer[0]}: {text}"
         # A time-ordered id: a buyer's notifications list in the order they happened.
         notification_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        created_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() // 1000000 % 1000:03d}Z"
         tx.execute("INSERT INTO notifications (notification_id, user_id, order_id, kind, text, created_at) "
-                   "VALUES (?, ?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ','now'))",
-                   (notification_id, data["buyer_id"], data["order_id"], kind, text))
+                   "VALUES (?, ?, ?, ?, ?, ?)",
+                   (notification_id, data["buyer_id"], data["order_id"], kind, text, created_at))
 
     # --- settlement ---
 
@@ -433,27 +379,32 @@ class Worker:
                 self.dead_letter(publish, method, properties, body,
                                  f"the payload does not match the schema of {kind}: {why}")
                 return kind, "dead_lettered"
+        db = self.db
         try:
-            self.db.execute("BEGIN IMMEDIATE")
+            db.begin()
             try:
-                seen = self.db.execute(
+                seen = db.execute(
                     "SELECT 1 FROM chimera_inbox WHERE consumer = ? AND message_id = ?",
                     (self.domain, message_id)).fetchone()
                 if seen:
-                    self.db.execute("ROLLBACK")
+                    db.rollback()
                     return kind, "duplicate"
-                handler(self.db, kind, data)
-                self.db.execute("INSERT INTO chimera_inbox (consumer, message_id, message_type, processed_at) "
-                                "VALUES (?, ?, ?, ?)", (self.domain, message_id, kind, int(time.time() * 1e6)))
-                self.db.execute("COMMIT")
+                handler(db, kind, data)
+                db.execute("INSERT INTO chimera_inbox (consumer, message_id, message_type, processed_at) "
+                           "VALUES (?, ?, ?, ?)", (self.domain, message_id, kind, int(time.time() * 1e6)))
+                db.commit()
                 return kind, "handled"
             except BaseException:
-                self.db.execute("ROLLBACK")
+                db.rollback()
                 raise
         except KeyError as error:  # a payload without a field the handler needs: never valid
             self.dead_letter(publish, method, properties, body, f"missing field {error}")
             return kind, "dead_lettered"
-        except sqlite3.Error as error:  # may pass later
+        except self.database.duplicate:
+            # Another replica recorded the same message at the same moment: back to the queue,
+            # where the redelivery is a duplicate.
+            raise
+        except self.database.transient as error:  # the database failed: may pass later
             reason = f"database: {error}"
             if attempt < self.max_attempts and attempt <= len(self.delays):
                 self.republish(publish, properties, body, f"{self.queue}.retry.{attempt}", attempt + 1,
@@ -481,8 +432,10 @@ class Worker:
 
     def run(self):
         import pika
+        import pika.exceptions
         params = self.amqp
         params.client_properties = {"connection_name": f"{self.domain}-worker {env('CHIMERA_POD_NAME', str(os.getpid()))}"}
+        self.db = self.database.connect()
         connection = pika.BlockingConnection(params)
         self.connected = True
         channel = connection.channel()
@@ -508,17 +461,40 @@ class Worker:
             self.metrics.batch(time.monotonic() - started)
 
         tag = env("CHIMERA_POD_NAME", f"{self.domain}-worker-{os.getpid()}")
+        # A queue missing now is an error: the head exits non-zero and is restarted.
         channel.basic_consume(self.queue, on_message, consumer_tag=tag)
+        current = {"channel": channel}
 
         def stop(*_):
             if not self.stopping:
                 self.stopping = True
-                # pika is not thread safe: the cancel runs in the connection's thread.
-                connection.add_callback_threadsafe(lambda: channel.stop_consuming(tag))
+                # pika is not thread safe: the cancel runs in the connection's loop.
+                connection.add_callback_threadsafe(lambda: current["channel"].stop_consuming(tag))
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         log("info", "consuming", queue=self.queue)
-        channel.start_consuming()
+        backoff = 1
+        while True:
+            current["channel"].start_consuming()
+            if self.stopping:
+                break
+            # The broker cancelled the consumer (the queue deleted or moved): consume again
+            # once the control plane has it back, never declaring it (contract, section 3).
+            log("warn", "the broker cancelled the consumer; consuming again", in_seconds=backoff)
+            while not self.stopping:
+                connection.sleep(backoff)
+                try:
+                    if current["channel"].is_closed:
+                        current["channel"] = connection.channel()
+                        current["channel"].basic_qos(prefetch_count=self.prefetch)
+                    current["channel"].basic_consume(self.queue, on_message, consumer_tag=tag)
+                    backoff = 1
+                    break
+                except pika.exceptions.ChannelClosedByBroker as error:
+                    log("warn", "the worker queue is not back yet", reply=error.reply_code)
+                    backoff = min(backoff * 2, 30)
+            if self.stopping:
+                break
         connection.close()
         log("info", "worker stopped: messages in flight settled")
 
@@ -532,21 +508,20 @@ def main(argv):
         print(f"notifications: unknown head {head!r}: expected query or worker", file=sys.stderr)
         return 2
     try:
-        db_path = sqlite_path(env("CHIMERA_DATABASE_URL", "sqlite://notifications.db"))
+        database = Database(env("CHIMERA_DATABASE_URL", "sqlite://notifications.db"))
         http_addr()
-        db = open_db(db_path)
-        migrate(db)
-        if head == "query":
-            run_query(db_path)
+        worker = Worker(database) if head == "worker" else None  # its settings, checked first
+        database.migrate(log)
+        if worker is None:
+            run_query(database)
             return 0
-        worker = Worker(db)
 
         def ready():
             if worker.stopping:
                 return "stopping: finishing the messages in flight"
             if not worker.connected:
                 return "the broker connection is not up"
-            return database_answers(db_path)
+            return database.answers()
         server = http_server(http_addr(), worker.metrics, ready, {})
         worker.run()
         server.shutdown()

@@ -188,6 +188,89 @@ async fn the_marketplace_serves_through_services_on_the_node() {
     .await;
 }
 
+/// The Python module on the node: its image (an interpreter and its packages, no SDK) as two
+/// pods on MariaDB under the `restricted` policy; a buyer's name and an order's event, published
+/// as the users and orders domains would, become the buyer's notification, read through the
+/// module's Service. Its worker starts from zero replicas on the queue's depth.
+#[tokio::test]
+async fn the_python_module_serves_on_the_node() {
+    let mut h = NodeHarness::start("node-python", &[]).await;
+    // Beside the marketplace: the domains it subscribes to exist (its topology is Ready).
+    let domains = ["users", "gigs", "orders", "notifications"];
+    for domain in domains {
+        h.database(domain).await;
+    }
+    for domain in domains {
+        h.apply_module(&example_module(domain)).await;
+    }
+    for domain in domains {
+        h.wait_ready(domain, READY_TIMEOUT).await;
+    }
+    let url = h.query_url("notifications").await;
+    let connection = connect(&h.vhost.amqp_url, &unique_name("client"))
+        .await
+        .unwrap();
+    let publisher = Publisher::open(&connection).await.unwrap();
+    let buyer = unique_name("buyer");
+    // A real user.registered, from the users worker; then an order's event as orders sends it.
+    publisher
+        .publish(&register_user(&buyer), true)
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    // Registered (and its event in the notifications queue, ahead of the order's) once the
+    // users query head has the user.
+    let users = h.query_url("users").await;
+    common::eventually("the buyer registered", READY_TIMEOUT, || async {
+        let r = http
+            .get(format!("{users}/users/{buyer}"))
+            .send()
+            .await
+            .ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let placed = chimera_sdk::broker::Outgoing::new(
+        "chimera.orders.events",
+        chimera_sdk::envelope::Envelope::new(
+            "order.placed",
+            json!({"order_id": "o-node", "buyer_id": buyer}),
+        ),
+    );
+    publisher.publish(&placed, true).await.unwrap();
+    let items = common::eventually("the buyer's notification", READY_TIMEOUT, || async {
+        let body: serde_json::Value = http
+            .get(format!("{url}/notifications?user_id={buyer}"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let items = body["items"].as_array()?.clone();
+        (!items.is_empty()).then_some(items)
+    })
+    .await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!(items[0]["kind"], "order.placed");
+    assert_eq!(items[0]["order_id"], "o-node");
+    assert!(
+        items[0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{buyer}: ")),
+        "the buyer's name came from users' event: {items:?}"
+    );
+    let bad = http
+        .get(format!("{url}/notifications"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    connection.close(200, "done".into()).await.ok();
+}
+
 /// users' rows and the events its worker published for them.
 async fn users_written(db: &Database, prefix: &str) -> (i64, i64) {
     let users: i64 = sqlx::query("SELECT COUNT(*) AS n FROM users WHERE user_id LIKE ?")

@@ -28,7 +28,7 @@ fn endpoint(vhost: &TestVhost) -> BrokerEndpoint {
 
 fn marketplace_plan() -> TopologyPlan {
     let mut all = Vec::new();
-    for name in ["users", "gigs", "orders"] {
+    for name in ["users", "gigs", "orders", "notifications"] {
         let path = repo_root().join(format!("examples/marketplace/{name}.yaml"));
         let (modules, problems) = modules_from_yaml(&std::fs::read_to_string(path).unwrap());
         assert!(problems.is_empty(), "{problems:?}");
@@ -169,7 +169,7 @@ async fn drift_is_repaired_and_a_removed_subscription_is_unbound() {
 
     // orders stops subscribing to user.deleted: that binding, and only it, goes.
     let mut yaml = String::new();
-    for name in ["users", "gigs", "orders"] {
+    for name in ["users", "gigs", "orders", "notifications"] {
         yaml.push_str(
             &std::fs::read_to_string(repo_root().join(format!("examples/marketplace/{name}.yaml")))
                 .unwrap(),
@@ -519,7 +519,7 @@ async fn the_cli_applies_the_marketplace_and_diff_then_reports_no_change() {
     let (code, out) = run(&["topology", "apply"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(
-        out.contains("declared 9 exchange(s), 15 queue(s), 28 binding(s)"),
+        out.contains("declared 12 exchange(s), 20 queue(s), 36 binding(s)"),
         "{out}"
     );
     assert_eq!(

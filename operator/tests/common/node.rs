@@ -19,11 +19,12 @@ use serde_json::json;
 use super::{eventually, install_crd, repo_root};
 
 /// The images the node tests run (`scripts/images --debug` builds and imports them).
-pub const IMAGES: [&str; 4] = [
+pub const IMAGES: [&str; 5] = [
     "chimera/operator:dev",
     "chimera/users:dev",
     "chimera/gigs:dev",
     "chimera/orders:dev",
+    "chimera/notifications:dev",
 ];
 
 /// The containerd id of `pod`'s first container (for `ctr tasks kill`).
