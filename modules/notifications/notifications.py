@@ -223,14 +223,19 @@ def list_notifications(database):
         if not 1 <= limit <= 500:
             return 400, {"error": "bad_request", "message": "bad query parameter: limit must be 1-500"}
         after = (query.get("after") or [""])[0]
-        db = database.connect(read_only=True)
         try:
-            rows = db.execute(
-                "SELECT notification_id, order_id, kind, text, created_at FROM notifications "
-                "WHERE user_id = ? AND notification_id > ? ORDER BY notification_id LIMIT ?",
-                (user, after, limit + 1)).fetchall()
-        finally:
-            db.close()
+            db = database.connect(read_only=True)
+            try:
+                rows = db.execute(
+                    "SELECT notification_id, order_id, kind, text, created_at FROM notifications "
+                    "WHERE user_id = ? AND notification_id > ? ORDER BY notification_id LIMIT ?",
+                    (user, after, limit + 1)).fetchall()
+            finally:
+                db.close()
+        except database.errors as error:
+            # A dependency down is a 503, not the head's own fault (contract, section 4).
+            log("warn", "the database did not answer a read", error=type(error).__name__)
+            return 503, {"error": "unavailable", "message": "the database does not answer"}
         items = [{"notification_id": r[0], "user_id": user, "order_id": r[1], "kind": r[2],
                   "text": r[3], "created_at": r[4]} for r in rows[:limit]]
         nxt = items[-1]["notification_id"] if len(rows) > limit else None
@@ -340,7 +345,8 @@ class Worker:
             text = f"{buyer[0]}: {text}"
         # A time-ordered id: a buyer's notifications list in the order they happened.
         notification_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
-        created_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() // 1000000 % 1000:03d}Z"
+        now = time.time_ns()
+        created_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now // 10**9)) + f".{now // 10**6 % 1000:03d}Z"
         tx.execute("INSERT INTO notifications (notification_id, user_id, order_id, kind, text, created_at) "
                    "VALUES (?, ?, ?, ?, ?, ?)",
                    (notification_id, data["buyer_id"], data["order_id"], kind, text, created_at))

@@ -713,3 +713,119 @@ async fn a_ctrl_c_stops_the_heads_with_sigterm_alone() {
     }
     std::fs::remove_file(&signals).ok();
 }
+
+/// The Python module under `chimera up` beside a Rust one, as scripts/up runs it (its program
+/// found with a second `--bin-dir`): a user registered through the users module becomes the
+/// buyer a notification names when an order's event arrives; then a clean stop.
+#[tokio::test]
+async fn the_python_module_runs_beside_the_rust_ones() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let python = repo("modules/notifications");
+    assert!(
+        python.join(".venv/bin/python").exists(),
+        "the notifications module's virtualenv is missing: run modules/notifications/install (scripts/test does)"
+    );
+    assert!(
+        bin_dir().join("users").is_file(),
+        "the module program users is not built: run `cargo build -p chimera-users`"
+    );
+    let vhost = TestVhost::create("up-python");
+    let state = std::env::temp_dir().join(unique_name("chimera-up-python"));
+    let modules = state.with_extension("modules");
+    copy_examples(&modules, &["users", "notifications"]);
+    let port = free_port();
+    let dashboard = format!("http://127.0.0.1:{port}");
+    let mut command = up_command(&state, &modules, &vhost, port, free_ports(2));
+    command.arg("--bin-dir").arg(&python);
+    let mut up = Up {
+        child: command.spawn().unwrap(),
+        state: state.clone(),
+    };
+    let url = eventually("both modules serve", Duration::from_secs(90), || async {
+        let s = snapshot(&dashboard).await?;
+        let ready = |domain: &str| {
+            s.modules
+                .iter()
+                .find(|m| m.domain == domain)
+                .and_then(|m| m.heads.iter().find(|h| h.head == "query"))
+                .filter(|h| h.ready >= 1)
+                .and_then(|h| h.url.clone())
+        };
+        ready("users")?;
+        ready("notifications")
+    })
+    .await;
+
+    let connection = chimera_sdk::broker::connect(&vhost.amqp_url, "up-python-test")
+        .await
+        .unwrap();
+    let publisher = chimera_sdk::broker::Publisher::open(&connection)
+        .await
+        .unwrap();
+    let buyer = unique_name("buyer");
+    let send = |exchange: &str, kind: &str, data: serde_json::Value| {
+        chimera_sdk::broker::Outgoing::new(
+            exchange,
+            chimera_sdk::envelope::Envelope::new(kind, data),
+        )
+    };
+    publisher
+        .publish(
+            &send(
+                "chimera.users.commands",
+                "user.register",
+                serde_json::json!({"user_id": buyer, "name": "Grace", "email": "grace@example.com"}),
+            ),
+            true,
+        )
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let notifications = |user: String| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let body: serde_json::Value = http
+                .get(format!("{url}/notifications?user_id={user}"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            body["items"].as_array().cloned()
+        }
+    };
+    // The order's event once users' event has reached the notifications worker (the queue
+    // keeps their order): republished until the notification names the buyer.
+    let items = eventually(
+        "a notification naming the buyer",
+        Duration::from_secs(60),
+        || async {
+            let placed = send(
+                "chimera.orders.events",
+                "order.placed",
+                serde_json::json!({"order_id": "o-up", "buyer_id": buyer}),
+            );
+            publisher.publish(&placed, true).await.ok()?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let items = notifications(buyer.clone()).await?;
+            items
+                .iter()
+                .any(|i| i["text"].as_str().is_some_and(|t| t.starts_with("Grace: ")))
+                .then_some(items)
+        },
+    )
+    .await;
+    assert!(items.iter().all(|i| i["order_id"] == "o-up"), "{items:?}");
+    connection.close(200, "done".into()).await.ok();
+
+    Command::new("kill")
+        .args(["-TERM", &up.child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = up.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    std::fs::remove_dir_all(&state).ok();
+    std::fs::remove_dir_all(&modules).ok();
+}
