@@ -427,6 +427,18 @@ fn start_up(
         .unwrap()
 }
 
+/// SIGTERM to `chimera up`: it exits 0; its state and the test's copy of the modules go.
+fn stop_cleanly(up: &mut Up, modules: &Path) {
+    Command::new("kill")
+        .args(["-TERM", &up.child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = up.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    std::fs::remove_dir_all(&up.state).ok();
+    std::fs::remove_dir_all(modules).ok();
+}
+
 /// `chimera up` of the modules in `modules` on the test's vhost, as a user runs it.
 fn up_command(
     state: &Path,
@@ -613,14 +625,7 @@ async fn a_commands_trace_reaches_every_subscribers_handling_over_otlp() {
     }
     connection.close(200, "done".into()).await.ok();
 
-    Command::new("kill")
-        .args(["-TERM", &up.child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = up.child.wait().unwrap();
-    assert!(status.success(), "{status}");
-    std::fs::remove_dir_all(&state).ok();
-    std::fs::remove_dir_all(&modules).ok();
+    stop_cleanly(&mut up, &modules);
 }
 
 /// A terminal's Ctrl-C signals the foreground process group: under `chimera up` that must stop
@@ -820,12 +825,5 @@ async fn the_python_module_runs_beside_the_rust_ones() {
     assert!(items.iter().all(|i| i["order_id"] == "o-up"), "{items:?}");
     connection.close(200, "done".into()).await.ok();
 
-    Command::new("kill")
-        .args(["-TERM", &up.child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = up.child.wait().unwrap();
-    assert!(status.success(), "{status}");
-    std::fs::remove_dir_all(&state).ok();
-    std::fs::remove_dir_all(&modules).ok();
+    stop_cleanly(&mut up, &modules);
 }
