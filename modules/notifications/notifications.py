@@ -11,6 +11,7 @@ Written from docs/contract.md alone (no SDK): one program, two heads.
 Both heads serve /healthz, /readyz and /metrics on CHIMERA_HTTP_ADDR and answer errors in JSON.
 """
 
+import copy
 import json
 import os
 import signal
@@ -75,6 +76,11 @@ def http_addr():
     return host, int(port)
 
 
+def label(value):
+    """A Prometheus label value, escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 class Metrics:
     """The contract's metrics, in Prometheus text format."""
 
@@ -126,7 +132,8 @@ class Metrics:
                       f"chimera_http_requests_in_flight {self.in_flight}",
                       "# TYPE chimera_worker_messages_total counter"]
             for (kind, outcome), n in sorted(self.messages.items()):
-                lines.append(f'chimera_worker_messages_total{{kind="{kind}",outcome="{outcome}"}} {n}')
+                # The kind comes from the sender: escaped, so that no type breaks the scrape.
+                lines.append(f'chimera_worker_messages_total{{kind="{label(kind)}",outcome="{outcome}"}} {n}')
             lines.append("# TYPE chimera_worker_batch_duration_seconds histogram")
             self._histogram(lines, "chimera_worker_batch_duration_seconds", "", self.batches)
             # No outbox: this domain publishes nothing.
@@ -161,6 +168,12 @@ def http_server(addr, metrics, ready, routes):
 
         def _handle(self):
             started = time.monotonic()
+            # A request's body is read (and ignored), so that the connection stays in step.
+            length = self.headers.get("Content-Length", "0")
+            if length.isdigit() and int(length) > 0:
+                self.rfile.read(min(int(length), 1 << 20))
+            if self.command in ("HEAD", "OPTIONS"):
+                self.close_connection = True  # a HEAD's answer has no body to frame
             url = urlsplit(self.path)
             known = {"/healthz", "/readyz", "/metrics", *routes}
             route = url.path if url.path in known else "unmatched"
@@ -174,7 +187,7 @@ def http_server(addr, metrics, ready, routes):
                 elif self.command != "GET":
                     status = 405
                     self._error(405, "method_not_allowed",
-                                f"{self.command} is not allowed on {url.path}", [("Allow", "GET,HEAD")])
+                                f"{self.command} is not allowed on {url.path}", [("Allow", "GET")])
                 elif url.path == "/healthz":
                     status = 200
                     self._send(200, "ok", "text/plain")
@@ -203,7 +216,7 @@ def http_server(addr, metrics, ready, routes):
                     metrics.in_flight -= 1
                 metrics.request(route, self.command, status, time.monotonic() - started)
 
-        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
@@ -256,10 +269,14 @@ def run_query(database):
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     log("info", "serving HTTP", addr=env("CHIMERA_HTTP_ADDR"))
     stop.wait()
-    # Stop accepting, finish the requests in flight (their threads end on their own).
+    # Stop accepting, then finish the requests in flight within the drain budget (the handler
+    # threads are daemons: they would die with the process).
     server.shutdown()
     server.server_close()
-    log("info", "query head stopped")
+    deadline = time.monotonic() + max(1, env_int("CHIMERA_DRAIN_SECONDS", 30) - 1)
+    while metrics.in_flight > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log("info", "query head stopped", unfinished=metrics.in_flight)
 
 
 def topic_matches(pattern, name):
@@ -272,6 +289,18 @@ def topic_matches(pattern, name):
             return bool(w) and match(p[1:], w[1:])
         return bool(w) and w[0] == p[0] and match(p[1:], w[1:])
     return match(pattern.split("."), name.split("."))
+
+
+class InboxRace(Exception):
+    """Another consumer recorded the same message in the inbox at the same moment."""
+
+
+def attempt_of(properties):
+    """The delivery's `x-chimera-attempt` (1 when missing or not a number)."""
+    try:
+        return max(1, int((properties.headers or {}).get("x-chimera-attempt", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
 
 
 class Worker:
@@ -344,8 +373,8 @@ class Worker:
         if buyer and buyer[0]:
             text = f"{buyer[0]}: {text}"
         # A time-ordered id: a buyer's notifications list in the order they happened.
-        notification_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         now = time.time_ns()
+        notification_id = f"{now:020d}-{uuid.uuid4().hex[:8]}"
         created_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now // 10**9)) + f".{now // 10**6 % 1000:03d}Z"
         tx.execute("INSERT INTO notifications (notification_id, user_id, order_id, kind, text, created_at) "
                    "VALUES (?, ?, ?, ?, ?, ?)",
@@ -358,16 +387,17 @@ class Worker:
                 and any(topic_matches(p, kind) for p in self.patterns))
 
     def settle(self, channel, publish, method, properties, body):
-        headers = dict(properties.headers or {})
-        attempt = int(headers.get("x-chimera-attempt", 1) or 1)
+        attempt = attempt_of(properties)
         try:
             envelope = json.loads(body)
-            message_id, kind = str(uuid.UUID(envelope["id"])), envelope["type"]
-            if not isinstance(kind, str) or not kind:
+            if not isinstance(envelope, dict):
+                raise ValueError("the body is not a JSON object")
+            message_id, kind = str(uuid.UUID(str(envelope["id"]))), envelope["type"]
+            if not isinstance(kind, str) or not kind.strip():
                 raise ValueError("the type is empty")
             data = envelope["data"]
             envelope["occurred_at"]
-        except (ValueError, KeyError, TypeError) as error:
+        except Exception as error:  # whatever the bytes are: parked as they came, never a loop
             self.dead_letter(publish, method, properties, body, f"not a Chimera envelope: {error!r}", raw=True)
             return properties.type or "unknown", "dead_lettered"
         handler = self.handlers.get(kind)
@@ -395,46 +425,66 @@ class Worker:
                 if seen:
                     db.rollback()
                     return kind, "duplicate"
-                handler(db, kind, data)
-                db.execute("INSERT INTO chimera_inbox (consumer, message_id, message_type, processed_at) "
-                           "VALUES (?, ?, ?, ?)", (self.domain, message_id, kind, int(time.time() * 1e6)))
+                try:
+                    handler(db, kind, data)
+                except (KeyError, TypeError, ValueError, AttributeError, self.database.duplicate) as error:
+                    # A payload that does not fit (a field missing, of another type, a row it
+                    # contradicts): it will never be valid.
+                    db.rollback()
+                    why = f"missing field {error}" if isinstance(error, KeyError) else f"the payload does not fit: {error!r}"
+                    self.dead_letter(publish, method, properties, body, why)
+                    return kind, "dead_lettered"
+                try:
+                    db.execute("INSERT INTO chimera_inbox (consumer, message_id, message_type, processed_at) "
+                               "VALUES (?, ?, ?, ?)", (self.domain, message_id, kind, int(time.time() * 1e6)))
+                except self.database.duplicate:
+                    raise InboxRace() from None
                 db.commit()
                 return kind, "handled"
             except BaseException:
                 db.rollback()
                 raise
-        except KeyError as error:  # a payload without a field the handler needs: never valid
-            self.dead_letter(publish, method, properties, body, f"missing field {error}")
-            return kind, "dead_lettered"
-        except self.database.duplicate:
+        except InboxRace:
             # Another replica recorded the same message at the same moment: back to the queue,
             # where the redelivery is a duplicate.
             raise
         except self.database.transient as error:  # the database failed: may pass later
-            reason = f"database: {error}"
-            if attempt < self.max_attempts and attempt <= len(self.delays):
-                self.republish(publish, properties, body, f"{self.queue}.retry.{attempt}", attempt + 1,
-                               reason, method.routing_key)
-                return kind, "retried"
-            self.dead_letter(publish, method, properties, body, f"failed {attempt} time(s); last error: {reason}")
-            return kind, "dead_lettered"
+            return self.retry_or_park(publish, method, properties, body, attempt, f"database: {error}", kind)
+        except Exception as error:  # the handler's own failure: retried, then parked; never a loop
+            log("error", "handler failed", kind=kind, error=repr(error))
+            return self.retry_or_park(publish, method, properties, body, attempt,
+                                      f"the handler failed: {error!r}", kind)
 
-    def republish(self, publish, properties, body, routing_key, attempt, reason, original):
+    def retry_or_park(self, publish, method, properties, body, attempt, reason, kind):
+        if attempt < self.max_attempts and attempt <= len(self.delays):
+            self.republish(publish, properties, body, f"{self.queue}.retry.{attempt}", attempt + 1,
+                           reason, method.routing_key)
+            return kind, "retried"
+        self.dead_letter(publish, method, properties, body, f"failed {attempt} time(s); last error: {reason}")
+        return kind, "dead_lettered"
+
+    def republish(self, publish, properties, body, routing_key, attempt, reason, original, raw=False):
         import pika
         headers = dict(properties.headers or {})
         headers.setdefault("x-chimera-original-routing-key", original)
         headers.update({"x-chimera-attempt": attempt, "x-chimera-reason": reason})
         headers = {k: v for k, v in headers.items() if not k.startswith("x-death")
                    and not k.startswith("x-first-death") and not k.startswith("x-last-death")}
-        props = pika.BasicProperties(message_id=properties.message_id, type=properties.type,
-                                     content_type="application/json", delivery_mode=2,
-                                     timestamp=properties.timestamp, headers=headers)
+        if raw:
+            # Not an envelope: parked with its properties exactly as they came (headers added).
+            props = copy.copy(properties)
+            props.headers = headers
+            props.delivery_mode = 2
+        else:
+            props = pika.BasicProperties(message_id=properties.message_id, type=properties.type,
+                                         content_type="application/json", delivery_mode=2,
+                                         timestamp=properties.timestamp, headers=headers)
         publish(self.failures, routing_key, body, props)
 
     def dead_letter(self, publish, method, properties, body, reason, raw=False):
         log("warn", "dead-lettering a message", reason=reason)
-        attempt = int((properties.headers or {}).get("x-chimera-attempt", 1) or 1)
-        self.republish(publish, properties, body, self.dlq, attempt, reason, method.routing_key)
+        self.republish(publish, properties, body, self.dlq, attempt_of(properties), reason,
+                       method.routing_key, raw=raw)
 
     def run(self):
         import pika

@@ -122,7 +122,9 @@ class Connection:
         if self.database.kind == "sqlite":
             return self.raw.execute(sql, params)
         cursor = self.raw.cursor()
-        cursor.execute(sql.replace("?", "%s"), params)
+        # (No statement here has a `?` or `%` in a literal; without parameters PyMySQL leaves
+        # the text alone.)
+        cursor.execute(sql.replace("?", "%s"), params or None)
         return cursor
 
     def begin(self):

@@ -11,9 +11,9 @@ pub async fn run(args: &ConformanceArgs) -> anyhow::Result<ExitCode> {
         super::print_out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
     } else {
         super::print_out(&report.render())?;
-        if !report.passed() {
-            eprintln!("the heads' logs and database are in {}", dir.display());
-        }
+    }
+    if !report.passed() {
+        eprintln!("the heads' logs and database are in {}", dir.display());
     }
     Ok(super::exit(report.passed()))
 }

@@ -47,7 +47,8 @@ pub enum Outcome {
     Retried(usize),
     /// Parked in the dead-letter queue, with the reason.
     DeadLettered(String),
-    /// Returned to the queue (its settlement or its batch failed): it will be redelivered.
+    /// Returned to the queue (its settlement failed, or another consumer recorded it at the same
+    /// moment): it will be redelivered.
     Requeued,
     /// An event the queue is bound to that the worker has no handler for (a wildcard
     /// subscription's newer event): acknowledged, nothing done.
@@ -135,7 +136,9 @@ impl Worker {
 
     /// Handles the deliveries at hand in one database transaction (group commit: one commit
     /// for the batch, a savepoint per message so a failing handler undoes only its own work),
-    /// then settles each. If the batch cannot commit, every message goes back to the queue.
+    /// then settles each. If the batch's transaction fails, every message of it takes the retry
+    /// ladder (nothing of it committed); if another consumer recorded one of its messages at the
+    /// same moment, the batch goes back to the queue, where the redelivery is a duplicate.
     pub async fn dispatch_batch(
         &self,
         db: &Database,

@@ -82,6 +82,8 @@ impl Exposition {
 }
 
 fn sample(line: &str) -> Option<Sample> {
+    // An OpenMetrics exemplar (`... # {trace_id="..."} 1.0`) is not part of the sample.
+    let line = line.split_once(" # ").map_or(line, |(sample, _)| sample);
     let (head, rest) = match line.find('{') {
         Some(open) => {
             let close = line.rfind('}')?;
@@ -319,5 +321,7 @@ mod tests {
         assert_eq!(s.labels["b"], "z");
         assert_eq!(s.value, 2.5);
         assert!(Exposition::parse("m{a=x} 1").is_err());
+        let s = sample(r#"m_bucket{le="0.1"} 3 # {trace_id="abc"} 0.05"#).unwrap();
+        assert_eq!((s.labels["le"].as_str(), s.value), ("0.1", 3.0));
     }
 }

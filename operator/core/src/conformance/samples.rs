@@ -12,8 +12,35 @@ use serde_json::{Map, Value, json};
 /// A payload valid against `schema`, distinct for each `n` where the schema leaves strings free
 /// (ids, names, emails get `n` in them), or `None` when none could be made.
 pub fn valid(schema: &Value, n: u32) -> Option<Value> {
-    let candidate = example(schema).or_else(|| build(schema, n, 0))?;
+    if let Some(example) = example(schema) {
+        // The example made distinct per message where the schema allows it (a module may
+        // refuse a second user with the same id or email), else as it is.
+        let varied = vary(&example, n);
+        if fits(schema, &varied) {
+            return Some(varied);
+        }
+        return fits(schema, &example).then_some(example);
+    }
+    let candidate = build(schema, n, 0)?;
     fits(schema, &candidate).then_some(candidate)
+}
+
+/// `value` with `-n` in each string (before the `@` of an email address).
+fn vary(value: &Value, n: u32) -> Value {
+    match value {
+        Value::String(s) => Value::String(match s.split_once('@') {
+            Some((local, domain)) => format!("{local}-{n}@{domain}"),
+            None => format!("{s}-{n}"),
+        }),
+        Value::Array(items) => Value::Array(items.iter().map(|v| vary(v, n)).collect()),
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .map(|(k, v)| (k.clone(), vary(v, n)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
 }
 
 /// A payload `schema` refuses, or `None` when it accepts everything.
@@ -212,7 +239,13 @@ mod tests {
     fn examples_win_and_are_checked() {
         let mut schema = users_register();
         schema["examples"] = json!([{"user_id": "u1", "name": "Ada", "email": "ada@example.com"}]);
-        assert_eq!(valid(&schema, 7).unwrap()["name"], "Ada");
+        let seven = valid(&schema, 7).unwrap();
+        assert_eq!(seven["name"], "Ada-7");
+        assert_eq!(seven["email"], "ada-7@example.com");
+        assert_ne!(valid(&schema, 8).unwrap()["user_id"], seven["user_id"]);
+        // Where a varied example does not fit (an enum), the example itself is used.
+        let state = json!({"type": "string", "enum": ["open", "closed"], "examples": ["open"]});
+        assert_eq!(valid(&state, 3), Some(json!("open")));
         schema["examples"] = json!([{"user_id": "u1"}]);
         assert_eq!(
             valid(&schema, 7),

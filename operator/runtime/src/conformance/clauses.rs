@@ -358,6 +358,7 @@ fn raw_properties(case: &str) -> BasicProperties {
     BasicProperties::default()
         .with_message_id(ShortString::from(format!("conformance-{case}")))
         .with_type(ShortString::from("conformance.raw"))
+        .with_correlation_id(ShortString::from("conformance-correlation"))
         .with_content_type(ShortString::from(CONTENT_TYPE))
         .with_delivery_mode(2)
         .with_headers(headers)
@@ -373,6 +374,7 @@ async fn bad_envelopes(h: &mut Harness, notes: &mut Notes) {
         ("not-an-object", b"[1, 2, 3]".to_vec()),
         ("no-id", json!({"type": "conformance.case", "occurred_at": now, "data": {}}).to_string().into_bytes()),
         ("id-not-a-uuid", json!({"id": "conformance-1", "type": "conformance.case", "occurred_at": now, "data": {}}).to_string().into_bytes()),
+        ("id-a-number", json!({"id": 5, "type": "conformance.case", "occurred_at": now, "data": {}}).to_string().into_bytes()),
         ("empty-type", json!({"id": uuid, "type": "", "occurred_at": now, "data": {}}).to_string().into_bytes()),
     ];
     let dlq = names::dead_letter_queue(&h.domain());
@@ -412,6 +414,15 @@ async fn bad_envelopes(h: &mut Harness, notes: &mut Notes) {
                     c.properties.message_id().as_ref().map(ToString::to_string)
                         == Some(format!("conformance-{case}")),
                     || format!("{case}: the dead letter lost its message_id property"),
+                );
+                let kept = |p: &Option<ShortString>, want: &str| {
+                    p.as_ref().map(ToString::to_string).as_deref() == Some(want)
+                };
+                notes.check(
+                    Clause::Envelope,
+                    kept(c.properties.kind(), "conformance.raw")
+                        && kept(c.properties.correlation_id(), "conformance-correlation"),
+                    || format!("{case}: the dead letter lost its type or correlation_id property"),
                 );
                 notes.check(Clause::Envelope, has_reason(&c), || {
                     format!("{case}: the dead letter has no {REASON}")
@@ -643,7 +654,8 @@ async fn dead_letters(h: &mut Harness, notes: &mut Notes) {
                 }
             };
             let id = envelope.id.to_string();
-            let found = h.caught(SETTLE_WITHIN, &id, None).await;
+            let dlq = names::dead_letter_queue(&h.domain());
+            let found = h.caught(SETTLE_WITHIN, &id, Some(&dlq)).await;
             match found {
                 None => notes.problem(
                     Clause::DeadLetters,
@@ -741,8 +753,9 @@ async fn schemas(h: &mut Harness, notes: &mut Notes) {
             Err(e) => notes.problem(Clause::Schemas, format!("sending {kind}: {e:#}")),
         }
     }
+    let dlq = names::dead_letter_queue(&h.domain());
     for (kind, id) in ids {
-        let found = h.caught(SETTLE_WITHIN, &id, None).await;
+        let found = h.caught(SETTLE_WITHIN, &id, Some(&dlq)).await;
         match found {
             Some(c) if has_reason(&c) => {}
             Some(_) => notes.problem(
@@ -949,10 +962,15 @@ async fn retry_ladder(h: &mut Harness, probe: &Probe, notes: &mut Notes) {
     notes.check(Clause::RetryLadder, rows.contains(&second_id), || {
         "a message retried while the database was locked was not handled once the lock went".into()
     });
-    let parked_rows = inbox(h, &domain).await.unwrap_or_default();
-    notes.check(Clause::RetryLadder, !parked_rows.contains(&id), || {
-        "the dead-lettered message has an inbox row".into()
-    });
+    match inbox(h, &domain).await {
+        Ok(rows) => notes.check(Clause::RetryLadder, !rows.contains(&id), || {
+            "the dead-lettered message has an inbox row".into()
+        }),
+        Err(e) => notes.problem(
+            Clause::RetryLadder,
+            format!("reading the inbox (chimera_inbox): {e}"),
+        ),
+    }
     notes.saw(Clause::RetryLadder, format!("{} attempt(s) through the retry queues, then the dlq; a retried message handled when the failure passed", max_attempts));
 }
 
@@ -1016,13 +1034,25 @@ async fn drain(h: &mut Harness, probe: Option<&Probe>, notes: &mut Notes) {
         }
         let ids: Vec<String> = sent.iter().map(|e| e.id.to_string()).collect();
         let deadline = Instant::now() + Duration::from_secs(120);
+        let dlq = names::dead_letter_queue(&domain);
         let lost = loop {
             let _ = h.collect().await;
-            let rows = inbox(h, &domain).await.unwrap_or_default();
+            let rows = match inbox(h, &domain).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    notes.problem(
+                        Clause::Drain,
+                        format!("reading the inbox (chimera_inbox): {e}"),
+                    );
+                    return;
+                }
+            };
+            // Parked: in the dlq (a message still waiting in a retry queue is not settled).
             let parked: BTreeSet<String> = h
                 .failures
                 .caught
                 .iter()
+                .filter(|c| c.routing_key == dlq)
                 .filter_map(Caught::envelope_id)
                 .collect();
             let lost: Vec<&String> = ids

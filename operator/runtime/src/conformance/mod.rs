@@ -141,11 +141,19 @@ async fn on_broker(
     management: &str,
 ) -> anyhow::Result<Report> {
     let vhost = format!("chimera-conformance-{}", random_hex(4)?);
-    let server = amqp.rsplit_once('/').map_or(amqp, |(s, _)| s);
-    let admin_url = format!("{server}/{}", percent_encode(&vhost));
+    let admin_url = with_vhost(amqp, &vhost);
     let admin = BrokerEndpoint::new(&admin_url, Some(management))?;
     let client = ManagementClient::new(&admin)?;
-    let (_, admin_user, _) = split_user(management);
+    // Both the management user and the AMQP URL's user act on the run's vhost.
+    let (_, management_user, _) = split_user(management);
+    let mut admins = vec![management_user];
+    if let Some(amqp_user) = amqp_user(amqp)
+        && !admins.contains(&amqp_user)
+    {
+        admins.push(amqp_user);
+    }
+    let name = format!("chimera-conformance-{}", random_hex(4)?);
+    let password = random_hex(16)?;
     client
         .request(
             Method::PUT,
@@ -156,24 +164,24 @@ async fn on_broker(
         .error_for_status()
         .context("creating the run's vhost")?;
     let outcome = async {
-        client
-            .request(
-                Method::PUT,
-                &format!(
-                    "/api/permissions/{}/{}",
-                    percent_encode(&vhost),
-                    percent_encode(&admin_user)
-                ),
-                Some(&json!({"configure": ".*", "write": ".*", "read": ".*"})),
-            )
-            .await?
-            .error_for_status()
-            .context("granting the admin the run's vhost")?;
+        for admin_user in &admins {
+            client
+                .request(
+                    Method::PUT,
+                    &format!(
+                        "/api/permissions/{}/{}",
+                        percent_encode(&vhost),
+                        percent_encode(admin_user)
+                    ),
+                    Some(&json!({"configure": ".*", "write": ".*", "read": ".*"})),
+                )
+                .await?
+                .error_for_status()
+                .context("granting the admin the run's vhost")?;
+        }
         let plan = topology_plan::plan(std::slice::from_ref(&module));
         declare::apply(&admin, &plan).await?;
         // The user the operator would give the module: it may not configure anything.
-        let name = format!("chimera-conformance-{}", random_hex(4)?);
-        let password = random_hex(16)?;
         let want = grants(&module);
         let steps = access_plan::steps(&want, None, true);
         broker_access::apply(&client, &name, &password, &want, &steps).await?;
@@ -185,13 +193,18 @@ async fn on_broker(
         let before = client.state().await?;
         let mut harness =
             Harness::new(module, program, dir.to_path_buf(), &admin_url, local).await?;
-        let report = clauses::run(&mut harness, &client, before, &password).await;
+        // A Ctrl-C ends the run early, and the same clean-up follows.
+        let report = tokio::select! {
+            report = clauses::run(&mut harness, &client, before, &password) => Ok(report),
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted (Ctrl-C); the heads, the vhost and the user were removed")),
+        };
         harness.stop_all().await;
         let _ = harness.connection.close(200, "done".into()).await;
-        let _ = broker_access::delete_user(&client, &name).await;
-        anyhow::Ok(report)
+        report
     }
     .await;
+    // The user belongs to the broker, not to the vhost: removed whatever happened.
+    let _ = broker_access::delete_user(&client, &name).await;
     let _ = client
         .request(
             Method::DELETE,
@@ -200,6 +213,32 @@ async fn on_broker(
         )
         .await;
     outcome
+}
+
+/// `url` (amqp://user:pass@host:port[/vhost][?query]) on `vhost` instead.
+fn with_vhost(url: &str, vhost: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("amqp", url));
+    let authority_from = rest.rfind('@').map_or(0, |i| i + 1);
+    let end = rest[authority_from..]
+        .find(['/', '?'])
+        .map_or(rest.len(), |i| authority_from + i);
+    let query = rest[end..]
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
+    format!(
+        "{scheme}://{}/{}{query}",
+        &rest[..end],
+        percent_encode(vhost)
+    )
+}
+
+/// The user an AMQP URL authenticates as, if it names one.
+fn amqp_user(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let (creds, _) = rest.rsplit_once('@')?;
+    let user = creds.split_once(':').map_or(creds, |(u, _)| u);
+    Some(chimera_core::topology::state::percent_decode(user))
 }
 
 /// `http://user:pass@host` -> (base, user, pass); guest when it names none.
@@ -226,3 +265,27 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
 
 /// How long a head gets to become ready.
 pub(crate) const READY_WITHIN: Duration = Duration::from_secs(60);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_runs_vhost_replaces_any_in_the_url_and_keeps_its_query() {
+        let v = "chimera-conformance-1";
+        assert_eq!(
+            with_vhost("amqp://u:p@h:5672/%2f", v),
+            "amqp://u:p@h:5672/chimera-conformance-1"
+        );
+        assert_eq!(
+            with_vhost("amqp://u:p@h:5672", v),
+            "amqp://u:p@h:5672/chimera-conformance-1"
+        );
+        assert_eq!(
+            with_vhost("amqps://u:p%2Fq@h/shop?heartbeat=5", v),
+            "amqps://u:p%2Fq@h/chimera-conformance-1?heartbeat=5"
+        );
+        assert_eq!(amqp_user("amqp://ad%40min:p@h/"), Some("ad@min".to_owned()));
+        assert_eq!(amqp_user("amqp://h:5672/"), None);
+    }
+}
