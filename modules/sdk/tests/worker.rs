@@ -536,6 +536,91 @@ async fn a_batch_commits_what_succeeded_and_undoes_only_what_failed() {
     }
 }
 
+/// A database that fails (SQLite locked by another process; MariaDB's pool gone) is a failure
+/// that may pass: the batch's messages take the retry ladder with the database's error as
+/// reason, instead of returning to the queue forever without an attempt count.
+#[tokio::test]
+async fn a_batch_whose_database_fails_is_retried_not_requeued() {
+    for backend in ["sqlite", "mariadb"] {
+        let tdb = if backend == "sqlite" {
+            TestDatabase::sqlite("dbfail")
+        } else {
+            TestDatabase::mysql("dbfail").await
+        };
+        let vhost = TestVhost::create("dbfail");
+        let endpoint = BrokerEndpoint::new(&vhost.amqp_url, Some(vhost.management_url())).unwrap();
+        apply(&endpoint, &plan(&modules_from_yaml(BANK).0))
+            .await
+            .unwrap();
+        let db = Database::connect(&tdb.url, MIGRATIONS).await.unwrap();
+        // The fault: another connection holds SQLite's write lock; MariaDB's pool is closed.
+        let mut lock = None;
+        if backend == "sqlite" {
+            use sqlx::Connection as _;
+            let mut other = sqlx::SqliteConnection::connect(&tdb.url).await.unwrap();
+            sqlx::query("BEGIN EXCLUSIVE")
+                .execute(&mut other)
+                .await
+                .unwrap();
+            lock = Some(other);
+        } else {
+            db.pool().close().await;
+        }
+        let connection = connect(&vhost.amqp_url, &unique_name("dbfail"))
+            .await
+            .unwrap();
+        let publisher = Publisher::open(&connection).await.unwrap();
+        let command = Outgoing::new(
+            "chimera.bank.commands",
+            Envelope::new(
+                "account.open",
+                serde_json::json!({"id": "a1", "owner": "Ada"}),
+            ),
+        );
+        publisher.publish(&command, true).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                "chimera.bank.worker".into(),
+                "dbfail".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("the command arrives")
+            .unwrap()
+            .unwrap();
+        let worker =
+            Worker::new(worker_config(), "bank", "chimera.bank.events").on("account.open", open);
+        let outcomes = worker
+            .dispatch_batch(&db, &publisher, &Notify::new(), vec![delivery])
+            .await;
+        assert_eq!(outcomes[0].1, Outcome::Retried(1), "{backend}");
+        let retry = get(
+            &channel,
+            "chimera.bank.worker.retry.1",
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("the message waits in the retry queue");
+        assert!(
+            reason(&retry).contains("the database failed"),
+            "{backend}: {}",
+            reason(&retry)
+        );
+        assert_eq!(
+            header(&retry, chimera_sdk::envelope::ATTEMPT),
+            "Some(LongLongInt(2))",
+            "{backend}"
+        );
+        drop(lock);
+        connection.close(200, "done".into()).await.ok();
+    }
+}
+
 /// The broker cancels a worker's consumer when its queue is deleted (as `chimera topology
 /// migrate` does while it re-declares a queue): the worker keeps running and consumes again
 /// once the queue is back, instead of exiting with its work undone.
