@@ -42,7 +42,8 @@ fn labels(text: &str) -> BTreeMap<&str, &str> {
         .collect()
 }
 
-fn value(text: &str) -> Option<f64> {
+/// A sample value (`+Inf` and `-Inf` included).
+pub(crate) fn value(text: &str) -> Option<f64> {
     match text {
         "+Inf" => Some(f64::INFINITY),
         "-Inf" => Some(f64::NEG_INFINITY),

@@ -95,12 +95,7 @@ fn sample(line: &str) -> Option<Sample> {
             ((name.to_owned(), BTreeMap::new()), rest)
         }
     };
-    let value = rest.split_whitespace().next()?;
-    let value = match value {
-        "+Inf" => f64::INFINITY,
-        "-Inf" => f64::NEG_INFINITY,
-        v => v.parse().ok()?,
-    };
+    let value = crate::autoscale::exposition::value(rest.split_whitespace().next()?)?;
     Some(Sample {
         name: head.0,
         labels: head.1,

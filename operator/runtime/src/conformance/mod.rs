@@ -145,8 +145,7 @@ async fn on_broker(
     let admin = BrokerEndpoint::new(&admin_url, Some(management))?;
     let client = ManagementClient::new(&admin)?;
     // Both the management user and the AMQP URL's user act on the run's vhost.
-    let (_, management_user, _) = split_user(management);
-    let mut admins = vec![management_user];
+    let mut admins = vec![client.user().to_owned()];
     if let Some(amqp_user) = amqp_user(amqp)
         && !admins.contains(&amqp_user)
     {
@@ -239,22 +238,6 @@ fn amqp_user(url: &str) -> Option<String> {
     let (creds, _) = rest.rsplit_once('@')?;
     let user = creds.split_once(':').map_or(creds, |(u, _)| u);
     Some(chimera_core::topology::state::percent_decode(user))
-}
-
-/// `http://user:pass@host` -> (base, user, pass); guest when it names none.
-fn split_user(url: &str) -> (String, String, String) {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("http", url));
-    match rest.rsplit_once('@') {
-        Some((creds, host)) => {
-            let (u, p) = creds.split_once(':').unwrap_or((creds, ""));
-            (
-                format!("{scheme}://{host}"),
-                chimera_core::topology::state::percent_decode(u),
-                chimera_core::topology::state::percent_decode(p),
-            )
-        }
-        None => (url.to_owned(), "guest".into(), "guest".into()),
-    }
 }
 
 fn random_hex(bytes: usize) -> anyhow::Result<String> {
